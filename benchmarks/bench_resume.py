@@ -1,0 +1,167 @@
+"""Resume benchmark: what a persistent KV cache saves on the default model.
+
+Measures, in one process and one run:
+  * cold prefill tokens/s (a 512-token prompt, and the whole conversation);
+  * for a conversation of about 2,000 tokens, the time to first token (TTFT) of
+      new   - a new agent reading the whole conversation (cold prefill),
+      hot   - the agent's next turn with its cache in memory,
+      disk  - the same turn after a server restart (cache loaded from safetensors);
+    each follow-up question is about 20 tokens.
+Targets (issue 4): disk resume >= 25x faster than the cold prefill of the same context,
+and disk TTFT within 1.5x of hot TTFT.
+
+    python benchmarks/bench_resume.py [--model M] [--context 2000] [--repeats 3]
+
+Writes benchmarks/results/<date>-<machine>-resume.json and .png, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import mcp_semantic  # noqa: F401  (OpenBLAS before MLX)
+import anyio
+import mlx.core as mx
+
+from mcp_semantic import blas
+from mcp_semantic.engine import AskRequest
+from mcp_semantic.server import open_engine
+from mcp_semantic.settings import DEFAULT_MODEL, Settings
+
+RESULTS = Path(__file__).parent / "results"
+
+DOCUMENT = (
+    "The river town of Millbrook grew around a mill built in 1821. Its water wheel ground wheat for "
+    "farms along the valley, and barges carried flour downstream to the port. In 1888 a flood broke "
+    "the dam, and the town rebuilt it in stone. The railway arrived in 1902 and the barges slowly "
+    "disappeared. Today the mill is a museum, the dam holds a small lake, and the old towpath is a "
+    "trail for walkers and cyclists. "
+)
+FOLLOW_UPS = [
+    "When was the mill built, and what did it grind?",
+    "What happened to the dam in 1888, and how was it rebuilt?",
+    "How did the railway change the river trade in the town?",
+]
+
+
+def machine() -> str:
+    return f"{platform.system().lower()}-{platform.machine()}-{mx.default_device().type.name}"
+
+
+async def prefill_rate(engine, n_tokens: int) -> float:
+    """Tokens/s of a cold prefill of about n_tokens (one generated token)."""
+    words = (DOCUMENT * (n_tokens // 60 + 2)).split()
+    tok = engine.lm.tokenizer
+    text = " ".join(words[:n_tokens])
+    while len(tok.encode(text)) > n_tokens:
+        words = words[: int(len(words) * 0.95)]
+        text = " ".join(words[:n_tokens])
+    out = await engine.ask(AskRequest(f"prefill-{n_tokens}", text, max_tokens=1))
+    return out.tokens.prefilled / (out.timings_ms.prefill / 1000)
+
+
+async def run(args: argparse.Namespace) -> dict:
+    cache_dir = Path(args.cache_dir or tempfile.mkdtemp(prefix="mcp-semantic-bench-"))
+    settings = Settings(model=args.model, cache_dir=cache_dir)
+    engine = open_engine(settings)
+    tok = engine.lm.tokenizer
+    rate_512 = await prefill_rate(engine, 512)
+
+    n_doc = max(1, round(args.context / len(tok.encode(DOCUMENT))))
+    system = "Answer from this document.\n\n" + DOCUMENT * n_doc
+    cold = await engine.ask(AskRequest("doc", "Summarise the document in one sentence.", system=system, max_tokens=32))
+    for i in range(args.repeats):
+        await engine.fork("doc", f"doc-{i}")
+    hot = [await engine.ask(AskRequest("doc", q, max_tokens=16)) for q in FOLLOW_UPS[: args.repeats]]
+    await engine.aclose()
+
+    engine = open_engine(settings)  # the restart: model reloaded, every cache comes from disk
+    disk = [await engine.ask(AskRequest(f"doc-{i}", q, max_tokens=16)) for i, q in enumerate(FOLLOW_UPS[: args.repeats])]
+    await engine.aclose()
+
+    med = lambda rs, f: statistics.median(f(r) for r in rs)  # noqa: E731
+    ttft = lambda r: r.timings_ms.ttft  # noqa: E731
+    result = {
+        "benchmark": "resume",
+        "date": date.today().isoformat(),
+        "machine": machine(),
+        "model": engine.lm.name,
+        "dtype": engine.lm.dtype,
+        "openblas": blas.loaded,
+        "prefill_tokens_per_s_512": round(rate_512, 1),
+        "context_tokens": cold.tokens.context,
+        "cold": {"ttft_ms": ttft(cold), "prefill_tokens_per_s": round(cold.tokens.prefilled / (cold.timings_ms.prefill / 1000), 1)},
+        "hot": {"ttft_ms": med(hot, ttft), "new_tokens": med(hot, lambda r: r.tokens.prefilled), "runs": [ttft(r) for r in hot]},
+        "disk": {
+            "ttft_ms": med(disk, ttft),
+            "cache_load_ms": med(disk, lambda r: r.timings_ms.cache_load),
+            "new_tokens": med(disk, lambda r: r.tokens.prefilled),
+            "tiers": [r.tier for r in disk],
+            "runs": [ttft(r) for r in disk],
+        },
+    }
+    result["speedup_disk_vs_cold"] = round(result["cold"]["ttft_ms"] / result["disk"]["ttft_ms"], 1)
+    result["disk_over_hot"] = round(result["disk"]["ttft_ms"] / result["hot"]["ttft_ms"], 2)
+    result["targets"] = {
+        "prefill_512_at_least_120_tokens_per_s": result["prefill_tokens_per_s_512"] >= 120,
+        "disk_resume_at_least_25x_cold": result["speedup_disk_vs_cold"] >= 25,
+        "disk_within_1.5x_hot": result["disk_over_hot"] <= 1.5,
+    }
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tiers = ["cold", "disk", "hot"]
+    values = [result[t]["ttft_ms"] for t in tiers]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bars = ax.bar(["new agent\n(cold prefill)", "after restart\n(disk)", "hot\n(memory)"], values, color=["#c44", "#48c", "#4a4"])
+    ax.set_yscale("log")
+    ax.set_ylabel("time to first token (ms, log)")
+    ax.set_title(f"{result['model']}: {result['context_tokens']}-token conversation, ~20-token follow-up")
+    for bar, v in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:,.0f} ms", ha="center", va="bottom")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--context", type=int, default=2000, help="approximate conversation length in tokens")
+    parser.add_argument("--repeats", type=int, default=3, choices=range(1, len(FOLLOW_UPS) + 1))
+    parser.add_argument("--cache-dir", default=None, help="default: a fresh temporary dir")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    result = anyio.run(run, args)
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{result['date']}-{result['machine']}-resume"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, stem.with_suffix(".png"))
+    print(f"model {result['model']} ({result['dtype']}, OpenBLAS: {result['openblas']}), {result['context_tokens']} tokens of context")
+    print(f"{'':24}{'TTFT ms':>10}")
+    print(f"{'new agent (cold)':24}{result['cold']['ttft_ms']:>10.0f}")
+    print(f"{'after restart (disk)':24}{result['disk']['ttft_ms']:>10.0f}   cache load {result['disk']['cache_load_ms']:.0f} ms")
+    print(f"{'hot (memory)':24}{result['hot']['ttft_ms']:>10.0f}")
+    print(f"cold prefill: {result['prefill_tokens_per_s_512']} tokens/s at 512 tokens, {result['cold']['prefill_tokens_per_s']} at {result['context_tokens']}")
+    print(f"disk vs cold: {result['speedup_disk_vs_cold']}x faster; disk/hot: {result['disk_over_hot']}")
+    for name, ok in result["targets"].items():
+        print(f"  {'met ' if ok else 'MISSED'} {name}")
+    print(f"wrote {stem}.json and .png")
+
+
+if __name__ == "__main__":
+    main()

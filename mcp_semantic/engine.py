@@ -1,0 +1,506 @@
+"""The engine: one thread owns the model and runs every call, in the order calls arrive.
+
+Each agent's truth is its transcript (store.Agent); its KV cache is only a cache of
+the transcript's tokens. On every call the prompt is rebuilt from the messages with
+the chat template, the longest cached prefix is reused, the rest of the cache is
+trimmed, and only the new tokens are prefilled. Caches stay hot in memory under a
+budget (least recently used go first) and are written to disk when the engine is
+idle, so saving never delays the next token.
+
+The engine knows nothing of MCP: it takes and returns plain values and pydantic
+models, and reports progress through an async callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from typing import Any, Awaitable, Callable, Literal
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+from pydantic import BaseModel
+
+from mcp_semantic.models import LoadedModel
+from mcp_semantic.store import Agent, Store, check_name
+
+log = logging.getLogger(__name__)
+
+Tier = Literal["new", "hot", "disk"]
+EvictLevel = Literal["memory", "disk", "agent"]
+ProgressFn = Callable[[float, float, str], Awaitable[None]]
+
+
+class RequestError(ValueError):
+    """A call the engine refuses; the message says what was wrong, and nothing was changed."""
+
+
+# Results (typed, so MCP hosts get an output schema)
+
+
+class TokenCounts(BaseModel):
+    context: int
+    """Tokens of the prompt for this call (the whole conversation so far plus the new message)."""
+    cached: int
+    """Prompt tokens reused from the agent's KV cache instead of recomputed."""
+    prefilled: int
+    """Prompt tokens computed in this call (context - cached)."""
+    generated: int
+
+
+class Timings(BaseModel):
+    queue: float
+    cache_load: float
+    prefill: float
+    ttft: float
+    """From the call's arrival at the engine to its first token: queue + cache_load + prefill."""
+    total: float
+
+
+class AskResult(BaseModel):
+    agent: str
+    reply: str
+    finish_reason: Literal["stop", "length", "cancelled"]
+    tier: Tier
+    """Where the agent's cache came from: memory (hot), its file (disk), or nothing reusable (new)."""
+    tokens: TokenCounts
+    timings_ms: Timings
+    decode_tokens_per_s: float
+    warnings: list[str] = []
+
+
+class ForkResult(BaseModel):
+    agent: str
+    source: str
+    tokens: int
+
+
+class AgentInfo(BaseModel):
+    name: str
+    parent: str | None
+    tokens: int
+    turns: int
+    tier: Literal["hot", "disk", "none"]
+    memory_bytes: int
+    disk_bytes: int
+    created_at: datetime
+    last_used_at: datetime
+
+
+class MemoryInfo(BaseModel):
+    budget_bytes: int
+    used_bytes: int
+
+
+class AgentList(BaseModel):
+    agents: list[AgentInfo]
+    memory: MemoryInfo
+
+
+class EvictResult(BaseModel):
+    evicted: list[str]
+    freed_memory_bytes: int
+    freed_disk_bytes: int
+
+
+@dataclass
+class AskRequest:
+    agent: str
+    message: str
+    system: str | None = None
+    max_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+# Internals
+
+
+@dataclass
+class _Hot:
+    """An agent's KV cache in memory, with the token ids it holds."""
+
+    cache: list[Any]
+    tokens: list[int]
+    dirty: bool = True
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.cache)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+@dataclass
+class _Job:
+    fn: Callable[[_Job], Any]
+    token: Any
+    submitted: float = field(default_factory=time.perf_counter)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+def _post(token: Any, fn: Callable[..., Any], *args: Any) -> None:
+    """Run `fn(*args)` on the caller's event loop; a loop that has gone away is not an error."""
+    try:
+        anyio.from_thread.run_sync(fn, *args, token=token)
+    except (anyio.RunFinishedError, anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError, RuntimeError):
+        pass
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class Engine:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        store: Store,
+        *,
+        memory_budget: int,
+        prefill_step_size: int = 512,
+        max_tokens_limit: int = 4096,
+    ):
+        self.lm = lm
+        self.store = store
+        self.memory_budget = memory_budget
+        self.prefill_step_size = prefill_step_size
+        self.max_tokens_limit = max_tokens_limit
+        self._agents: dict[str, Agent] = {}
+        self.unreadable: list[str] = []
+        for name in store.names():
+            agent = store.load_agent(name)
+            if agent is None:
+                self.unreadable.append(name)
+            else:
+                self._agents[name] = agent
+        if self.unreadable:
+            log.warning("could not read the transcripts of agents: %s", ", ".join(self.unreadable))
+        self._hot: OrderedDict[str, _Hot] = OrderedDict()  # least recently used first
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="mcp-semantic-engine", daemon=True)
+        self._thread.start()
+
+    # The async side: called from the event loop
+
+    async def _submit(self, fn: Callable[[_Job], Any]) -> Any:
+        job = _Job(fn, anyio.lowlevel.current_token())
+        self._queue.put(job)
+        try:
+            await job.done.wait()
+        except BaseException:
+            job.cancelled.set()  # the engine stops it at its next step
+            raise
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    async def ask(self, req: AskRequest, on_progress: ProgressFn | None = None) -> AskResult:
+        check_name(req.agent)
+        if on_progress is None:
+            return await self._submit(partial(self._ask, req, None))
+        send, receive = anyio.create_memory_object_stream[tuple[float, float, str]](64)
+        token = anyio.lowlevel.current_token()
+
+        def report(done: float, total: float, message: str) -> None:
+            _post(token, send.send_nowait, (done, total, message))
+
+        async def forward() -> None:
+            async with receive:
+                async for item in receive:
+                    await on_progress(*item)
+
+        error: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(forward)
+            try:
+                result = await self._submit(partial(self._ask, req, report))
+            except Exception as e:  # raised below, not wrapped in the task group's ExceptionGroup
+                error = e
+            finally:
+                send.close()
+        if error is not None:
+            raise error
+        return result
+
+    async def fork(self, source: str, agent: str) -> ForkResult:
+        check_name(source), check_name(agent)
+        return await self._submit(lambda job: self._fork(source, agent))
+
+    async def list_agents(self) -> AgentList:
+        return await self._submit(lambda job: self._list())
+
+    async def evict(self, agent: str | None = None, level: EvictLevel = "memory") -> EvictResult:
+        if agent is not None:
+            check_name(agent)
+        if level not in ("memory", "disk", "agent"):
+            raise RequestError(f"invalid level {level!r}: use 'memory', 'disk' or 'agent'")
+        return await self._submit(lambda job: self._evict(agent, level))
+
+    async def aclose(self) -> None:
+        await anyio.to_thread.run_sync(self.close)
+
+    def close(self) -> None:
+        """Finish the queued calls, write every unsaved cache, and stop the thread."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    # The engine thread
+
+    def _run(self) -> None:
+        while True:
+            try:
+                job = self._queue.get(block=not self._dirty())
+            except queue.Empty:
+                self._save_one()  # idle: write a cache to disk, then look for work again
+                continue
+            if job is None:
+                break
+            try:
+                job.result = job.fn(job)
+            except BaseException as e:  # delivered to the caller, who re-raises it
+                job.error = e
+            _post(job.token, job.done.set)
+        for name in list(self._hot):
+            self._save(name)
+
+    def _dirty(self) -> bool:
+        return any(h.dirty for h in self._hot.values())
+
+    def _save_one(self) -> None:
+        for name, hot in self._hot.items():
+            if hot.dirty:
+                self._save(name)
+                return
+
+    def _save(self, name: str) -> None:
+        hot = self._hot.get(name)
+        if hot is None or not hot.dirty:
+            return
+        try:
+            self.store.save_kv(name, hot.cache, hot.tokens, self.lm.fingerprint)
+        except OSError as e:
+            log.error("could not save the KV cache of agent %s: %s", name, e)
+        hot.dirty = False  # a failed save is not retried forever; the transcript is the truth
+
+    def _drop_hot(self, name: str, save: bool = True) -> int:
+        if name not in self._hot:
+            return 0
+        if save:
+            self._save(name)
+        return self._hot.pop(name).nbytes
+
+    def _enforce_budget(self) -> None:
+        while self._hot and sum(h.nbytes for h in self._hot.values()) > self.memory_budget:
+            self._drop_hot(next(iter(self._hot)))
+
+    def _cache_for(self, agent: Agent, warnings: list[str]) -> tuple[Tier, list[Any], list[int]]:
+        """The agent's cache and the tokens it holds, from memory, disk, or new."""
+        hot = self._hot.get(agent.name)
+        if hot is not None:
+            self._hot.move_to_end(agent.name)
+            return "hot", hot.cache, hot.tokens
+        kv, problem = self.store.load_kv(agent.name, self.lm.fingerprint)
+        if kv is not None:
+            return "disk", kv.cache, kv.tokens
+        if agent.tokens:
+            why = problem or "it has no saved KV cache"
+            warnings.append(f"agent {agent.name}: {why}; re-prefilling its {len(agent.tokens)} tokens of history")
+            if problem:
+                log.warning("agent %s: %s", agent.name, problem)
+        return "new", make_prompt_cache(self.lm.model), []
+
+    def _ask(self, req: AskRequest, report: Callable[[float, float, str], None] | None, job: _Job) -> AskResult:
+        started = time.perf_counter()
+        tokenizer = self.lm.tokenizer
+        if not 1 <= req.max_tokens <= self.max_tokens_limit:
+            raise RequestError(f"max_tokens must be between 1 and {self.max_tokens_limit}, got {req.max_tokens}")
+        if req.temperature < 0 or not 0 < req.top_p <= 1:
+            raise RequestError("temperature must be >= 0 and top_p in (0, 1]")
+        agent = self._agents.get(req.agent)
+        if agent is None:
+            agent = Agent(name=req.agent, system=req.system)
+            if req.system is not None:
+                agent.messages.append({"role": "system", "content": req.system})
+        elif req.system is not None and req.system != agent.system:
+            raise RequestError(
+                f"agent {req.agent} already has a different system prompt; omit `system`, "
+                "or fork or create another agent for a new one"
+            )
+        messages = agent.messages + [{"role": "user", "content": req.message}]
+        prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        limit = self.lm.context_length
+        if len(prompt) >= limit:
+            raise RequestError(
+                f"agent {req.agent}: the conversation with this message is {len(prompt)} tokens, "
+                f"over the model's context of {limit} tokens; nothing was changed"
+            )
+        max_new = min(req.max_tokens, limit - len(prompt))
+
+        warnings: list[str] = []
+        tier, cache, cached_tokens = self._cache_for(agent, warnings)
+        loaded = time.perf_counter()
+        reuse = common_prefix(cached_tokens, prompt)
+        reuse = min(reuse, len(prompt) - 1)  # at least one token must run to get logits
+        if reuse < len(cached_tokens):
+            if can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, len(cached_tokens) - reuse)
+            else:
+                cache, reuse = make_prompt_cache(self.lm.model), 0
+        new_tokens = prompt[reuse:]
+        total = len(new_tokens) + max_new
+
+        def on_prefill(done: int, n: int) -> None:
+            if job.cancelled.is_set():
+                raise _Cancelled()
+            if report:
+                report(done, total, f"prefill {done}/{n} tokens")
+
+        if req.seed is not None:
+            mx.random.seed(req.seed)
+        sampler = make_sampler(temp=req.temperature, top_p=req.top_p if req.top_p < 1 else 0.0)
+        eos = set(tokenizer.eos_token_ids)
+        generated: list[int] = []
+        seen: list[int] = []  # every token generate_step yielded, eos included: the cache has fed them all
+        finish: Literal["stop", "length", "cancelled"] = "length"
+        first = last = None
+        try:
+            steps = generate_step(
+                mx.array(new_tokens),
+                self.lm.model,
+                max_tokens=max_new,
+                sampler=sampler,
+                prompt_cache=cache,
+                prefill_step_size=self.prefill_step_size,
+                prompt_progress_callback=on_prefill,
+            )
+            for token, _ in steps:
+                seen.append(token)
+                last = time.perf_counter()
+                first = first or last
+                if job.cancelled.is_set():
+                    finish = "cancelled"
+                    break
+                if token in eos:
+                    finish = "stop"
+                    break
+                generated.append(token)
+                if report and (len(generated) % 8 == 0 or len(generated) == max_new):
+                    report(len(new_tokens) + len(generated), total, f"generated {len(generated)} tokens")
+        except _Cancelled:
+            finish = "cancelled"
+        except BaseException:
+            self._hot.pop(agent.name, None)  # the cache may be half-updated: drop it
+            raise
+        ended = time.perf_counter()
+
+        # The cache holds a prefix of prompt + everything yielded (eos too); remember exactly which.
+        held = cache[0].offset if hasattr(cache[0], "offset") else 0
+        if finish != "cancelled":
+            agent.messages = messages + [{"role": "assistant", "content": tokenizer.decode(generated)}]
+            agent.tokens = (prompt + seen)[:held]
+            agent.last_used_at = time.time()
+            self.store.save_agent(agent)  # the transcript is saved before the reply goes out
+            self._agents[agent.name] = agent
+        if agent.name in self._agents:
+            self._hot[agent.name] = _Hot(cache, (prompt + seen)[:held])
+            self._hot.move_to_end(agent.name)
+        self._enforce_budget()
+
+        first = first or ended
+        ms = lambda a, b: round((b - a) * 1000, 2)  # noqa: E731
+        decode_s = (last or ended) - first
+        return AskResult(
+            agent=agent.name,
+            reply=agent.messages[-1]["content"] if finish != "cancelled" else tokenizer.decode(generated),
+            finish_reason=finish,
+            tier=tier,
+            tokens=TokenCounts(context=len(prompt), cached=reuse, prefilled=len(new_tokens), generated=len(generated)),
+            timings_ms=Timings(
+                queue=ms(job.submitted, started),
+                cache_load=ms(started, loaded),
+                prefill=ms(loaded, first),
+                ttft=ms(job.submitted, first),
+                total=ms(job.submitted, ended),
+            ),
+            decode_tokens_per_s=round((len(generated) - 1) / decode_s, 2) if len(generated) > 1 and decode_s > 0 else 0.0,
+            warnings=warnings,
+        )
+
+    def _get(self, name: str) -> Agent:
+        agent = self._agents.get(name)
+        if agent is None:
+            raise RequestError(f"unknown agent {name!r}; ask_agent creates agents, list_agents lists them")
+        return agent
+
+    def _fork(self, source: str, name: str) -> ForkResult:
+        src = self._get(source)
+        if name in self._agents or self.store.exists(name):
+            raise RequestError(f"agent {name!r} already exists; fork onto a new name")
+        agent = Agent(
+            name=name,
+            system=src.system,
+            parent=source,
+            messages=[dict(m) for m in src.messages],
+            tokens=list(src.tokens),
+        )
+        self._save(source)  # the fork shares the source's saved cache, so it must be current
+        self.store.save_agent(agent)
+        self.store.link_kv(source, name)
+        self._agents[name] = agent
+        return ForkResult(agent=name, source=source, tokens=len(agent.tokens))
+
+    def _list(self) -> AgentList:
+        infos = []
+        for name, a in sorted(self._agents.items()):
+            disk = self.store.kv_bytes(name)
+            hot = self._hot.get(name)
+            infos.append(
+                AgentInfo(
+                    name=name,
+                    parent=a.parent,
+                    tokens=len(a.tokens),
+                    turns=a.turns,
+                    tier="hot" if hot else "disk" if disk else "none",
+                    memory_bytes=hot.nbytes if hot else 0,
+                    disk_bytes=disk,
+                    created_at=datetime.fromtimestamp(a.created_at).astimezone(),
+                    last_used_at=datetime.fromtimestamp(a.last_used_at).astimezone(),
+                )
+            )
+        used = sum(h.nbytes for h in self._hot.values())
+        return AgentList(agents=infos, memory=MemoryInfo(budget_bytes=self.memory_budget, used_bytes=used))
+
+    def _evict(self, agent: str | None, level: EvictLevel) -> EvictResult:
+        names = [self._get(agent).name] if agent is not None else sorted(self._agents)
+        freed_memory = freed_disk = 0
+        for name in names:
+            freed_memory += self._drop_hot(name, save=level == "memory")
+            if level == "disk":
+                freed_disk += self.store.delete_kv(name)
+            elif level == "agent":
+                freed_disk += self.store.delete_agent(name)
+                del self._agents[name]
+        return EvictResult(evicted=names, freed_memory_bytes=freed_memory, freed_disk_bytes=freed_disk)

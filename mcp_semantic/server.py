@@ -1,0 +1,194 @@
+"""The MCP layer: four tools that validate, call the engine, and shape the result.
+
+One engine serves the whole process. The SDK enters the server's lifespan once per
+connection (several SSE clients each enter it), so the lifespan shares one engine
+among them and closes it when the last connection ends.
+"""
+
+# No `from __future__ import annotations`: the SDK evaluates tool signatures, which use `settings`.
+import logging
+import signal
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, AsyncIterator, Literal
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import CallToolResult, TextContent
+from pydantic import BaseModel, Field
+
+from mcp_semantic import __version__
+from mcp_semantic.blas import blas_warning
+from mcp_semantic.engine import AgentList, AskRequest, AskResult, Engine, EvictResult, ForkResult, RequestError
+from mcp_semantic.settings import Settings
+from mcp_semantic.store import NAME_RULE, InvalidName, Store
+
+log = logging.getLogger(__name__)
+
+INSTRUCTIONS = """\
+Local LLM agents that remember. `ask_agent` talks to a named agent (created on first use) \
+whose conversation and KV cache persist across calls and server restarts, so a resumed agent \
+does not re-read its history. `fork_agent` branches an agent, `list_agents` shows them and \
+their cache tiers, `evict_cache` frees memory or disk."""
+
+AgentName = Annotated[str, Field(pattern=NAME_RULE, description="agent name: letters, digits, '.', '_', '-'")]
+
+
+def open_engine(settings: Settings) -> Engine:
+    """Load the model and open the store: the slow part of start-up."""
+    import mlx.core as mx
+
+    from mcp_semantic.models import load_model
+
+    warning = blas_warning(mx.default_device() == mx.cpu)
+    if warning:
+        log.warning(warning)
+    settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    lm = load_model(settings.model, settings.cache_dir)
+    log.info("model %s loaded from %s (%s, fingerprint %s)", lm.name, lm.path, lm.dtype, lm.fingerprint)
+    return Engine(
+        lm,
+        Store(settings.cache_dir),
+        memory_budget=int(settings.memory_budget),
+        prefill_step_size=settings.prefill_step_size,
+        max_tokens_limit=settings.max_tokens_limit,
+    )
+
+
+@dataclass
+class _Shared:
+    engine: Engine | None = None
+    users: int = 0
+
+
+def _summary(result: BaseModel) -> str:
+    if isinstance(result, AskResult):
+        t = result.tokens
+        head = (
+            f"[{result.agent} · tier {result.tier} · {t.cached}/{t.context} tokens cached · "
+            f"ttft {result.timings_ms.ttft:.0f} ms · {result.finish_reason}]"
+        )
+        return f"{head}\n{result.reply}"
+    if isinstance(result, ForkResult):
+        return f"forked {result.source} into {result.agent} ({result.tokens} tokens shared)"
+    if isinstance(result, AgentList):
+        rows = [f"{a.name}: {a.turns} turns, {a.tokens} tokens, tier {a.tier}" for a in result.agents]
+        mem = result.memory
+        rows.append(f"memory: {mem.used_bytes} of {mem.budget_bytes} bytes")
+        return "\n".join(rows)
+    if isinstance(result, EvictResult):
+        return (
+            f"evicted {len(result.evicted)} agent(s): freed {result.freed_memory_bytes} bytes of memory "
+            f"and {result.freed_disk_bytes} bytes of disk"
+        )
+    return result.model_dump_json()
+
+
+def _result(result: BaseModel) -> CallToolResult:
+    return CallToolResult(
+        content=[TextContent(type="text", text=_summary(result))],
+        structured_content=result.model_dump(mode="json", by_alias=True),
+    )
+
+
+def create_server(settings: Settings) -> MCPServer:
+    shared = _Shared()
+    lock = anyio.Lock()
+
+    @asynccontextmanager
+    async def lifespan(_: MCPServer) -> AsyncIterator[_Shared]:
+        async with lock:
+            if shared.engine is None:
+                shared.engine = await anyio.to_thread.run_sync(open_engine, settings)
+            shared.users += 1
+        try:
+            yield shared
+        finally:
+            # Shielded: a connection that ends by cancellation must still save every cache.
+            with anyio.CancelScope(shield=True):
+                async with lock:
+                    shared.users -= 1
+                    if shared.users == 0 and shared.engine is not None:
+                        engine, shared.engine = shared.engine, None
+                        await engine.aclose()
+
+    server = MCPServer("mcp-semantic", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan)
+
+    def engine_of(ctx: Context) -> Engine:
+        engine = ctx.request_context.lifespan_context.engine
+        if engine is None:
+            raise ToolError("the server is shutting down; try again")
+        return engine
+
+    async def call(coro):  # the engine's refusals become tool errors a user can act on
+        try:
+            return await coro
+        except (RequestError, InvalidName) as e:
+            raise ToolError(str(e)) from None
+
+    @server.tool(title="Ask an agent")
+    async def ask_agent(
+        agent: AgentName,
+        message: Annotated[str, Field(description="the user message to send")],
+        ctx: Context,
+        system: Annotated[
+            str | None, Field(description="system prompt; only when the agent is created (must match later)")
+        ] = None,
+        max_tokens: Annotated[int, Field(ge=1, le=settings.max_tokens_limit, description="reply length cap")] = 512,
+        temperature: Annotated[float, Field(ge=0, le=10, description="0 is greedy and exact")] = 0.0,
+        top_p: Annotated[float, Field(gt=0, le=1)] = 1.0,
+        seed: Annotated[int | None, Field(description="random seed for sampling")] = None,
+    ) -> Annotated[CallToolResult, AskResult]:
+        """Send a message to a named local agent and get its reply. The agent is created on first
+        use and remembers the whole conversation, also across server restarts; its KV cache is
+        reused, so only the new message is read."""
+        engine = engine_of(ctx)
+        req = AskRequest(agent, message, system, max_tokens, temperature, top_p, seed)
+        result: AskResult = await call(engine.ask(req, on_progress=ctx.report_progress))
+        for warning in result.warnings:
+            log.warning(warning)
+            await ctx.warning(warning)
+        return _result(result)
+
+    @server.tool(title="Fork an agent")
+    async def fork_agent(source: AgentName, agent: AgentName, ctx: Context) -> Annotated[CallToolResult, ForkResult]:
+        """Create `agent` as a copy of `source`'s conversation, to explore an alternative. Its first
+        call reuses the source's cache instead of re-reading the history."""
+        return _result(await call(engine_of(ctx).fork(source, agent)))
+
+    @server.tool(title="List agents")
+    async def list_agents(ctx: Context) -> Annotated[CallToolResult, AgentList]:
+        """List the agents with their size, turns and where their cache is (hot: memory, disk, none),
+        and the memory budget for hot caches."""
+        return _result(await call(engine_of(ctx).list_agents()))
+
+    @server.tool(title="Evict caches")
+    async def evict_cache(
+        ctx: Context,
+        agent: Annotated[str | None, Field(pattern=NAME_RULE, description="one agent; omit for all")] = None,
+        level: Annotated[
+            Literal["memory", "disk", "agent"],
+            Field(description="memory: free RAM (cache stays on disk); disk: also delete the saved cache; "
+            "agent: forget the agent entirely"),
+        ] = "memory",
+    ) -> Annotated[CallToolResult, EvictResult]:
+        """Free an agent's (or every agent's) cache from memory, from disk, or forget the agent."""
+        return _result(await call(engine_of(ctx).evict(agent, level)))
+
+    return server
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds through the lifespan, which saves every cache
+
+
+def serve(settings: Settings) -> None:
+    server = create_server(settings)
+    signal.signal(signal.SIGTERM, _exit_cleanly)  # the HTTP transports' uvicorn installs its own
+    if settings.transport == "stdio":
+        server.run("stdio")
+    elif settings.transport == "sse":
+        server.run("sse", host=settings.host, port=settings.port)
+    else:
+        server.run("streamable-http", host=settings.host, port=settings.port)

@@ -1,0 +1,164 @@
+"""The engine through its async API: resume, exactness, fork, evict, refusals, cancellation."""
+
+from __future__ import annotations
+
+import anyio
+import mlx_lm
+import pytest
+
+from mcp_semantic.engine import AskRequest, Engine, RequestError
+from mcp_semantic.server import open_engine
+from mcp_semantic.settings import Settings
+from mcp_semantic.store import InvalidName
+
+pytestmark = pytest.mark.anyio
+
+QUESTIONS = ["Tell me about the river.", "And what about the old mill?", "Summarise it in one line."]
+
+
+def replay(engine: Engine, messages: list[dict[str, str]], max_tokens: int) -> str:
+    """The same conversation, from scratch, through plain mlx-lm (greedy)."""
+    tokenizer = engine.lm.tokenizer
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return mlx_lm.generate(engine.lm.model, tokenizer, prompt=prompt, max_tokens=max_tokens)
+
+
+async def test_resume_from_disk_is_exact_and_skips_prefill(settings: Settings) -> None:
+    engine = open_engine(settings)
+    first = await engine.ask(AskRequest("alice", QUESTIONS[0], system="You are terse.", max_tokens=24))
+    assert first.tier == "new" and first.tokens.cached == 0
+    second = await engine.ask(AskRequest("alice", QUESTIONS[1], max_tokens=24))
+    assert second.tier == "hot"
+    assert second.tokens.cached >= first.tokens.context  # the whole first turn was reused
+    assert second.tokens.prefilled == second.tokens.context - second.tokens.cached
+    await engine.aclose()
+
+    engine = open_engine(settings)  # a restart: the cache comes from disk
+    third = await engine.ask(AskRequest("alice", QUESTIONS[2], max_tokens=24))
+    assert third.tier == "disk"
+    assert third.tokens.cached >= second.tokens.context
+    assert third.tokens.prefilled < 40
+
+    messages = [{"role": "system", "content": "You are terse."}]
+    for question, answer in zip(QUESTIONS, (first, second, third)):
+        messages.append({"role": "user", "content": question})
+        assert answer.reply == replay(engine, messages, 24)
+        messages.append({"role": "assistant", "content": answer.reply})
+    listed = await engine.list_agents()
+    assert [(a.name, a.turns) for a in listed.agents] == [("alice", 3)]
+    await engine.aclose()
+
+
+async def test_fork_reuses_the_source_cache_and_diverges(settings: Settings) -> None:
+    engine = open_engine(settings)
+    base = await engine.ask(AskRequest("src", "Tell me a story about a fox.", max_tokens=16))
+    fork = await engine.fork("src", "alt")
+    assert fork.tokens == len(engine._agents["src"].tokens) > 0
+    alt = await engine.ask(AskRequest("alt", "Make it about a bear instead.", max_tokens=16))
+    assert alt.tier == "disk" and alt.tokens.cached >= base.tokens.context
+    src = await engine.ask(AskRequest("src", "Go on.", max_tokens=16))
+    assert src.tier == "hot"
+    history = [{"role": "user", "content": "Tell me a story about a fox."}, {"role": "assistant", "content": base.reply}]
+    assert alt.reply == replay(engine, history + [{"role": "user", "content": "Make it about a bear instead."}], 16)
+    assert src.reply == replay(engine, history + [{"role": "user", "content": "Go on."}], 16)
+    agents = {a.name: a for a in (await engine.list_agents()).agents}
+    assert agents["alt"].parent == "src" and agents["alt"].turns == 2
+    with pytest.raises(RequestError, match="already exists"):
+        await engine.fork("src", "alt")
+    with pytest.raises(RequestError, match="unknown agent"):
+        await engine.fork("nobody", "x")
+    await engine.aclose()
+
+
+async def test_evict_levels(settings: Settings) -> None:
+    engine = open_engine(settings)
+    for name in ("a", "b"):
+        await engine.ask(AskRequest(name, "Hello there.", max_tokens=8))
+    out = await engine.evict("a", "memory")
+    assert out.evicted == ["a"] and out.freed_memory_bytes > 0 and out.freed_disk_bytes == 0
+    tiers = {a.name: a.tier for a in (await engine.list_agents()).agents}
+    assert tiers["a"] == "disk"
+    assert (await engine.ask(AskRequest("a", "Again.", max_tokens=8))).tier == "disk"
+
+    out = await engine.evict("a", "disk")
+    assert out.freed_disk_bytes > 0
+    assert not engine.store.kv_path("a").exists()
+    again = await engine.ask(AskRequest("a", "Once more.", max_tokens=8))
+    assert again.tier == "new" and again.tokens.cached == 0
+    assert any("re-prefilling" in w for w in again.warnings)
+    assert (await engine.list_agents()).agents[0].turns == 3  # the transcript was kept
+
+    out = await engine.evict(None, "agent")
+    assert sorted(out.evicted) == ["a", "b"]
+    assert (await engine.list_agents()).agents == []
+    assert engine.store.names() == []
+    with pytest.raises(RequestError, match="unknown agent"):
+        await engine.evict("a", "memory")
+    await engine.aclose()
+
+
+async def test_refusals_change_nothing(settings: Settings) -> None:
+    engine = open_engine(settings)
+    await engine.ask(AskRequest("a", "Hi.", system="Be brief.", max_tokens=8))
+    before = engine.store.load_agent("a")
+    with pytest.raises(RequestError, match="different system prompt"):
+        await engine.ask(AskRequest("a", "Hi.", system="Be verbose.", max_tokens=8))
+    long = "word " * (engine.lm.context_length + 10)
+    with pytest.raises(RequestError, match=rf"over the model's context of {engine.lm.context_length} tokens"):
+        await engine.ask(AskRequest("a", long, max_tokens=8))
+    with pytest.raises(RequestError, match="max_tokens"):
+        await engine.ask(AskRequest("a", "Hi.", max_tokens=0))
+    for bad in ("../etc", "a/b", "", "x" * 65, ".hidden", "nul\x00", "caf\u00e9"):
+        with pytest.raises(InvalidName, match="invalid agent name"):
+            await engine.ask(AskRequest(bad, "Hi."))
+    assert engine.store.load_agent("a") == before
+    assert engine.store.names() == ["a"]
+    await engine.aclose()
+
+
+async def test_corrupt_cache_file_costs_a_reprefill_not_an_answer(settings: Settings) -> None:
+    engine = open_engine(settings)
+    first = await engine.ask(AskRequest("a", "Tell me about the sea.", max_tokens=12))
+    await engine.aclose()
+    path = engine.store.kv_path("a")
+    data = bytearray(path.read_bytes())
+    path.write_bytes(bytes(data[: len(data) // 2]))  # truncated
+
+    engine = open_engine(settings)
+    second = await engine.ask(AskRequest("a", "And the shore?", max_tokens=12))
+    assert second.tier == "new" and second.tokens.cached == 0
+    assert any("unreadable" in w for w in second.warnings)
+    messages = [
+        {"role": "user", "content": "Tell me about the sea."},
+        {"role": "assistant", "content": first.reply},
+        {"role": "user", "content": "And the shore?"},
+    ]
+    assert second.reply == replay(engine, messages, 12)
+    await engine.aclose()
+
+
+async def test_cancel_leaves_the_agent_as_it_was(settings: Settings) -> None:
+    engine = open_engine(settings)
+    await engine.ask(AskRequest("a", "Start.", max_tokens=8))
+    before = engine.store.load_agent("a")
+    with anyio.move_on_after(0.3):
+        await engine.ask(AskRequest("a", "Talk for a long time. " * 50, max_tokens=4000))
+    await engine.list_agents()  # waits until the engine has handled the cancellation
+    assert engine.store.load_agent("a") == before
+    after = await engine.ask(AskRequest("a", "Next.", max_tokens=8))
+    assert after.tokens.cached > 0
+    await engine.aclose()
+
+
+async def test_memory_budget_keeps_hot_caches_under_it(settings: Settings) -> None:
+    engine = open_engine(settings)
+    one = await engine.ask(AskRequest("a", "Hello.", max_tokens=8))
+    engine.memory_budget = (await engine.list_agents()).memory.used_bytes + 1  # room for about one agent
+    for name in ("b", "c", "a"):
+        await engine.ask(AskRequest(name, "Hello.", max_tokens=8))
+        listed = await engine.list_agents()
+        assert listed.memory.used_bytes <= engine.memory_budget
+    assert one.tier == "new"
+    tiers = {a.name: a.tier for a in (await engine.list_agents()).agents}
+    assert list(tiers.values()).count("hot") <= 1 and set(tiers) == {"a", "b", "c"}
+    await engine.aclose()

@@ -1,0 +1,124 @@
+"""The four tools through a real MCP client connected in memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from mcp import Client
+
+from mcp_semantic.server import create_server
+from mcp_semantic.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+
+async def call(client: Client, tool: str, **args: Any) -> dict[str, Any]:
+    result = await client.call_tool(tool, args)
+    assert not result.is_error, result.content
+    return result.structured_content
+
+
+async def error_of(client: Client, tool: str, **args: Any) -> str:
+    result = await client.call_tool(tool, args)
+    assert result.is_error
+    return result.content[0].text
+
+
+async def test_tool_schemas(settings: Settings) -> None:
+    async with Client(create_server(settings)) as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+    assert set(tools) == {"ask_agent", "fork_agent", "list_agents", "evict_cache"}
+    ask = tools["ask_agent"]
+    assert ask.input_schema["required"] == ["agent", "message"]
+    assert ask.input_schema["properties"]["agent"]["pattern"].startswith("^[A-Za-z0-9]")
+    assert ask.input_schema["properties"]["max_tokens"]["maximum"] == settings.max_tokens_limit
+    out = ask.output_schema
+    assert {"agent", "reply", "finish_reason", "tier", "tokens", "timings_ms", "decode_tokens_per_s"} <= set(
+        out["properties"]
+    )
+    assert set(tools["fork_agent"].output_schema["properties"]) >= {"agent", "source", "tokens"}
+    assert set(tools["list_agents"].output_schema["properties"]) == {"agents", "memory"}
+    assert set(tools["evict_cache"].output_schema["properties"]) == {
+        "evicted",
+        "freed_memory_bytes",
+        "freed_disk_bytes",
+    }
+    assert tools["evict_cache"].input_schema["properties"]["level"]["enum"] == ["memory", "disk", "agent"]
+
+
+async def test_all_four_tools_and_restart(settings: Settings) -> None:
+    progress: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(done: float, total: float | None, message: str | None) -> None:
+        progress.append((done, total, message))
+
+    async with Client(create_server(settings)) as client:
+        result = await client.call_tool(
+            "ask_agent",
+            {"agent": "helper", "message": "Hello, who are you?", "max_tokens": 20},
+            progress_callback=on_progress,
+        )
+        assert not result.is_error
+        first = result.structured_content
+        assert first["tier"] == "new" and first["agent"] == "helper"
+        assert first["tokens"]["generated"] >= 1 and first["finish_reason"] in ("stop", "length")
+        assert result.content[0].text.startswith("[helper · tier new")
+        assert progress and "prefill" in progress[0][2]
+        done = [p[0] for p in progress]
+        assert done == sorted(done) and done[-1] <= progress[-1][1]
+
+        second = await call(client, "ask_agent", agent="helper", message="Tell me more.", max_tokens=12)
+        assert second["tier"] == "hot" and second["tokens"]["cached"] >= first["tokens"]["context"]
+        fork = await call(client, "fork_agent", source="helper", agent="helper.2")
+        assert fork == {"agent": "helper.2", "source": "helper", "tokens": fork["tokens"]} and fork["tokens"] > 0
+        listed = await call(client, "list_agents")
+        names = {a["name"]: a for a in listed["agents"]}
+        assert names["helper"]["tier"] == "hot" and names["helper"]["turns"] == 2
+        assert names["helper.2"]["parent"] == "helper" and names["helper.2"]["tier"] == "disk"
+        assert listed["memory"]["budget_bytes"] == settings.memory_budget
+        evicted = await call(client, "evict_cache", agent="helper", level="memory")
+        assert evicted["evicted"] == ["helper"] and evicted["freed_memory_bytes"] > 0
+
+    async with Client(create_server(settings)) as client:  # a new server process would see the same
+        listed = await call(client, "list_agents")
+        assert {a["name"] for a in listed["agents"]} == {"helper", "helper.2"}
+        third = await call(client, "ask_agent", agent="helper", message="Thanks!", max_tokens=8)
+        assert third["tier"] == "disk" and third["tokens"]["cached"] >= second["tokens"]["context"]
+        gone = await call(client, "evict_cache", level="agent")
+        assert sorted(gone["evicted"]) == ["helper", "helper.2"] and gone["freed_disk_bytes"] > 0
+
+
+async def test_errors_a_user_can_act_on(settings: Settings) -> None:
+    async with Client(create_server(settings)) as client:
+        text = await error_of(client, "ask_agent", agent="../escape", message="hi")
+        assert "agent" in text and "^[A-Za-z0-9]" in text
+        text = await error_of(client, "fork_agent", source="nobody", agent="x")
+        assert "unknown agent 'nobody'" in text
+        text = await error_of(client, "evict_cache", agent="nobody")
+        assert "unknown agent 'nobody'" in text
+        text = await error_of(client, "ask_agent", agent="a", message="hi", max_tokens=10**9)
+        assert "max_tokens" in text
+        text = await error_of(client, "ask_agent", agent="a", message="word " * 5000)
+        assert "over the model's context" in text
+        text = await error_of(client, "ask_agent", agent="a")
+        assert "message" in text
+        text = await error_of(client, "evict_cache", level="everything")
+        assert "level" in text
+        assert (await call(client, "list_agents"))["agents"] == []
+
+
+async def test_corrupt_cache_is_reported_to_the_host_as_a_warning(settings: Settings) -> None:
+    logs: list[Any] = []
+
+    async def on_log(params: Any) -> None:
+        logs.append(params)
+
+    async with Client(create_server(settings)) as client:
+        await call(client, "ask_agent", agent="a", message="Hello.", max_tokens=8)
+    kv = settings.cache_dir / "agents" / "a" / "kv.safetensors"
+    kv.write_bytes(b"\x00" * 100)
+    async with Client(create_server(settings), logging_callback=on_log, log_level="warning") as client:
+        out = await call(client, "ask_agent", agent="a", message="Again.", max_tokens=8)
+    assert out["tier"] == "new" and any("unreadable" in w for w in out["warnings"])
+    assert any("unreadable" in str(entry.data) for entry in logs)

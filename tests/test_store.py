@@ -1,0 +1,119 @@
+"""The store: names, atomic transcripts, KV files that are checked before use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from mlx_lm.models.cache import KVCache
+
+from mcp_semantic.store import NAME_RULE, Agent, InvalidName, Store, check_name
+
+
+def make_cache(n: int, layers: int = 2) -> list[KVCache]:
+    cache = []
+    for i in range(layers):
+        c = KVCache()
+        c.update_and_fetch(mx.full((1, 2, n, 4), i, mx.float32), mx.full((1, 2, n, 4), -i, mx.float32))
+        cache.append(c)
+    return cache
+
+
+@pytest.mark.parametrize("name", ["a", "A.b_c-9", "x" * 64, "0", "a.."])
+def test_good_names(name: str) -> None:
+    assert check_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", "a\\b", "x" * 65, "-a", "a\x00", "\u0430", "a b"])
+def test_bad_names_name_the_rule(name: str) -> None:
+    with pytest.raises(InvalidName, match="rule"):
+        check_name(name)
+
+
+@given(st.text(max_size=80))
+def test_any_accepted_name_is_a_plain_file_name(name: str) -> None:
+    try:
+        check_name(name)
+    except InvalidName:
+        return
+    assert "/" not in name and "\\" not in name and "\x00" not in name and not name.startswith(".")
+    assert Path(name).name == name and name not in (".", "..")
+
+
+def test_transcript_round_trip_and_corruption(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    agent = Agent("a", system="s", messages=[{"role": "user", "content": "hi"}], tokens=[1, 2, 3])
+    store.save_agent(agent)
+    assert store.load_agent("a") == agent and store.names() == ["a"]
+    assert not list((tmp_path / "agents" / "a").glob(".*"))  # no temporary file left behind
+    (tmp_path / "agents" / "a" / "agent.json").write_text("{not json")
+    assert store.load_agent("a") is None  # unreadable: logged, not raised
+    (tmp_path / "agents" / "a" / "agent.json").write_text(json.dumps({"format": 99, "name": "a"}))
+    assert store.load_agent("a") is None
+
+
+def test_stale_temporaries_are_removed_at_start(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.save_agent(Agent("a"))
+    stale = tmp_path / "agents" / "a" / ".kv.safetensors.abc.tmp.safetensors"
+    stale.write_bytes(b"half")
+    Store(tmp_path)
+    assert not stale.exists() and Store(tmp_path).load_agent("a") is not None
+
+
+def test_kv_round_trip_is_compact(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    cache = make_cache(10)
+    assert cache[0].keys.shape[2] == 256  # KVCache grows in steps
+    written = store.save_kv("a", cache, list(range(10)), "fp")
+    kv, problem = store.load_kv("a", "fp")
+    assert problem is None and kv.tokens == list(range(10))
+    assert kv.cache[1].offset == 10 and kv.cache[1].keys.shape[2] == 10
+    assert mx.array_equal(kv.cache[1].keys, cache[1].keys[..., :10, :]).item()
+    assert written < 2 * 10 * 2 * 2 * 4 * 4 + 8192  # no unused buffer on disk
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda b: b[: len(b) // 2], "unreadable"),
+        (lambda b: b"", "unreadable"),
+        (lambda b: b"\x00" * len(b), "unreadable"),
+    ],
+)
+def test_damaged_kv_files_are_misses(tmp_path: Path, damage, why: str) -> None:
+    store = Store(tmp_path)
+    store.save_kv("a", make_cache(5), [1, 2, 3, 4, 5], "fp")
+    path = store.kv_path("a")
+    path.write_bytes(damage(path.read_bytes()))
+    kv, problem = store.load_kv("a", "fp")
+    assert kv is None and why in problem and "kv.safetensors" in problem
+
+
+def test_foreign_or_inconsistent_kv_files_are_misses(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.save_kv("a", make_cache(5), [1, 2, 3, 4, 5], "fp")
+    kv, problem = store.load_kv("a", "another-model")
+    assert kv is None and "another model" in problem
+    store.save_kv("a", make_cache(5), [1, 2, 3], "fp")  # says 3 tokens, holds 5
+    kv, problem = store.load_kv("a", "fp")
+    assert kv is None and "positions" in problem
+    assert store.load_kv("missing", "fp") == (None, None)
+
+
+def test_link_kv_shares_bytes_and_survives_source_rewrites(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.save_kv("a", make_cache(5), [1, 2, 3, 4, 5], "fp")
+    store.link_kv("a", "b")
+    store.save_kv("a", make_cache(7), list(range(7)), "fp")  # replaces a's file, b keeps the old one
+    kv_b, _ = store.load_kv("b", "fp")
+    kv_a, _ = store.load_kv("a", "fp")
+    assert kv_b.tokens == [1, 2, 3, 4, 5] and kv_a.tokens == list(range(7))
+
+
+def test_name_rule_is_the_published_one() -> None:
+    assert NAME_RULE == r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"

@@ -1,0 +1,97 @@
+"""`mcp-semantic serve` as a real subprocess: over stdio, and over Streamable HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mcp import Client, StdioServerParameters
+
+from mcp_semantic.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+
+def serve_args(settings: Settings, *extra: str) -> list[str]:
+    return ["-m", "mcp_semantic", "serve", "--model", settings.model, "--cache-dir", str(settings.cache_dir), *extra]
+
+
+async def test_stdio_subprocess_and_restart(settings: Settings) -> None:
+    params = StdioServerParameters(command=sys.executable, args=serve_args(settings), env=dict(os.environ))
+    async with Client(params) as client:
+        result = await client.call_tool("ask_agent", {"agent": "s", "message": "Hi there.", "max_tokens": 8})
+        assert not result.is_error, result.content
+        assert result.structured_content["tier"] == "new"
+    async with Client(params) as client:  # a second server process on the same cache dir
+        result = await client.call_tool("ask_agent", {"agent": "s", "message": "Again.", "max_tokens": 8})
+        assert result.structured_content["tier"] == "disk"
+        assert result.structured_content["tokens"]["cached"] > 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"server did not listen on {port}")
+
+
+async def test_streamable_http_on_loopback(settings: Settings, tmp_path: Path) -> None:
+    port = free_port()
+    args = serve_args(settings, "--transport", "streamable-http", "--port", str(port))
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port, proc)
+        async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+            result = await client.call_tool("ask_agent", {"agent": "h", "message": "Hello.", "max_tokens": 8})
+            assert not result.is_error, result.content
+            listed = await client.call_tool("list_agents", {})
+            assert [a["name"] for a in listed.structured_content["agents"]] == ["h"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    # a clean stop writes every cache
+    assert (settings.cache_dir / "agents" / "h" / "kv.safetensors").exists()
+
+
+def test_sigterm_on_stdio_saves_every_cache(settings: Settings) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, *serve_args(settings)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+    def rpc(message: dict) -> None:
+        proc.stdin.write((json.dumps({"jsonrpc": "2.0", **message}) + "\n").encode())
+        proc.stdin.flush()
+
+    info = {"name": "t", "version": "1"}
+    rpc({"id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": info}})
+    assert b'"id":1' in proc.stdout.readline()
+    rpc({"method": "notifications/initialized"})
+    args = {"agent": "t", "message": "Hello.", "max_tokens": 4}
+    rpc({"id": 2, "method": "tools/call", "params": {"name": "ask_agent", "arguments": args}})
+    assert b'"isError":false' in proc.stdout.readline()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and b"terminate called" not in err, err.decode()[-2000:]
+    assert (settings.cache_dir / "agents" / "t" / "kv.safetensors").exists()
