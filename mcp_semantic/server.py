@@ -45,10 +45,8 @@ def open_engine(settings: Settings) -> Engine:
     if warning:
         log.warning(warning)
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
-    lm = load_model(settings.model, settings.cache_dir)
-    log.info("model %s loaded from %s (%s, fingerprint %s)", lm.name, lm.path, lm.dtype, lm.fingerprint)
     return Engine(
-        lm,
+        load_model(settings.model, settings.cache_dir),
         Store(settings.cache_dir),
         memory_budget=int(settings.memory_budget),
         prefill_step_size=settings.prefill_step_size,

