@@ -4,8 +4,9 @@ Each agent's truth is its transcript (store.Agent); its KV cache is only a cache
 the transcript's tokens. On every call the prompt is rebuilt from the messages with
 the chat template, the longest cached prefix is reused, the rest of the cache is
 trimmed, and only the new tokens are prefilled. Caches stay hot in memory under a
-budget (least recently used go first) and are written to disk when the engine is
-idle, so saving never delays the next token.
+budget (least recently used go first). When the engine is idle it snapshots dirty
+caches (no copy) and a writer thread puts them on disk, so saving never delays
+the next token.
 
 The engine knows nothing of MCP: it takes and returns plain values and pydantic
 models, and reports progress through an async callback.
@@ -33,7 +34,7 @@ from mlx_lm.sample_utils import make_sampler
 from pydantic import BaseModel
 
 from mcp_semantic.models import LoadedModel
-from mcp_semantic.store import Agent, Store, check_name
+from mcp_semantic.store import Agent, Store, Writer, check_name, snapshot_kv
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,8 @@ class Engine:
         if self.unreadable:
             log.warning("could not read the transcripts of agents: %s", ", ".join(self.unreadable))
         self._hot: OrderedDict[str, _Hot] = OrderedDict()  # least recently used first
+        self._n_layers = len(make_prompt_cache(lm.model))
+        self._writer = Writer(store)
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="mcp-semantic-engine", daemon=True)
         self._thread.start()
@@ -285,6 +288,7 @@ class Engine:
             _post(job.token, job.done.set)
         for name in list(self._hot):
             self._save(name)
+        self._writer.close()
 
     def _dirty(self) -> bool:
         return any(h.dirty for h in self._hot.values())
@@ -296,14 +300,14 @@ class Engine:
                 return
 
     def _save(self, name: str) -> None:
+        """Hand a snapshot of the agent's cache to the writer thread."""
         hot = self._hot.get(name)
         if hot is None or not hot.dirty:
             return
-        try:
-            self.store.save_kv(name, hot.cache, hot.tokens, self.lm.fingerprint)
-        except OSError as e:
-            log.error("could not save the KV cache of agent %s: %s", name, e)
-        hot.dirty = False  # a failed save is not retried forever; the transcript is the truth
+        snapshot = snapshot_kv(hot.cache, hot.tokens, self.lm.fingerprint)
+        if snapshot is not None:
+            self._writer.put(name, snapshot)
+        hot.dirty = False
 
     def _drop_hot(self, name: str, save: bool = True) -> int:
         if name not in self._hot:
@@ -322,7 +326,8 @@ class Engine:
         if hot is not None:
             self._hot.move_to_end(agent.name)
             return "hot", hot.cache, hot.tokens
-        kv, problem = self.store.load_kv(agent.name, self.lm.fingerprint)
+        self._writer.wait(agent.name)
+        kv, problem = self.store.load_kv(agent.name, self.lm.fingerprint, self._n_layers)
         if kv is not None:
             return "disk", kv.cache, kv.tokens
         if agent.tokens:
@@ -360,6 +365,7 @@ class Engine:
         max_new = min(req.max_tokens, limit - len(prompt))
 
         warnings: list[str] = []
+        loading = time.perf_counter()
         tier, cache, cached_tokens = self._cache_for(agent, warnings)
         loaded = time.perf_counter()
         reuse = common_prefix(cached_tokens, prompt)
@@ -440,8 +446,8 @@ class Engine:
             tokens=TokenCounts(context=len(prompt), cached=reuse, prefilled=len(new_tokens), generated=len(generated)),
             timings_ms=Timings(
                 queue=ms(job.submitted, started),
-                cache_load=ms(started, loaded),
-                prefill=ms(loaded, first),
+                cache_load=ms(loading, loaded),
+                prefill=ms(started, first) - ms(loading, loaded),  # with the chat template and tokenizing
                 ttft=ms(job.submitted, first),
                 total=ms(job.submitted, ended),
             ),
@@ -467,6 +473,7 @@ class Engine:
             tokens=list(src.tokens),
         )
         self._save(source)  # the fork shares the source's saved cache, so it must be current
+        self._writer.wait(source)
         self.store.save_agent(agent)
         self.store.link_kv(source, name)
         self._agents[name] = agent
@@ -498,6 +505,7 @@ class Engine:
         freed_memory = freed_disk = 0
         for name in names:
             freed_memory += self._drop_hot(name, save=level == "memory")
+            self._writer.wait(name)
             if level == "disk":
                 freed_disk += self.store.delete_kv(name)
             elif level == "agent":

@@ -3,12 +3,20 @@
 Layout under the cache dir::
 
     agents/<name>/agent.json         transcript: messages, token ids, metadata (the truth)
-    agents/<name>/kv.safetensors     KV cache of `tokens` (only a cache: may be missing or stale)
+    agents/<name>/kv.safetensors     KV cache of `tokens` (only a cache: may be missing or stale):
+                                     layers.<i>.keys / layers.<i>.values, (1, kv_heads, tokens, head_dim)
 
 Every write goes to a temporary file, is fsynced and renamed over the old one,
 so a crash leaves either the old or the new file, never half of one.
 The KV file records the token ids it holds and the model fingerprint, so a stale
 or foreign cache is detected and the caller re-prefills instead of answering wrong.
+
+Why not mlx-lm's `save_prompt_cache`: it must run on the thread that owns MLX and
+writes each KVCache's whole buffer (up to 255 unused token slots). Here the engine
+thread only takes a snapshot (views of the evaluated arrays, no copy) and the
+`Writer` thread serializes it with the safetensors library, so saving never delays
+the next token. Caches other than plain KVCache (sliding windows, SSM state) are
+not persisted yet.
 """
 
 from __future__ import annotations
@@ -19,19 +27,23 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, load_prompt_cache, save_prompt_cache
+import numpy as np
+from mlx_lm.models.cache import KVCache
+from safetensors import TensorSpec, serialize_file
 
 log = logging.getLogger(__name__)
 
 NAME_RULE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _NAME_RE = re.compile(NAME_RULE)
-KV_FORMAT = "mcp-semantic-kv/1"
+KV_FORMAT = "mcp-semantic-kv/2"
 TRANSCRIPT_FORMAT = 1
 
 
@@ -93,14 +105,95 @@ def atomic_write(path: Path, write: Callable[[Path], None], suffix: str = "") ->
         os.close(dir_fd)
 
 
-def _compact(cache: Any) -> Any:
-    """A KVCache without the unused tail of its buffer (it grows in steps of 256 tokens)."""
-    if type(cache) is not KVCache or cache.keys is None or cache.keys.shape[2] == cache.offset:
-        return cache
-    n = cache.offset
-    out = KVCache()
-    out.state = (cache.keys[..., :n, :], cache.values[..., :n, :], n)
-    return out
+@dataclass
+class KVSnapshot:
+    """An evaluated cache as host arrays that nothing mutates, to be written on any thread."""
+
+    arrays: dict[str, tuple[str, np.ndarray]]  # name -> (safetensors dtype, array)
+    metadata: dict[str, str]
+
+
+def snapshot_kv(cache: list[Any], tokens: list[int], fingerprint: str) -> KVSnapshot | None:
+    """On the engine thread: views of the first len(tokens) positions, no copy.
+
+    The views keep their buffers shared, so MLX copies rather than updates them in place
+    when the engine appends to the cache later. None if the cache kind is not persisted.
+    """
+    if not cache or any(type(c) is not KVCache or c.keys is None for c in cache):
+        return None
+    n = len(tokens)
+    views = {}
+    for i, c in enumerate(cache):
+        for kind, a in (("keys", c.keys), ("values", c.values)):
+            a = a[..., :n, :]
+            # numpy has no bfloat16: carry its bits as uint16, labelled bfloat16 in the file
+            views[f"layers.{i}.{kind}"] = (str(a.dtype).removeprefix("mlx.core."), a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
+    mx.eval([a for _, a in views.values()])
+    metadata = {
+        "format": KV_FORMAT,
+        "fingerprint": fingerprint,
+        "n_tokens": str(n),
+        "tokens": json.dumps(tokens, separators=(",", ":")),
+    }
+    return KVSnapshot({k: (d, np.array(a, copy=False)) for k, (d, a) in views.items()}, metadata)
+
+
+def _write_snapshot(snapshot: KVSnapshot, path: Path) -> None:
+    arrays = {k: np.ascontiguousarray(a) for k, (_, a) in snapshot.arrays.items()}
+    specs = {
+        k: TensorSpec(dtype=snapshot.arrays[k][0], shape=list(a.shape), data_ptr=a.ctypes.data, data_len=a.nbytes)
+        for k, a in arrays.items()
+    }
+    serialize_file(specs, str(path), metadata=snapshot.metadata)  # `arrays` keeps the data alive
+
+
+class Writer:
+    """Writes KV snapshots on its own thread, in the order given.
+
+    `wait(name)` returns once nothing is pending for that agent: callers use it before
+    they read, link or delete the agent's file, so no file is used while half written.
+    """
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._jobs: deque[tuple[str, KVSnapshot] | None] = deque()
+        self._pending: Counter[str] = Counter()
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="mcp-semantic-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, name: str, snapshot: KVSnapshot) -> None:
+        with self._cond:
+            self._jobs.append((name, snapshot))
+            self._pending[name] += 1
+            self._cond.notify_all()
+
+    def wait(self, name: str | None = None) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: (self._pending[name] == 0) if name else not self._jobs)
+
+    def close(self) -> None:
+        with self._cond:
+            self._jobs.append(None)
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._jobs))
+                job = self._jobs[0]
+            if job is None:
+                return
+            name, snapshot = job
+            try:
+                self.store.write_kv(name, snapshot)
+            except OSError as e:  # e.g. a full disk: the transcript stays the truth
+                log.error("could not save the KV cache of agent %s: %s", name, e)
+            with self._cond:
+                self._jobs.popleft()
+                self._pending[name] -= 1
+                self._cond.notify_all()
 
 
 class Store:
@@ -170,38 +263,38 @@ class Store:
         except FileNotFoundError:
             return 0
 
-    def save_kv(self, name: str, cache: list[Any], tokens: list[int], fingerprint: str) -> int:
-        """Save the cache of `tokens`; returns the bytes written."""
-        metadata = {
-            "format": KV_FORMAT,
-            "fingerprint": fingerprint,
-            "n_tokens": str(len(tokens)),
-            "tokens": json.dumps(tokens, separators=(",", ":")),
-        }
+    def write_kv(self, name: str, snapshot: KVSnapshot) -> int:
+        """Write a snapshot as the agent's KV file (atomically); returns the bytes written."""
         path = self.kv_path(name)
         path.parent.mkdir(exist_ok=True)
-        # save_prompt_cache appends ".safetensors" to names without it, hence the suffix.
-        compact = [_compact(c) for c in cache]
-        atomic_write(path, lambda p: save_prompt_cache(str(p), compact, metadata), suffix=".safetensors")
+        atomic_write(path, lambda p: _write_snapshot(snapshot, p))
         return path.stat().st_size
 
-    def load_kv(self, name: str, fingerprint: str) -> tuple[LoadedKV | None, str | None]:
+    def load_kv(self, name: str, fingerprint: str, n_layers: int) -> tuple[LoadedKV | None, str | None]:
         """Load the agent's KV cache: (kv, None), or (None, why not) when it is missing or unusable."""
         path = self.kv_path(name)
         if not path.exists():
             return None, None
         try:
-            cache, meta = load_prompt_cache(str(path), return_metadata=True)
+            arrays, meta = mx.load(str(path), return_metadata=True)
             if meta.get("format") != KV_FORMAT:
                 return None, f"cache file {path.name} has format {meta.get('format')!r}, expected {KV_FORMAT}"
             if meta.get("fingerprint") != fingerprint:
                 return None, f"cache file {path.name} was made by another model or dtype"
             tokens = json.loads(meta["tokens"])
-            if not isinstance(tokens, list) or len(tokens) != int(meta["n_tokens"]):
+            n = len(tokens)
+            if not isinstance(tokens, list) or n != int(meta["n_tokens"]):
                 return None, f"cache file {path.name} has an inconsistent token list"
-            offsets = {c.offset for c in cache if hasattr(c, "offset")}
-            if offsets and offsets != {len(tokens)}:
-                return None, f"cache file {path.name} holds {sorted(offsets)} positions for {len(tokens)} tokens"
+            cache = []
+            for i in range(n_layers):
+                keys, values = arrays[f"layers.{i}.keys"], arrays[f"layers.{i}.values"]
+                if keys.ndim != 4 or keys.shape[2] != n or values.shape[:3] != keys.shape[:3]:
+                    return None, f"cache file {path.name} holds {keys.shape[2]} positions for {n} tokens"
+                c = KVCache()
+                c.update_and_fetch(keys, values)  # into a buffer with room to grow
+                cache.append(c)
+            if len(arrays) != 2 * n_layers:
+                return None, f"cache file {path.name} has {len(arrays) // 2} layers, the model {n_layers}"
             mx.eval([c.state for c in cache])
             return LoadedKV(cache, tokens, sum(c.nbytes for c in cache)), None
         except Exception as e:  # noqa: BLE001 - any unreadable file is a cache miss, never a crash

@@ -11,7 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mlx_lm.models.cache import KVCache
 
-from mcp_semantic.store import NAME_RULE, Agent, InvalidName, Store, check_name
+from mcp_semantic.store import NAME_RULE, Agent, InvalidName, Store, Writer, check_name, snapshot_kv
+
+
+def save(store: Store, name: str, cache: list[KVCache], tokens: list[int], fingerprint: str = "fp") -> int:
+    return store.write_kv(name, snapshot_kv(cache, tokens, fingerprint))
 
 
 def make_cache(n: int, layers: int = 2) -> list[KVCache]:
@@ -69,11 +73,11 @@ def test_kv_round_trip_is_compact(tmp_path: Path) -> None:
     store = Store(tmp_path)
     cache = make_cache(10)
     assert cache[0].keys.shape[2] == 256  # KVCache grows in steps
-    written = store.save_kv("a", cache, list(range(10)), "fp")
-    kv, problem = store.load_kv("a", "fp")
+    written = save(store, "a", cache, list(range(10)))
+    kv, problem = store.load_kv("a", "fp", 2)
     assert problem is None and kv.tokens == list(range(10))
-    assert kv.cache[1].offset == 10 and kv.cache[1].keys.shape[2] == 10
-    assert mx.array_equal(kv.cache[1].keys, cache[1].keys[..., :10, :]).item()
+    assert kv.cache[1].offset == 10
+    assert mx.array_equal(kv.cache[1].keys[..., :10, :], cache[1].keys[..., :10, :]).item()
     assert written < 2 * 10 * 2 * 2 * 4 * 4 + 8192  # no unused buffer on disk
 
 
@@ -87,33 +91,78 @@ def test_kv_round_trip_is_compact(tmp_path: Path) -> None:
 )
 def test_damaged_kv_files_are_misses(tmp_path: Path, damage, why: str) -> None:
     store = Store(tmp_path)
-    store.save_kv("a", make_cache(5), [1, 2, 3, 4, 5], "fp")
+    save(store, "a", make_cache(5), [1, 2, 3, 4, 5])
     path = store.kv_path("a")
     path.write_bytes(damage(path.read_bytes()))
-    kv, problem = store.load_kv("a", "fp")
+    kv, problem = store.load_kv("a", "fp", 2)
     assert kv is None and why in problem and "kv.safetensors" in problem
 
 
 def test_foreign_or_inconsistent_kv_files_are_misses(tmp_path: Path) -> None:
     store = Store(tmp_path)
-    store.save_kv("a", make_cache(5), [1, 2, 3, 4, 5], "fp")
-    kv, problem = store.load_kv("a", "another-model")
+    save(store, "a", make_cache(5), [1, 2, 3, 4, 5])
+    kv, problem = store.load_kv("a", "another-model", 2)
     assert kv is None and "another model" in problem
-    store.save_kv("a", make_cache(5), [1, 2, 3], "fp")  # says 3 tokens, holds 5
-    kv, problem = store.load_kv("a", "fp")
+    snap = snapshot_kv(make_cache(5), [1, 2, 3], "fp")  # holds 3 positions, then says 5 tokens
+    snap.metadata.update(tokens="[1,2,3,4,5]", n_tokens="5")
+    store.write_kv("a", snap)
+    kv, problem = store.load_kv("a", "fp", 2)
     assert kv is None and "positions" in problem
-    assert store.load_kv("missing", "fp") == (None, None)
+    assert store.load_kv("missing", "fp", 2) == (None, None)
 
 
 def test_link_kv_shares_bytes_and_survives_source_rewrites(tmp_path: Path) -> None:
     store = Store(tmp_path)
-    store.save_kv("a", make_cache(5), [1, 2, 3, 4, 5], "fp")
+    save(store, "a", make_cache(5), [1, 2, 3, 4, 5])
     store.link_kv("a", "b")
-    store.save_kv("a", make_cache(7), list(range(7)), "fp")  # replaces a's file, b keeps the old one
-    kv_b, _ = store.load_kv("b", "fp")
-    kv_a, _ = store.load_kv("a", "fp")
+    save(store, "a", make_cache(7), list(range(7)))  # replaces a's file, b keeps the old one
+    kv_b, _ = store.load_kv("b", "fp", 2)
+    kv_a, _ = store.load_kv("a", "fp", 2)
     assert kv_b.tokens == [1, 2, 3, 4, 5] and kv_a.tokens == list(range(7))
 
 
 def test_name_rule_is_the_published_one() -> None:
     assert NAME_RULE == r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+def test_wrong_layer_count_is_a_miss(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    save(store, "a", make_cache(5, layers=3), [1, 2, 3, 4, 5])
+    kv, problem = store.load_kv("a", "fp", 2)
+    assert kv is None and "3 layers, the model 2" in problem
+
+
+def test_snapshot_is_not_changed_by_later_updates(tmp_path: Path) -> None:
+    """The engine keeps using a cache after handing its snapshot to the writer."""
+    store = Store(tmp_path)
+    cache = make_cache(10)
+    snap = snapshot_kv(cache, list(range(10)), "fp")
+    for c in cache:  # trim and overwrite positions the snapshot covers
+        c.trim(5)
+        c.update_and_fetch(mx.full((1, 2, 3, 4), 7.0), mx.full((1, 2, 3, 4), 7.0))
+    mx.eval([c.state for c in cache])
+    store.write_kv("a", snap)
+    kv, _ = store.load_kv("a", "fp", 2)
+    assert mx.array_equal(kv.cache[1].keys[..., :10, :], mx.full((1, 2, 10, 4), 1.0)).item()
+
+
+def test_bfloat16_round_trip(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    c = KVCache()
+    k = mx.random.normal((1, 2, 6, 4)).astype(mx.bfloat16)
+    c.update_and_fetch(k, -k)
+    save(store, "a", [c], list(range(6)))
+    kv, problem = store.load_kv("a", "fp", 1)
+    assert problem is None and kv.cache[0].keys.dtype == mx.bfloat16
+    assert mx.array_equal(kv.cache[0].values[..., :6, :], -k).item()
+
+
+def test_writer_writes_in_order_and_waits(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    writer = Writer(store)
+    for n in (3, 4, 5):
+        writer.put("a", snapshot_kv(make_cache(n), list(range(n)), "fp"))
+    writer.wait("a")
+    kv, _ = store.load_kv("a", "fp", 2)
+    assert kv.tokens == list(range(5))
+    writer.close()
