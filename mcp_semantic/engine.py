@@ -4,9 +4,9 @@ Each agent's truth is its transcript (store.Agent); its KV cache is only a cache
 the transcript's tokens. On every call the prompt is rebuilt from the messages with
 the chat template, the longest cached prefix is reused, the rest of the cache is
 trimmed, and only the new tokens are prefilled. Caches stay hot in memory under a
-budget (least recently used go first). When the engine is idle it snapshots dirty
-caches (no copy) and a writer thread puts them on disk, so saving never delays
-the next token.
+budget (least recently used go first). When the engine has been idle for a moment it
+snapshots dirty caches (no copy) and a writer thread puts them on disk, so saving
+never delays the next token.
 
 The engine knows nothing of MCP: it takes and returns plain values and pydantic
 models, and reports progress through an async callback.
@@ -22,7 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
-from typing import Any, Awaitable, Callable, Literal
+from typing import Any, Awaitable, Callable, Iterator, Literal
 
 import anyio
 import anyio.from_thread
@@ -41,6 +41,14 @@ log = logging.getLogger(__name__)
 Tier = Literal["new", "hot", "disk"]
 EvictLevel = Literal["memory", "disk", "agent"]
 ProgressFn = Callable[[float, float, str], Awaitable[None]]
+
+
+SAVE_AFTER_IDLE_S = 0.5
+"""Caches are saved once the engine has had no work for this long: a host's back-to-back
+calls are not slowed by the writer, and an agent in a quick exchange is written once."""
+
+_TAIL = 32
+"""Prompt tokens run in the final prefill pass, the one whose logits are computed."""
 
 
 class RequestError(ValueError):
@@ -275,9 +283,10 @@ class Engine:
     def _run(self) -> None:
         while True:
             try:
-                job = self._queue.get(block=not self._dirty())
-            except queue.Empty:
-                self._save_one()  # idle: write a cache to disk, then look for work again
+                job = self._queue.get(timeout=SAVE_AFTER_IDLE_S if self._dirty() else None)
+            except queue.Empty:  # idle for a while: hand every unsaved cache to the writer
+                for name in list(self._hot):
+                    self._save(name)
                 continue
             if job is None:
                 break
@@ -292,12 +301,6 @@ class Engine:
 
     def _dirty(self) -> bool:
         return any(h.dirty for h in self._hot.values())
-
-    def _save_one(self) -> None:
-        for name, hot in self._hot.items():
-            if hot.dirty:
-                self._save(name)
-                return
 
     def _save(self, name: str) -> None:
         """Hand a snapshot of the agent's cache to the writer thread."""
@@ -378,31 +381,23 @@ class Engine:
         new_tokens = prompt[reuse:]
         total = len(new_tokens) + max_new
 
-        def on_prefill(done: int, n: int) -> None:
+        def on_prefill(done: int) -> None:
             if job.cancelled.is_set():
                 raise _Cancelled()
             if report:
-                report(done, total, f"prefill {done}/{n} tokens")
+                report(done, total, f"prefill {done}/{len(new_tokens)} tokens")
 
         if req.seed is not None:
             mx.random.seed(req.seed)
         sampler = make_sampler(temp=req.temperature, top_p=req.top_p if req.top_p < 1 else 0.0)
         eos = set(tokenizer.eos_token_ids)
         generated: list[int] = []
-        seen: list[int] = []  # every token generate_step yielded, eos included: the cache has fed them all
+        seen: list[int] = []  # every token yielded, eos included (the cache may have fed them all)
         finish: Literal["stop", "length", "cancelled"] = "length"
         first = last = None
         try:
-            steps = generate_step(
-                mx.array(new_tokens),
-                self.lm.model,
-                max_tokens=max_new,
-                sampler=sampler,
-                prompt_cache=cache,
-                prefill_step_size=self.prefill_step_size,
-                prompt_progress_callback=on_prefill,
-            )
-            for token, _ in steps:
+            logits = self._prefill(cache, new_tokens, on_prefill)
+            for token in self._decode(logits, cache, sampler, max_new):
                 seen.append(token)
                 last = time.perf_counter()
                 first = first or last
@@ -420,6 +415,8 @@ class Engine:
         except BaseException:
             self._hot.pop(agent.name, None)  # the cache may be half-updated: drop it
             raise
+        # generate_step computes one step ahead; finish it now rather than in the next call's time.
+        mx.eval([c.state for c in cache])
         ended = time.perf_counter()
 
         # The cache holds a prefix of prompt + everything yielded (eos too); remember exactly which.
@@ -454,6 +451,35 @@ class Engine:
             decode_tokens_per_s=round((len(generated) - 1) / decode_s, 2) if len(generated) > 1 and decode_s > 0 else 0.0,
             warnings=warnings,
         )
+
+    def _prefill(self, cache: list[Any], tokens: list[int], on_chunk: Callable[[int], None]) -> mx.array:
+        """Feed `tokens` to the model; return the logits of the last one.
+
+        Why not generate_step's prefill: it runs the last prompt token in a pass of its own,
+        which on a CPU costs about a tenth of a short turn's time to first token. Here all but
+        the last `_TAIL` tokens run in chunks whose logits are never evaluated (so never
+        computed), and the tail runs in one pass that also gives the logits.
+        """
+        model = self.lm.model
+        head = max(0, len(tokens) - _TAIL)
+        done = 0
+        on_chunk(done)
+        while done < head:
+            n = min(self.prefill_step_size, head - done)
+            model(mx.array(tokens[done : done + n])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+            done += n
+            on_chunk(done)
+        return model(mx.array(tokens[head:])[None], cache=cache)[:, -1, :]
+
+    def _decode(self, logits: mx.array, cache: list[Any], sampler: Callable, max_new: int) -> Iterator[int]:
+        """Sample the first token from the prefill's logits, then let mlx-lm's generate_step go on."""
+        token = sampler(logits - mx.logsumexp(logits, keepdims=True)).item()
+        yield token
+        if max_new > 1:
+            steps = generate_step(mx.array([token]), self.lm.model, max_tokens=max_new - 1, sampler=sampler, prompt_cache=cache)
+            for token, _ in steps:
+                yield token
 
     def _get(self, name: str) -> Agent:
         agent = self._agents.get(name)

@@ -179,6 +179,10 @@ class Writer:
         self._thread.join()
 
     def _run(self) -> None:
+        try:  # below the engine thread: writing may wait, the next token may not (Linux: per thread)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._jobs))
