@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import anyio
-import mlx_lm
 import pytest
 
-from mcp_semantic.engine import AskRequest, Engine, RequestError
+from mcp_semantic.engine import AskRequest, RequestError
 from mcp_semantic.server import open_engine
 from mcp_semantic.settings import Settings
 from mcp_semantic.store import InvalidName
@@ -16,14 +15,7 @@ pytestmark = pytest.mark.anyio
 QUESTIONS = ["Tell me about the river.", "And what about the old mill?", "Summarise it in one line."]
 
 
-def replay(engine: Engine, messages: list[dict[str, str]], max_tokens: int) -> str:
-    """The same conversation, from scratch, through plain mlx-lm (greedy)."""
-    tokenizer = engine.lm.tokenizer
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    return mlx_lm.generate(engine.lm.model, tokenizer, prompt=prompt, max_tokens=max_tokens)
-
-
-async def test_resume_from_disk_is_exact_and_skips_prefill(settings: Settings) -> None:
+async def test_resume_from_disk_is_exact_and_skips_prefill(settings: Settings, replay) -> None:
     engine = open_engine(settings)
     first = await engine.ask(AskRequest("alice", QUESTIONS[0], system="You are terse.", max_tokens=24))
     assert first.tier == "new" and first.tokens.cached == 0
@@ -42,14 +34,14 @@ async def test_resume_from_disk_is_exact_and_skips_prefill(settings: Settings) -
     messages = [{"role": "system", "content": "You are terse."}]
     for question, answer in zip(QUESTIONS, (first, second, third)):
         messages.append({"role": "user", "content": question})
-        assert answer.reply == replay(engine, messages, 24)
+        assert answer.reply == replay(engine.lm, messages, 24)
         messages.append({"role": "assistant", "content": answer.reply})
     listed = await engine.list_agents()
     assert [(a.name, a.turns) for a in listed.agents] == [("alice", 3)]
     await engine.aclose()
 
 
-async def test_fork_reuses_the_source_cache_and_diverges(settings: Settings) -> None:
+async def test_fork_reuses_the_source_cache_and_diverges(settings: Settings, replay) -> None:
     engine = open_engine(settings)
     base = await engine.ask(AskRequest("src", "Tell me a story about a fox.", max_tokens=16))
     fork = await engine.fork("src", "alt")
@@ -59,8 +51,8 @@ async def test_fork_reuses_the_source_cache_and_diverges(settings: Settings) -> 
     src = await engine.ask(AskRequest("src", "Go on.", max_tokens=16))
     assert src.tier == "hot"
     history = [{"role": "user", "content": "Tell me a story about a fox."}, {"role": "assistant", "content": base.reply}]
-    assert alt.reply == replay(engine, history + [{"role": "user", "content": "Make it about a bear instead."}], 16)
-    assert src.reply == replay(engine, history + [{"role": "user", "content": "Go on."}], 16)
+    assert alt.reply == replay(engine.lm, history + [{"role": "user", "content": "Make it about a bear instead."}], 16)
+    assert src.reply == replay(engine.lm, history + [{"role": "user", "content": "Go on."}], 16)
     agents = {a.name: a for a in (await engine.list_agents()).agents}
     assert agents["alt"].parent == "src" and agents["alt"].turns == 2
     with pytest.raises(RequestError, match="already exists"):
@@ -116,7 +108,7 @@ async def test_refusals_change_nothing(settings: Settings) -> None:
     await engine.aclose()
 
 
-async def test_corrupt_cache_file_costs_a_reprefill_not_an_answer(settings: Settings) -> None:
+async def test_corrupt_cache_file_costs_a_reprefill_not_an_answer(settings: Settings, replay) -> None:
     engine = open_engine(settings)
     first = await engine.ask(AskRequest("a", "Tell me about the sea.", max_tokens=12))
     await engine.aclose()
@@ -133,7 +125,7 @@ async def test_corrupt_cache_file_costs_a_reprefill_not_an_answer(settings: Sett
         {"role": "assistant", "content": first.reply},
         {"role": "user", "content": "And the shore?"},
     ]
-    assert second.reply == replay(engine, messages, 12)
+    assert second.reply == replay(engine.lm, messages, 12)
     await engine.aclose()
 
 
