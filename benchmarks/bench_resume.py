@@ -128,8 +128,9 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bars = ax.bar(["new agent\n(cold prefill)", "after restart\n(disk)", "hot\n(memory)"], values, color=["#c44", "#48c", "#4a4"])
     ax.set_yscale("log")
+    ax.set_ylim(top=max(values) * 4)  # room for the labels
     ax.set_ylabel("time to first token (ms, log)")
-    ax.set_title(f"{result['model']}: {result['context_tokens']}-token conversation, ~20-token follow-up")
+    ax.set_title(f"{result['model']}: {result['context_tokens']}-token conversation,\n~20-token follow-up", fontsize=10)
     for bar, v in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:,.0f} ms", ha="center", va="bottom")
     fig.tight_layout()

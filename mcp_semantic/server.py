@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 
 from mcp_semantic import __version__
 from mcp_semantic.blas import blas_warning
+from mcp_semantic.models import LoadedModel
 from mcp_semantic.engine import AgentList, AskRequest, AskResult, Engine, EvictResult, ForkResult, RequestError
 from mcp_semantic.settings import Settings
 from mcp_semantic.store import NAME_RULE, InvalidName, Store
@@ -35,8 +36,8 @@ their cache tiers, `evict_cache` frees memory or disk."""
 AgentName = Annotated[str, Field(pattern=NAME_RULE, description="agent name: letters, digits, '.', '_', '-'")]
 
 
-def open_engine(settings: Settings) -> Engine:
-    """Load the model and open the store: the slow part of start-up."""
+def load(settings: Settings) -> LoadedModel:
+    """Load the model: the slow part of start-up, done once per process."""
     import mlx.core as mx
 
     from mcp_semantic.models import load_model
@@ -45,8 +46,12 @@ def open_engine(settings: Settings) -> Engine:
     if warning:
         log.warning(warning)
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    return load_model(settings.model, settings.cache_dir)
+
+
+def open_engine(settings: Settings, lm: LoadedModel | None = None) -> Engine:
     return Engine(
-        load_model(settings.model, settings.cache_dir),
+        lm or load(settings),
         Store(settings.cache_dir),
         memory_budget=int(settings.memory_budget),
         prefill_step_size=settings.prefill_step_size,
@@ -90,7 +95,8 @@ def _result(result: BaseModel) -> CallToolResult:
     )
 
 
-def create_server(settings: Settings) -> MCPServer:
+def create_server(settings: Settings, lm: LoadedModel | None = None) -> MCPServer:
+    """The MCP server; it loads the model on its first connection unless given `lm`."""
     shared = _Shared()
     lock = anyio.Lock()
 
@@ -98,7 +104,7 @@ def create_server(settings: Settings) -> MCPServer:
     async def lifespan(_: MCPServer) -> AsyncIterator[_Shared]:
         async with lock:
             if shared.engine is None:
-                shared.engine = await anyio.to_thread.run_sync(open_engine, settings)
+                shared.engine = await anyio.to_thread.run_sync(open_engine, settings, lm)
             shared.users += 1
         try:
             yield shared
@@ -182,7 +188,13 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 
 
 def serve(settings: Settings) -> None:
-    server = create_server(settings)
+    from mcp_semantic.models import ModelError
+
+    try:  # before the transport starts: a bad model is a clear message, not a dead connection
+        lm = load(settings)
+    except (ModelError, OSError) as e:
+        raise SystemExit(f"mcp-semantic: {e}") from None
+    server = create_server(settings, lm)
     signal.signal(signal.SIGTERM, _exit_cleanly)  # the HTTP transports' uvicorn installs its own
     if settings.transport == "stdio":
         server.run("stdio")
