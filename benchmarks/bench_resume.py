@@ -48,6 +48,8 @@ FOLLOW_UPS = [
     "When was the mill built, and what did it grind?",
     "What happened to the dam in 1888, and how was it rebuilt?",
     "How did the railway change the river trade in the town?",
+    "What is the old mill used for today, and who visits it?",
+    "Where did the barges carry the flour, and why did they stop?",
 ]
 
 
@@ -141,7 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--context", type=int, default=2000, help="approximate conversation length in tokens")
-    parser.add_argument("--repeats", type=int, default=3, choices=range(1, len(FOLLOW_UPS) + 1))
+    parser.add_argument("--repeats", type=int, default=5, choices=range(1, len(FOLLOW_UPS) + 1))
     parser.add_argument("--cache-dir", default=None, help="default: a fresh temporary dir")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()

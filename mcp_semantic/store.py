@@ -147,6 +147,17 @@ def _write_snapshot(snapshot: KVSnapshot, path: Path) -> None:
     serialize_file(specs, str(path), metadata=snapshot.metadata)  # `arrays` keeps the data alive
 
 
+def _kv_cache(keys: mx.array, values: mx.array) -> KVCache:
+    """A KVCache holding `keys` and `values`, with room for KVCache.step more tokens.
+
+    One concatenation writes the buffer once; KVCache.update_and_fetch would zero it first.
+    """
+    c = KVCache()
+    room = [(0, 0)] * 2 + [(0, KVCache.step), (0, 0)]
+    c.keys, c.values, c.offset = mx.pad(keys, room), mx.pad(values, room), keys.shape[2]
+    return c
+
+
 class Writer:
     """Writes KV snapshots on its own thread, in the order given.
 
@@ -294,9 +305,7 @@ class Store:
                 keys, values = arrays[f"layers.{i}.keys"], arrays[f"layers.{i}.values"]
                 if keys.ndim != 4 or keys.shape[2] != n or values.shape[:3] != keys.shape[:3]:
                     return None, f"cache file {path.name} holds {keys.shape[2]} positions for {n} tokens"
-                c = KVCache()
-                c.update_and_fetch(keys, values)  # into a buffer with room to grow
-                cache.append(c)
+                cache.append(_kv_cache(keys, values))
             if len(arrays) != 2 * n_layers:
                 return None, f"cache file {path.name} has {len(arrays) // 2} layers, the model {n_layers}"
             mx.eval([c.state for c in cache])
