@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mlx_lm.models.cache import KVCache
 
-from mcp_semantic.store import NAME_RULE, Agent, InvalidName, Store, Writer, check_name, snapshot_kv
+from mcp_semantic.store import NAME_RULE, ROOM, Agent, InvalidName, Store, Writer, check_name, room_for, snapshot_kv
 
 
 def save(store: Store, name: str, cache: list[KVCache], tokens: list[int], fingerprint: str = "fp") -> int:
@@ -69,16 +69,23 @@ def test_stale_temporaries_are_removed_at_start(tmp_path: Path) -> None:
     assert not stale.exists() and Store(tmp_path).load_agent("a") is not None
 
 
-def test_kv_round_trip_is_compact(tmp_path: Path) -> None:
+def test_kv_round_trip_keeps_room_to_grow(tmp_path: Path) -> None:
     store = Store(tmp_path)
     cache = make_cache(10)
-    assert cache[0].keys.shape[2] == 256  # KVCache grows in steps
     written = save(store, "a", cache, list(range(10)))
     kv, problem = store.load_kv("a", "fp", 2)
     assert problem is None and kv.tokens == list(range(10))
-    assert kv.cache[1].offset == 10
+    assert kv.cache[1].offset == 10 and kv.cache[1].keys.shape[2] == room_for(10) == 256
     assert mx.array_equal(kv.cache[1].keys[..., :10, :], cache[1].keys[..., :10, :]).item()
-    assert written < 2 * 10 * 2 * 2 * 4 * 4 + 8192  # no unused buffer on disk
+    assert written < 2 * 2 * 256 * 2 * 4 * 4 + 8192  # 2 layers of keys and values, 256 slots, and a header
+    before = kv.cache[1].keys
+    kv.cache[1].update_and_fetch(mx.zeros((1, 2, 5, 4)), mx.zeros((1, 2, 5, 4)))
+    assert kv.cache[1].keys.shape == before.shape  # appended in place of the spare slots, no new buffer
+
+
+@pytest.mark.parametrize("n, slots", [(1, 256), (128, 256), (129, 512), (2000, 2304)])
+def test_room_for(n: int, slots: int) -> None:
+    assert room_for(n) == slots and room_for(n) - n >= ROOM
 
 
 @pytest.mark.parametrize(
@@ -103,8 +110,8 @@ def test_foreign_or_inconsistent_kv_files_are_misses(tmp_path: Path) -> None:
     save(store, "a", make_cache(5), [1, 2, 3, 4, 5])
     kv, problem = store.load_kv("a", "another-model", 2)
     assert kv is None and "another model" in problem
-    snap = snapshot_kv(make_cache(5), [1, 2, 3], "fp")  # holds 3 positions, then says 5 tokens
-    snap.metadata.update(tokens="[1,2,3,4,5]", n_tokens="5")
+    snap = snapshot_kv(make_cache(5), [1, 2, 3], "fp")  # holds 3 positions, then says 300 tokens
+    snap.metadata.update(tokens=str(list(range(300))), n_tokens="300")
     store.write_kv("a", snap)
     kv, problem = store.load_kv("a", "fp", 2)
     assert kv is None and "positions" in problem
