@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from mcp import Client, StdioServerParameters
+from mcp.client.sse import sse_client
 
 from mcp_semantic.settings import Settings
 
@@ -73,6 +74,24 @@ async def test_streamable_http_on_loopback(settings: Settings, tmp_path: Path) -
             proc.wait()
     # a clean stop writes every cache
     assert (settings.cache_dir / "agents" / "h" / "kv.safetensors").exists()
+
+
+async def test_sse_sessions_share_one_engine(settings: Settings) -> None:
+    port = free_port()
+    args = serve_args(settings, "--transport", "sse", "--port", str(port))
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port, proc)
+        async with Client(sse_client(f"http://127.0.0.1:{port}/sse")) as one, Client(
+            sse_client(f"http://127.0.0.1:{port}/sse")
+        ) as two:
+            result = await one.call_tool("ask_agent", {"agent": "e", "message": "Hello.", "max_tokens": 8})
+            assert not result.is_error, result.content
+            listed = await two.call_tool("list_agents", {})
+            assert [(a["name"], a["tier"]) for a in listed.structured_content["agents"]] == [("e", "hot")]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
 
 
 def test_sigterm_on_stdio_saves_every_cache(settings: Settings) -> None:
