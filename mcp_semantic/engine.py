@@ -34,7 +34,7 @@ from mlx_lm.sample_utils import make_sampler
 from pydantic import BaseModel
 
 from mcp_semantic.models import LoadedModel
-from mcp_semantic.store import Agent, Store, Writer, check_name, snapshot_kv
+from mcp_semantic.store import Agent, Store, Writer, check_name, lock_cache_dir, snapshot_kv, unlock_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,7 @@ class Engine:
         prefill_step_size: int = 512,
         max_tokens_limit: int = 4096,
     ):
+        self._lock = lock_cache_dir(store.root)  # first: no other process may write this store
         self.lm = lm
         self.store = store
         self.memory_budget = memory_budget
@@ -277,6 +278,7 @@ class Engine:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+            unlock_cache_dir(self._lock)
 
     # The engine thread
 

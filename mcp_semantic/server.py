@@ -23,7 +23,7 @@ from mcp_semantic.blas import blas_warning
 from mcp_semantic.models import LoadedModel
 from mcp_semantic.engine import AgentList, AskRequest, AskResult, Engine, EvictResult, ForkResult, RequestError
 from mcp_semantic.settings import Settings
-from mcp_semantic.store import NAME_RULE, InvalidName, Store
+from mcp_semantic.store import NAME_RULE, CacheDirLocked, InvalidName, Store, lock_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +190,10 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 def serve(settings: Settings) -> None:
     from mcp_semantic.models import ModelError
 
-    try:  # before the transport starts: a bad model is a clear message, not a dead connection
+    try:  # before the transport starts: a bad model or a busy cache dir is a clear message
+        lock_cache_dir(settings.cache_dir)  # held until the process ends
         lm = load(settings)
-    except (ModelError, OSError) as e:
+    except (ModelError, CacheDirLocked, OSError) as e:
         raise SystemExit(f"mcp-semantic: {e}") from None
     server = create_server(settings, lm)
     signal.signal(signal.SIGTERM, _exit_cleanly)  # the HTTP transports' uvicorn installs its own

@@ -223,6 +223,58 @@ class Writer:
                 self._cond.notify_all()
 
 
+class CacheDirLocked(RuntimeError):
+    """Another process serves this cache dir."""
+
+
+_locks: dict[Path, list] = {}  # cache dir -> [open lock file, users in this process]
+_locks_guard = threading.Lock()
+
+
+def lock_cache_dir(root: Path) -> Path:
+    """Take the cache dir for this process, or raise CacheDirLocked naming the holder.
+
+    Two servers on one cache dir would each keep their own copy of an agent and overwrite the
+    other's turns. An advisory lock on `<root>/lock` (released by the OS when a process dies)
+    keeps that out; in one process the lock is shared and counted (SSE sessions, restarts).
+    """
+    import fcntl  # POSIX, as MLX itself: macOS and Linux
+
+    key = Path(root).resolve()
+    with _locks_guard:
+        if key in _locks:
+            _locks[key][1] += 1
+            return key
+        key.mkdir(parents=True, exist_ok=True)
+        f = open(key / "lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise CacheDirLocked(
+                f"another mcp-semantic server (pid {holder}) is using the cache dir {key}; "
+                "stop it, or give this one its own --cache-dir"
+            ) from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        _locks[key] = [f, 1]
+        return key
+
+
+def unlock_cache_dir(key: Path) -> None:
+    with _locks_guard:
+        entry = _locks.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            entry[0].close()  # closing the file releases the lock
+            del _locks[key]
+
+
 class Store:
     def __init__(self, root: Path):
         self.root = Path(root)

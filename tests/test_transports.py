@@ -114,3 +114,23 @@ def test_sigterm_on_stdio_saves_every_cache(settings: Settings) -> None:
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and b"terminate called" not in err, err.decode()[-2000:]
     assert (settings.cache_dir / "agents" / "t" / "kv.safetensors").exists()
+
+
+def test_a_second_server_on_the_same_cache_dir_refuses(settings: Settings) -> None:
+    first = subprocess.Popen(
+        [sys.executable, *serve_args(settings)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (settings.cache_dir / "lock").exists() or not (settings.cache_dir / "lock").read_text():
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.1)
+        second = subprocess.run(
+            [sys.executable, *serve_args(settings)], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
+        )
+        assert second.returncode == 1
+        assert f"another mcp-semantic server (pid {first.pid})" in second.stderr and "--cache-dir" in second.stderr
+    finally:
+        first.stdin.close()
+        first.wait(timeout=30)
+    assert first.returncode == 0
