@@ -5,7 +5,7 @@ Layout under the cache dir::
     agents/<name>/agent.json         transcript: messages, token ids, metadata (the truth)
     agents/<name>/kv.safetensors     KV cache of `tokens` (only a cache: may be missing or stale):
                                      layers.<i>.keys / layers.<i>.values, (1, kv_heads, slots, head_dim),
-                                     the first n_tokens slots used, the rest spare room (zeros)
+                                     the first n_tokens slots used, then spare room (zeros)
 
 Every write goes to a temporary file, is fsynced and renamed over the old one,
 so a crash leaves either the old or the new file, never half of one.
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 NAME_RULE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _NAME_RE = re.compile(NAME_RULE)
 KV_FORMAT = "mcp-semantic-kv/2"
-ROOM = 128
+MIN_ROOM = 32
 """Spare token slots, at least, in a KV file: see room_for."""
 TRANSCRIPT_FORMAT = 1
 
@@ -142,14 +142,16 @@ def snapshot_kv(cache: list[Any], tokens: list[int], fingerprint: str) -> KVSnap
 
 
 def room_for(n: int) -> int:
-    """Token slots a KV file has for `n` tokens: at least ROOM spare, in steps of KVCache.step.
+    """Token slots a KV file has for `n` tokens: n plus an eighth (at least 32), in steps of 32.
 
     Why spare slots on disk: a cache loaded from a file of exactly n slots must be copied
     into a larger buffer before its first new token, and filling fresh memory costs more
     than the load (measured here: 80 to 160 ms for a 2K-token cache, against a 25 ms load).
-    The spare slots are zeros: at most ROOM + step tokens' worth of bytes per agent.
+    Loaded with its spare slots, the cache takes a turn of up to n/8 tokens in place. The
+    slots are zeros on disk: an eighth more bytes, and little for short caches, which are
+    cheap to copy anyway.
     """
-    return -(-(n + ROOM) // KVCache.step) * KVCache.step
+    return -(-(n + max(MIN_ROOM, n // 8)) // MIN_ROOM) * MIN_ROOM
 
 
 def _write_snapshot(snapshot: KVSnapshot, path: Path) -> None:
