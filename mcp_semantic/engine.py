@@ -34,7 +34,16 @@ from mlx_lm.sample_utils import make_sampler
 from pydantic import BaseModel
 
 from mcp_semantic.models import LoadedModel
-from mcp_semantic.store import Agent, Store, Writer, check_name, lock_cache_dir, snapshot_kv, unlock_cache_dir
+from mcp_semantic.store import (
+    Agent,
+    Store,
+    Writer,
+    check_name,
+    kv_bits_supported,
+    lock_cache_dir,
+    snapshot_kv,
+    unlock_cache_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +190,17 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def check_kv_bits(lm: LoadedModel, kv_bits: int | None) -> None:
+    """Refuse a --kv-bits the model's heads cannot be quantized at (a clear error at start-up)."""
+    if kv_bits not in (8, 4):
+        return
+    cache = make_prompt_cache(lm.model)
+    lm.model(mx.array([[0]]), cache=cache)  # one token: model configs name head_dim in too many ways
+    head_dim = cache[0].state[0].shape[-1]
+    if not kv_bits_supported(head_dim, kv_bits):
+        raise RequestError(f"--kv-bits {kv_bits} needs a head dimension divisible by 32; this model's is {head_dim}")
+
+
 class Engine:
     def __init__(
         self,
@@ -190,13 +210,16 @@ class Engine:
         memory_budget: int,
         prefill_step_size: int = 512,
         max_tokens_limit: int = 4096,
+        kv_bits: int | None = None,
     ):
-        self._lock = lock_cache_dir(store.root)  # first: no other process may write this store
+        check_kv_bits(lm, kv_bits)
+        self._lock = lock_cache_dir(store.root)  # before anything is read: no other process may write this store
         self.lm = lm
         self.store = store
         self.memory_budget = memory_budget
         self.prefill_step_size = prefill_step_size
         self.max_tokens_limit = max_tokens_limit
+        self.kv_bits = kv_bits
         self._agents: dict[str, Agent] = {}
         self.unreadable: list[str] = []
         for name in store.names():
@@ -309,7 +332,7 @@ class Engine:
         hot = self._hot.get(name)
         if hot is None or not hot.dirty:
             return
-        snapshot = snapshot_kv(hot.cache, hot.tokens, self.lm.fingerprint)
+        snapshot = snapshot_kv(hot.cache, hot.tokens, self.lm.fingerprint, self.kv_bits)
         if snapshot is not None:
             self._writer.put(name, snapshot)
         hot.dirty = False
@@ -332,7 +355,7 @@ class Engine:
             self._hot.move_to_end(agent.name)
             return "hot", hot.cache, hot.tokens
         self._writer.wait(agent.name)
-        kv, problem = self.store.load_kv(agent.name, self.lm.fingerprint, self._n_layers)
+        kv, problem = self.store.load_kv(agent.name, self.lm.fingerprint, self._n_layers, self.kv_bits)
         if kv is not None:
             return "disk", kv.cache, kv.tokens
         if agent.tokens:

@@ -21,7 +21,16 @@ from pydantic import BaseModel, Field
 from mcp_semantic import __version__
 from mcp_semantic.blas import blas_warning
 from mcp_semantic.models import LoadedModel
-from mcp_semantic.engine import AgentList, AskRequest, AskResult, Engine, EvictResult, ForkResult, RequestError
+from mcp_semantic.engine import (
+    AgentList,
+    AskRequest,
+    AskResult,
+    Engine,
+    EvictResult,
+    ForkResult,
+    RequestError,
+    check_kv_bits,
+)
 from mcp_semantic.settings import Settings
 from mcp_semantic.store import NAME_RULE, CacheDirLocked, InvalidName, Store, lock_cache_dir
 
@@ -56,6 +65,7 @@ def open_engine(settings: Settings, lm: LoadedModel | None = None) -> Engine:
         memory_budget=int(settings.memory_budget),
         prefill_step_size=settings.prefill_step_size,
         max_tokens_limit=settings.max_tokens_limit,
+        kv_bits=settings.kv_bits_value,
     )
 
 
@@ -193,7 +203,8 @@ def serve(settings: Settings) -> None:
     try:  # before the transport starts: a bad model or a busy cache dir is a clear message
         lock_cache_dir(settings.cache_dir)  # held until the process ends
         lm = load(settings)
-    except (ModelError, CacheDirLocked, OSError) as e:
+        check_kv_bits(lm, settings.kv_bits_value)
+    except (ModelError, CacheDirLocked, RequestError, OSError) as e:
         raise SystemExit(f"mcp-semantic: {e}") from None
     server = create_server(settings, lm)
     signal.signal(signal.SIGTERM, _exit_cleanly)  # the HTTP transports' uvicorn installs its own

@@ -43,4 +43,12 @@ class Settings(BaseSettings):
     )
     prefill_step_size: int = Field(512, ge=16, description="tokens per prefill chunk")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a call may ask for")
+    kv_bits: Literal["lossless", "16", "8", "4"] = Field(
+        "lossless", description="precision of KV caches on disk: lossless (exact), or smaller and lossy"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level (stderr)")
+
+    @property
+    def kv_bits_value(self) -> int | None:
+        """`kv_bits` as the engine takes it: None for lossless."""
+        return None if self.kv_bits == "lossless" else int(self.kv_bits)

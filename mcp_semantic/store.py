@@ -5,7 +5,8 @@ Layout under the cache dir::
     agents/<name>/agent.json         transcript: messages, token ids, metadata (the truth)
     agents/<name>/kv.safetensors     KV cache of `tokens` (only a cache: may be missing or stale):
                                      layers.<i>.keys / layers.<i>.values, (1, kv_heads, slots, head_dim),
-                                     the first n_tokens slots used, then spare room (zeros)
+                                     the first n_tokens slots used, then spare room (zeros);
+                                     at --kv-bits 8 or 4: .weight, .scales, .biases of each
 
 Every write goes to a temporary file, is fsynced and renamed over the old one,
 so a crash leaves either the old or the new file, never half of one.
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 NAME_RULE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _NAME_RE = re.compile(NAME_RULE)
-KV_FORMAT = "mcp-semantic-kv/2"
+KV_FORMAT = "mcp-semantic-kv/3"
 MIN_ROOM = 32
 """Spare token slots, at least, in a KV file: see room_for."""
 TRANSCRIPT_FORMAT = 1
@@ -116,25 +117,64 @@ class KVSnapshot:
     metadata: dict[str, str]
 
 
-def snapshot_kv(cache: list[Any], tokens: list[int], fingerprint: str) -> KVSnapshot | None:
-    """On the engine thread: views of the first len(tokens) positions, no copy.
+def _encode(a: mx.array, kv_bits: int | None) -> dict[str, mx.array]:
+    """How one layer's keys or values are stored: as they are, as float16, or quantized.
+
+    8 and 4 bits use MLX's affine quantization along head_dim (group size 64, or 32 for
+    smaller heads), as mlx-lm's QuantizedKVCache does.
+    """
+    if kv_bits == 16 and a.dtype not in (mx.float16, mx.bfloat16):
+        return {"": a.astype(mx.float16)}
+    if kv_bits in (8, 4):
+        w, scales, biases = mx.quantize(a, group_size=_group_size(a.shape[-1]), bits=kv_bits)
+        return {".weight": w, ".scales": scales, ".biases": biases}
+    return {"": a}
+
+
+def _group_size(head_dim: int) -> int:
+    return 64 if head_dim % 64 == 0 else 32
+
+
+def _decode(arrays: dict[str, mx.array], name: str, meta: dict[str, str], dtype: mx.Dtype) -> mx.array:
+    if name + ".weight" in arrays:
+        w, scales, biases = (arrays[f"{name}.{part}"] for part in ("weight", "scales", "biases"))
+        group = int(meta["group_size"])
+        return mx.dequantize(w, scales, biases, group_size=group, bits=int(meta["kv_bits"])).astype(dtype)
+    a = arrays[name]
+    return a if a.dtype == dtype else a.astype(dtype)
+
+
+def kv_bits_supported(head_dim: int, kv_bits: int | None) -> bool:
+    return kv_bits not in (8, 4) or head_dim % 32 == 0
+
+
+def snapshot_kv(cache: list[Any], tokens: list[int], fingerprint: str, kv_bits: int | None = None) -> KVSnapshot | None:
+    """On the engine thread: views of the first len(tokens) positions (no copy when lossless).
 
     The views keep their buffers shared, so MLX copies rather than updates them in place
     when the engine appends to the cache later. None if the cache kind is not persisted.
+    `kv_bits` None stores the cache as it is; 16, 8 and 4 store it smaller and lossy.
     """
     if not cache or any(type(c) is not KVCache or c.keys is None for c in cache):
         return None
     n = len(tokens)
+    head_dim = cache[0].keys.shape[-1]
+    if not kv_bits_supported(head_dim, kv_bits):
+        raise ValueError(f"--kv-bits {kv_bits} needs a head dimension divisible by 32, the model's is {head_dim}")
     views = {}
     for i, c in enumerate(cache):
         for kind, a in (("keys", c.keys), ("values", c.values)):
-            a = a[..., :n, :]
-            # numpy has no bfloat16: carry its bits as uint16, labelled bfloat16 in the file
-            views[f"layers.{i}.{kind}"] = (str(a.dtype).removeprefix("mlx.core."), a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
+            for suffix, part in _encode(a[..., :n, :], kv_bits).items():
+                # numpy has no bfloat16: carry its bits as uint16, labelled bfloat16 in the file
+                dtype = str(part.dtype).removeprefix("mlx.core.")
+                views[f"layers.{i}.{kind}{suffix}"] = (dtype, part.view(mx.uint16) if part.dtype == mx.bfloat16 else part)
     mx.eval([a for _, a in views.values()])
     metadata = {
         "format": KV_FORMAT,
         "fingerprint": fingerprint,
+        "dtype": str(cache[0].keys.dtype).removeprefix("mlx.core."),
+        "kv_bits": str(kv_bits or 0),
+        "group_size": str(_group_size(head_dim)),
         "n_tokens": str(n),
         "tokens": json.dumps(tokens, separators=(",", ":")),
     }
@@ -351,8 +391,14 @@ class Store:
         atomic_write(path, lambda p: _write_snapshot(snapshot, p))
         return path.stat().st_size
 
-    def load_kv(self, name: str, fingerprint: str, n_layers: int) -> tuple[LoadedKV | None, str | None]:
-        """Load the agent's KV cache: (kv, None), or (None, why not) when it is missing or unusable."""
+    def load_kv(
+        self, name: str, fingerprint: str, n_layers: int, kv_bits: int | None = None
+    ) -> tuple[LoadedKV | None, str | None]:
+        """Load the agent's KV cache: (kv, None), or (None, why not) when it is missing or unusable.
+
+        A file stored at another precision than `kv_bits` is a miss: a lossy cache must not
+        quietly stand in for a lossless one, nor the other way round.
+        """
         path = self.kv_path(name)
         if not path.exists():
             return None, None
@@ -362,18 +408,24 @@ class Store:
                 return None, f"cache file {path.name} has format {meta.get('format')!r}, expected {KV_FORMAT}"
             if meta.get("fingerprint") != fingerprint:
                 return None, f"cache file {path.name} was made by another model or dtype"
+            if meta.get("kv_bits") != str(kv_bits or 0):
+                stored = meta.get("kv_bits")
+                return None, f"cache file {path.name} is stored at kv_bits={stored}, the server uses {kv_bits or 0}"
             tokens = json.loads(meta["tokens"])
             n = len(tokens)
             if not isinstance(tokens, list) or n != int(meta["n_tokens"]):
                 return None, f"cache file {path.name} has an inconsistent token list"
+            dtype = getattr(mx, meta["dtype"])
             cache = []
             for i in range(n_layers):
-                keys, values = arrays[f"layers.{i}.keys"], arrays[f"layers.{i}.values"]
+                keys = _decode(arrays, f"layers.{i}.keys", meta, dtype)
+                values = _decode(arrays, f"layers.{i}.values", meta, dtype)
                 if keys.ndim != 4 or keys.shape[2] < n or values.shape[:3] != keys.shape[:3]:
                     return None, f"cache file {path.name} holds {keys.shape[2]} positions for {n} tokens"
                 cache.append(_kv_cache(keys, values, n))
-            if len(arrays) != 2 * n_layers:
-                return None, f"cache file {path.name} has {len(arrays) // 2} layers, the model {n_layers}"
+            stored_layers = len({k.split(".")[1] for k in arrays})
+            if stored_layers != n_layers:
+                return None, f"cache file {path.name} has {stored_layers} layers, the model {n_layers}"
             mx.eval([c.state for c in cache])
             return LoadedKV(cache, tokens, sum(c.nbytes for c in cache)), None
         except Exception as e:  # noqa: BLE001 - any unreadable file is a cache miss, never a crash

@@ -154,3 +154,31 @@ async def test_memory_budget_keeps_hot_caches_under_it(settings: Settings) -> No
     tiers = {a.name: a.tier for a in (await engine.list_agents()).agents}
     assert list(tiers.values()).count("hot") <= 1 and set(tiers) == {"a", "b", "c"}
     await engine.aclose()
+
+
+async def test_kv_bits_resume_from_smaller_files(tmp_path, replay) -> None:
+    from mcp_semantic.tiny_model import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "m64", hidden_size=128, num_heads=2, num_kv_heads=1)  # head_dim 64
+    exact = Settings(model=str(model), cache_dir=tmp_path / "exact")
+    small = Settings(model=str(model), cache_dir=tmp_path / "small", kv_bits="8")
+    replies = {}
+    for settings in (exact, small):
+        engine = open_engine(settings)
+        await engine.ask(AskRequest("a", "Tell me about the river and the mill.", max_tokens=32))
+        await engine.aclose()
+        engine = open_engine(settings)
+        out = await engine.ask(AskRequest("a", "And then?", max_tokens=16))
+        assert out.tier == "disk" and out.tokens.cached > 0 and not out.warnings
+        replies[settings.kv_bits] = out.reply
+        await engine.aclose()
+    size = {s.kv_bits: (s.cache_dir / "agents" / "a" / "kv.safetensors").stat().st_size for s in (exact, small)}
+    assert size["8"] < 0.35 * size["lossless"]
+    assert replies["8"]  # lossy: close to, but not promised equal to, the lossless reply
+
+
+async def test_kv_bits_refused_for_heads_it_cannot_quantize(settings: Settings) -> None:
+    with pytest.raises(RequestError, match="divisible by 32"):
+        open_engine(settings.model_copy(update={"kv_bits": "4"}))
+    engine = open_engine(settings)  # the refusal took no lock
+    await engine.aclose()

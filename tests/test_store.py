@@ -173,3 +173,34 @@ def test_writer_writes_in_order_and_waits(tmp_path: Path) -> None:
     kv, _ = store.load_kv("a", "fp", 2)
     assert kv.tokens == list(range(5))
     writer.close()
+
+
+@pytest.mark.parametrize("bits, ratio, tolerance", [(16, 0.55, 1e-2), (8, 0.32, 5e-2), (4, 0.2, 0.5)])
+def test_kv_bits_store_smaller_and_close(tmp_path: Path, bits: int, ratio: float, tolerance: float) -> None:
+    store = Store(tmp_path)
+    c = KVCache()
+    k = mx.random.normal((1, 2, 300, 64))
+    c.update_and_fetch(k, -k)
+    lossless = store.write_kv("exact", snapshot_kv([c], list(range(300)), "fp"))
+    small = store.write_kv("small", snapshot_kv([c], list(range(300)), "fp", bits))
+    assert small < ratio * lossless
+    kv, problem = store.load_kv("small", "fp", 1, bits)
+    assert problem is None and kv.cache[0].keys.dtype == mx.float32 and kv.cache[0].offset == 300
+    assert mx.abs(kv.cache[0].keys[..., :300, :] - k).max().item() < tolerance
+    assert mx.abs(kv.cache[0].values[..., :300, :] + k).max().item() < tolerance
+    assert kv.cache[0].keys.shape[2] == room_for(300)  # the spare slots survive quantization
+
+
+def test_a_cache_at_another_precision_is_a_miss(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.write_kv("a", snapshot_kv(make_cache(5, layers=1), list(range(5)), "fp", 16))
+    kv, problem = store.load_kv("a", "fp", 1)
+    assert kv is None and "kv_bits=16" in problem
+    assert store.load_kv("a", "fp", 1, 16)[0] is not None
+
+
+def test_kv_bits_need_a_head_dim_divisible_by_32() -> None:
+    c = KVCache()
+    c.update_and_fetch(mx.zeros((1, 1, 4, 16)), mx.zeros((1, 1, 4, 16)))
+    with pytest.raises(ValueError, match="divisible by 32"):
+        snapshot_kv([c], list(range(4)), "fp", 8)
