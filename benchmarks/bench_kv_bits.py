@@ -1,0 +1,154 @@
+"""KV storage precision: bytes on disk and how far a resumed agent's predictions move.
+
+For each --kv-bits (lossless, 16, 8, 4) on the default model: a ~1,000-token conversation
+is prefilled, saved at that precision, loaded back, and then reads the same continuation
+of a few hundred tokens (teacher forcing). Its next-token distributions are compared with
+those of the lossless round trip: mean and max KL divergence, and top-1 agreement.
+
+    python benchmarks/bench_kv_bits.py [--model M] [--context 1000] [--continuation 256]
+
+Writes benchmarks/results/<date>-<machine>-kv-bits.json and .png, and prints a table.
+Hot caches are kept dequantized in the model's dtype, so --kv-bits saves disk (and disk
+reads), not yet memory: quantized blocks in memory come with the block pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import mcp_semantic  # noqa: F401  (OpenBLAS before MLX)
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
+
+from mcp_semantic.models import load_model
+from mcp_semantic.settings import DEFAULT_MODEL
+from mcp_semantic.store import Store, snapshot_kv
+
+RESULTS = Path(__file__).parent / "results"
+MODES = [None, 16, 8, 4]
+CONTEXT = (
+    "The river town of Millbrook grew around a mill built in 1821. Its water wheel ground wheat for farms "
+    "along the valley, and barges carried flour downstream to the port. In 1888 a flood broke the dam, and "
+    "the town rebuilt it in stone. The railway arrived in 1902 and the barges slowly disappeared. "
+)
+CONTINUATION = (
+    "Walkers who follow the towpath today pass the old lock keeper's cottage, a row of willows planted "
+    "after the flood, and the iron bridge that carried the first trains across the water. In summer the "
+    "lake behind the dam fills with small boats, and the museum opens the mill's upper floor, where the "
+    "grinding stones still stand. Children are shown how the wheel turned the shafts and gears, and how "
+    "the miller judged the flour by rubbing it between finger and thumb. "
+)
+
+
+def mode_name(bits: int | None) -> str:
+    return "lossless" if bits is None else f"{bits}-bit"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--context", type=int, default=1000, help="approximate context tokens")
+    parser.add_argument("--continuation", type=int, default=256, help="tokens read after the resume")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="mcp-semantic-kvbits-"))
+    lm = load_model(args.model, work)
+    tok = lm.tokenizer
+    n_doc = max(1, round(args.context / len(tok.encode(CONTEXT))))
+    messages = [{"role": "system", "content": "Answer from this document.\n\n" + CONTEXT * n_doc}]
+    messages.append({"role": "user", "content": "Describe a walk through the town today."})
+    prompt = list(tok.apply_chat_template(messages, add_generation_prompt=True))
+    follow = tok.encode(CONTINUATION * 4)[: args.continuation]
+
+    cache = make_prompt_cache(lm.model)
+    for i in range(0, len(prompt), 512):
+        lm.model(mx.array(prompt[i : i + 512])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+
+    store = Store(work)
+    n_layers = len(cache)
+    logprobs = {}
+    rows = []
+    for bits in MODES:
+        name = mode_name(bits)
+        size = store.write_kv(name, snapshot_kv(cache, prompt, lm.fingerprint, bits))
+        start = time.perf_counter()
+        kv, problem = store.load_kv(name, lm.fingerprint, n_layers, bits)
+        load_ms = (time.perf_counter() - start) * 1000
+        assert kv is not None, problem
+        logits = lm.model(mx.array(follow)[None], cache=kv.cache)[0].astype(mx.float32)
+        logprobs[name] = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        mx.eval(logprobs[name])
+        ref = logprobs["lossless"]
+        kl = mx.sum(mx.exp(ref) * (ref - logprobs[name]), axis=-1)
+        top1 = mx.mean(mx.argmax(ref, axis=-1) == mx.argmax(logprobs[name], axis=-1))
+        rows.append(
+            {
+                "kv_bits": name,
+                "file_bytes": size,
+                "disk_bytes_per_token": round(size / len(prompt)),
+                "memory_bytes_per_token": round(kv.nbytes / kv.cache[0].keys.shape[2]),
+                "load_ms": round(load_ms, 1),
+                "kl_mean": float(mx.mean(kl).item()),
+                "kl_max": float(mx.max(kl).item()),
+                "top1_agreement": float(top1.item()),
+            }
+        )
+
+    result = {
+        "benchmark": "kv-bits",
+        "date": date.today().isoformat(),
+        "machine": f"{platform.system().lower()}-{platform.machine()}-{mx.default_device().type.name}",
+        "model": lm.name,
+        "dtype": lm.dtype,
+        "context_tokens": len(prompt),
+        "continuation_tokens": len(follow),
+        "modes": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{result['date']}-{result['machine']}-kv-bits"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, stem.with_suffix(".png"))
+    print(f"{lm.name} ({lm.dtype}), {len(prompt)} tokens of context, {len(follow)} tokens read after the resume")
+    print(f"{'kv-bits':10}{'disk B/token':>14}{'load ms':>9}{'KL mean':>11}{'KL max':>10}{'top-1':>8}")
+    for r in rows:
+        print(
+            f"{r['kv_bits']:10}{r['disk_bytes_per_token']:>14,}{r['load_ms']:>9.0f}"
+            f"{r['kl_mean']:>11.2e}{r['kl_max']:>10.2e}{r['top1_agreement']:>8.1%}"
+        )
+    print(f"wrote {stem}.json and .png")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["modes"]
+    names = [r["kv_bits"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.bar(names, [r["disk_bytes_per_token"] / 1024 for r in rows], color="#48c")
+    a.set_ylabel("disk KiB per token")
+    a.set_title("KV file size")
+    b.bar(names, [max(r["kl_mean"], 1e-12) for r in rows], color="#c84")
+    b.set_yscale("log")
+    b.set_ylabel("mean KL vs lossless (nats)")
+    b.set_title(f"divergence over {result['continuation_tokens']} tokens")
+    for i, r in enumerate(rows):
+        label = f"top-1 {r['top1_agreement']:.1%}" if r["kl_mean"] > 0 else "exact (KL 0)"
+        b.text(i, max(r["kl_mean"], 1e-12), label, ha="center", va="bottom", fontsize=8)
+    fig.suptitle(f"{result['model']}: {result['context_tokens']}-token context", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
