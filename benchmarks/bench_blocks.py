@@ -14,19 +14,17 @@ Writes benchmarks/results/<date>-<machine>-blocks.json and .png, and prints a ta
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from datetime import date
 from pathlib import Path
 
 import mcp_semantic  # noqa: F401  (OpenBLAS before MLX)
 import mlx.core as mx
 
+from report import RESULTS, header, pyplot, save
+
 from mcp_semantic.block_pool import BLOCK_TOKENS, reconstruct
 
-RESULTS = Path(__file__).parent / "results"
 CASES = [
     # name, blocks, layers, kv_heads, head_dim, dtype
     ("SmolLM2-135M 1x12", 1, 12, 3, 64, mx.float32),
@@ -92,22 +90,16 @@ def main() -> None:
                 "reconstruct_GB_per_s": round(nbytes / (pct(rec, 50) / 1000) / 1e9, 2),
             }
         )
-        del blocks
 
     result = {
-        "benchmark": "blocks",
-        "date": date.today().isoformat(),
-        "machine": f"{platform.system().lower()}-{platform.machine()}-{mx.default_device().type.name}",
+        **header("blocks"),
         "block_tokens": BLOCK_TOKENS,
         "cases": rows,
         # A single block with no tail is used as it is (views, no copy), as concatenate does:
         # a ratio of two times of microseconds says nothing, so such cases pass under 0.1 ms.
         "target_within_1.5x_of_concatenate": all(r["ratio_p50"] <= 1.5 or r["reconstruct_p50_ms"] < 0.1 for r in rows),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{result['date']}-{result['machine']}-blocks"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, stem.with_suffix(".png"))
+    stem = save(result, args.out, plot)
     print(f"{'case':20}{'MB':>8}{'concat p50/p95 ms':>20}{'rebuild p50/p95 ms':>21}{'ratio':>7}{'GB/s':>7}")
     for r in rows:
         print(
@@ -118,10 +110,7 @@ def main() -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = result["cases"]
     x = range(len(rows))

@@ -15,22 +15,20 @@ reads), not yet memory: quantized blocks in memory come with the block pool.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import mcp_semantic  # noqa: F401  (OpenBLAS before MLX)
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
+from report import RESULTS, header, pyplot, save
+
 from mcp_semantic.models import load_model
 from mcp_semantic.settings import DEFAULT_MODEL
 from mcp_semantic.store import Store, snapshot_kv
 
-RESULTS = Path(__file__).parent / "results"
 MODES = [None, 16, 8, 4]
 CONTEXT = (
     "The river town of Millbrook grew around a mill built in 1821. Its water wheel ground wheat for farms "
@@ -103,19 +101,14 @@ def main() -> None:
         )
 
     result = {
-        "benchmark": "kv-bits",
-        "date": date.today().isoformat(),
-        "machine": f"{platform.system().lower()}-{platform.machine()}-{mx.default_device().type.name}",
+        **header("kv-bits"),
         "model": lm.name,
         "dtype": lm.dtype,
         "context_tokens": len(prompt),
         "continuation_tokens": len(follow),
         "modes": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{result['date']}-{result['machine']}-kv-bits"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, stem.with_suffix(".png"))
+    stem = save(result, args.out, plot)
     print(f"{lm.name} ({lm.dtype}), {len(prompt)} tokens of context, {len(follow)} tokens read after the resume")
     print(f"{'kv-bits':10}{'disk B/token':>14}{'load ms':>9}{'KL mean':>11}{'KL max':>10}{'top-1':>8}")
     for r in rows:
@@ -127,10 +120,7 @@ def main() -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = result["modes"]
     names = [r["kv_bits"] for r in rows]

@@ -18,24 +18,21 @@ Writes benchmarks/results/<date>-<machine>-resume.json and .png, and prints a ta
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import mcp_semantic  # noqa: F401  (OpenBLAS before MLX)
 import anyio
-import mlx.core as mx
+
+from report import RESULTS, header, pyplot, save
 
 from mcp_semantic import blas
 from mcp_semantic.engine import AskRequest
 from mcp_semantic.server import open_engine
 from mcp_semantic.settings import DEFAULT_MODEL, Settings
 
-RESULTS = Path(__file__).parent / "results"
 
 DOCUMENT = (
     "The river town of Millbrook grew around a mill built in 1821. Its water wheel ground wheat for "
@@ -51,10 +48,6 @@ FOLLOW_UPS = [
     "What is the old mill used for today, and who visits it?",
     "Where did the barges carry the flour, and why did they stop?",
 ]
-
-
-def machine() -> str:
-    return f"{platform.system().lower()}-{platform.machine()}-{mx.default_device().type.name}"
 
 
 async def prefill_rate(engine, n_tokens: int) -> float:
@@ -91,9 +84,7 @@ async def run(args: argparse.Namespace) -> dict:
     med = lambda rs, f: statistics.median(f(r) for r in rs)  # noqa: E731
     ttft = lambda r: r.timings_ms.ttft  # noqa: E731
     result = {
-        "benchmark": "resume",
-        "date": date.today().isoformat(),
-        "machine": machine(),
+        **header("resume"),
         "model": engine.lm.name,
         "dtype": engine.lm.dtype,
         "openblas": blas.loaded,
@@ -120,10 +111,7 @@ async def run(args: argparse.Namespace) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tiers = ["cold", "disk", "hot"]
     values = [result[t]["ttft_ms"] for t in tiers]
@@ -150,10 +138,7 @@ def main() -> None:
     started = time.perf_counter()
     result = anyio.run(run, args)
     result["wall_s"] = round(time.perf_counter() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{result['date']}-{result['machine']}-resume"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, stem.with_suffix(".png"))
+    stem = save(result, args.out, plot)
     print(f"model {result['model']} ({result['dtype']}, OpenBLAS: {result['openblas']}), {result['context_tokens']} tokens of context")
     print(f"{'':24}{'TTFT ms':>10}")
     print(f"{'new agent (cold)':24}{result['cold']['ttft_ms']:>10.0f}")
