@@ -193,8 +193,22 @@ def create_server(settings: Settings, lm: LoadedModel | None = None) -> MCPServe
     return server
 
 
-def _exit_cleanly(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # unwinds through the lifespan, which saves every cache
+async def _serve_stdio(server: MCPServer) -> None:
+    """Serve stdio until end of input or SIGTERM/SIGINT; either way the lifespan saves every cache.
+
+    A signal cancels the server's task group rather than raising at an arbitrary point.
+    (The HTTP transports' uvicorn handles these signals itself.)
+    """
+    async with anyio.create_task_group() as tg:
+
+        async def stop_on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+
+        tg.start_soon(stop_on_signal)
+        await server.run_stdio_async()
+        tg.cancel_scope.cancel()
 
 
 def serve(settings: Settings) -> None:
@@ -207,9 +221,8 @@ def serve(settings: Settings) -> None:
     except (ModelError, CacheDirLocked, RequestError, OSError) as e:
         raise SystemExit(f"mcp-semantic: {e}") from None
     server = create_server(settings, lm)
-    signal.signal(signal.SIGTERM, _exit_cleanly)  # the HTTP transports' uvicorn installs its own
     if settings.transport == "stdio":
-        server.run("stdio")
+        anyio.run(_serve_stdio, server)
     elif settings.transport == "sse":
         server.run("sse", host=settings.host, port=settings.port)
     else:
