@@ -31,7 +31,7 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from mcp_semantic.models import LoadedModel
 from mcp_semantic.store import (
@@ -67,7 +67,11 @@ class RequestError(ValueError):
 # Results (typed, so MCP hosts get an output schema)
 
 
-class TokenCounts(BaseModel):
+class _Result(BaseModel):
+    model_config = ConfigDict(use_attribute_docstrings=True)  # field docstrings become schema descriptions
+
+
+class TokenCounts(_Result):
     context: int
     """Tokens of the prompt for this call (the whole conversation so far plus the new message)."""
     cached: int
@@ -77,16 +81,19 @@ class TokenCounts(BaseModel):
     generated: int
 
 
-class Timings(BaseModel):
+class Timings(_Result):
     queue: float
+    """Waiting behind other calls."""
     cache_load: float
+    """Reading the agent's cache from disk (0 when hot or new)."""
     prefill: float
+    """Reading the new prompt tokens, up to the first token."""
     ttft: float
     """From the call's arrival at the engine to its first token: queue + cache_load + prefill."""
     total: float
 
 
-class AskResult(BaseModel):
+class AskResult(_Result):
     agent: str
     reply: str
     finish_reason: Literal["stop", "length", "cancelled"]
@@ -98,35 +105,39 @@ class AskResult(BaseModel):
     warnings: list[str] = []
 
 
-class ForkResult(BaseModel):
+class ForkResult(_Result):
     agent: str
     source: str
     tokens: int
 
 
-class AgentInfo(BaseModel):
+class AgentInfo(_Result):
     name: str
     parent: str | None
+    """The agent it was forked from."""
     tokens: int
+    """Tokens of its conversation that its KV cache holds."""
     turns: int
     tier: Literal["hot", "disk", "none"]
+    """Where its cache is: memory (and maybe disk), disk only, or nowhere (the next call re-reads)."""
     memory_bytes: int
     disk_bytes: int
     created_at: datetime
     last_used_at: datetime
 
 
-class MemoryInfo(BaseModel):
+class MemoryInfo(_Result):
     budget_bytes: int
+    """Memory allowed for hot KV caches (--memory-budget)."""
     used_bytes: int
 
 
-class AgentList(BaseModel):
+class AgentList(_Result):
     agents: list[AgentInfo]
     memory: MemoryInfo
 
 
-class EvictResult(BaseModel):
+class EvictResult(_Result):
     evicted: list[str]
     freed_memory_bytes: int
     freed_disk_bytes: int
@@ -280,7 +291,8 @@ class Engine:
         return result
 
     async def fork(self, source: str, agent: str) -> ForkResult:
-        check_name(source), check_name(agent)
+        check_name(source)
+        check_name(agent)
         return await self._submit(lambda job: self._fork(source, agent))
 
     async def list_agents(self) -> AgentList:

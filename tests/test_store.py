@@ -204,3 +204,16 @@ def test_kv_bits_need_a_head_dim_divisible_by_32() -> None:
     c.update_and_fetch(mx.zeros((1, 1, 4, 16)), mx.zeros((1, 1, 4, 16)))
     with pytest.raises(ValueError, match="divisible by 32"):
         snapshot_kv([c], list(range(4)), "fp", 8)
+
+
+def test_updating_a_loaded_cache_never_touches_its_file(tmp_path: Path) -> None:
+    """Loaded caches are updated in place (their spare slots); the file must stay as saved."""
+    store = Store(tmp_path)
+    save(store, "a", make_cache(40), list(range(40)))
+    before = store.kv_path("a").read_bytes()
+    kv, _ = store.load_kv("a", "fp", 2)
+    for c in kv.cache:
+        c.trim(20)  # overwrite saved positions, then fill the spare slots
+        c.update_and_fetch(mx.full((1, 2, 30, 4), 9.0), mx.full((1, 2, 30, 4), 9.0))
+    mx.eval([c.state for c in kv.cache])
+    assert store.kv_path("a").read_bytes() == before
