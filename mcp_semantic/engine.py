@@ -313,6 +313,7 @@ class Engine:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+            self.store.close()
             unlock_cache_dir(self._lock)
 
     # The engine thread

@@ -1,15 +1,16 @@
-"""The on-disk store: one folder per agent with its transcript and its KV cache.
+"""The on-disk store: transcripts in SQLite, and one KV cache file per agent.
 
 Layout under the cache dir::
 
-    agents/<name>/agent.json         transcript: messages, token ids, metadata (the truth)
+    store.db                         transcripts (SQLite): messages, token ids, metadata (the truth)
     agents/<name>/kv.safetensors     KV cache of `tokens` (only a cache: may be missing or stale):
                                      layers.<i>.keys / layers.<i>.values, (1, kv_heads, slots, head_dim),
                                      the first n_tokens slots used, then spare room (zeros);
                                      at --kv-bits 8 or 4: .weight, .scales, .biases of each
 
-Every write goes to a temporary file, is fsynced and renamed over the old one,
-so a crash leaves either the old or the new file, never half of one.
+Every file write goes to a temporary file, is fsynced and renamed over the old one,
+so a crash leaves either the old or the new file, never half of one; every transcript
+write is one SQLite transaction.
 The KV file records the token ids it holds and the model fingerprint, so a stale
 or foreign cache is detected and the caller re-prefills instead of answering wrong.
 
@@ -28,11 +29,12 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import tempfile
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,7 +50,6 @@ _NAME_RE = re.compile(NAME_RULE)
 KV_FORMAT = "mcp-semantic-kv/3"
 MIN_ROOM = 32
 """Spare token slots, at least, in a KV file: see room_for."""
-TRANSCRIPT_FORMAT = 1
 
 
 class InvalidName(ValueError):
@@ -317,12 +318,55 @@ def unlock_cache_dir(key: Path) -> None:
             del _locks[key]
 
 
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS agents (
+    name TEXT PRIMARY KEY,
+    system TEXT,
+    parent TEXT,
+    messages TEXT NOT NULL,   -- JSON list of {role, content}
+    tokens TEXT NOT NULL,     -- JSON list of the token ids its KV cache holds
+    created_at REAL NOT NULL,
+    last_used_at REAL NOT NULL
+)
+"""
+
+
 class Store:
+    """Transcripts in SQLite (`store.db`, WAL, written by the engine thread only); KV files beside them.
+
+    Why SQLite rather than a JSON file per agent: a turn is one transaction, and what later
+    ties several rows together (an agent and the blocks it holds) commits or not as a whole.
+    """
+
     def __init__(self, root: Path):
         self.root = Path(root)
         self.agents_dir = self.root / "agents"
         self.agents_dir.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temporaries()
+        self.db = self._open_db(self.root / "store.db")
+
+    def _open_db(self, path: Path) -> sqlite3.Connection:
+        """Open the database; one that is not a database is moved aside, and the loss said."""
+        try:
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # a turn answered is a turn on disk
+            db.execute(_SCHEMA)
+            return db
+        except sqlite3.DatabaseError as e:
+            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+            os.replace(path, aside)
+            for suffix in ("-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+            lost = sorted(p.name for p in self.agents_dir.iterdir() if p.is_dir())
+            log.error(
+                "the transcript database %s cannot be read (%s): moved to %s; transcripts lost for: %s",
+                path, e, aside.name, ", ".join(lost) or "none",
+            )
+            return self._open_db(path)
+
+    def close(self) -> None:
+        self.db.close()
 
     def _remove_stale_temporaries(self) -> None:
         """Temporary files are only ever left by a crash mid-write: the renamed file is the truth."""
@@ -339,38 +383,49 @@ class Store:
     # transcripts
 
     def names(self) -> list[str]:
-        return sorted(
-            p.name for p in self.agents_dir.iterdir() if _NAME_RE.fullmatch(p.name) and (p / "agent.json").exists()
-        )
+        return [row[0] for row in self.db.execute("SELECT name FROM agents ORDER BY name")]
 
     def exists(self, name: str) -> bool:
-        return (self._dir(name) / "agent.json").exists()
+        return self.db.execute("SELECT 1 FROM agents WHERE name = ?", (check_name(name),)).fetchone() is not None
 
     def load_agent(self, name: str) -> Agent | None:
         """The stored transcript, or None if there is none or it cannot be read (logged)."""
-        path = self._dir(name) / "agent.json"
-        try:
-            data = json.loads(path.read_text())
-            if data.pop("format", None) != TRANSCRIPT_FORMAT:
-                raise ValueError("unknown transcript format")
-            agent = Agent(**data)
-            if agent.name != name:
-                raise ValueError(f"transcript names agent {agent.name!r}")
-            return agent
-        except FileNotFoundError:
+        row = self.db.execute(
+            "SELECT system, parent, messages, tokens, created_at, last_used_at FROM agents WHERE name = ?",
+            (check_name(name),),
+        ).fetchone()
+        if row is None:
             return None
-        except (ValueError, TypeError, KeyError) as e:
-            log.warning("cannot read transcript %s: %s", path, e)
+        try:
+            system, parent, messages, tokens, created_at, last_used_at = row
+            agent = Agent(name, system, parent, json.loads(messages), json.loads(tokens), created_at, last_used_at)
+            if not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in agent.messages):
+                raise ValueError("a message without role or content")
+            if not all(isinstance(t, int) for t in agent.tokens):
+                raise ValueError("a token id that is not an integer")
+            return agent
+        except (ValueError, TypeError) as e:
+            log.warning("cannot read the transcript of agent %s: %s", name, e)
             return None
 
     def save_agent(self, agent: Agent) -> None:
-        folder = self._dir(agent.name)
-        folder.mkdir(exist_ok=True)
-        text = json.dumps({"format": TRANSCRIPT_FORMAT, **asdict(agent)}, ensure_ascii=False)
-        atomic_write(folder / "agent.json", lambda p: p.write_text(text))
+        check_name(agent.name)
+        self.db.execute(
+            "INSERT OR REPLACE INTO agents VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                agent.name,
+                agent.system,
+                agent.parent,
+                json.dumps(agent.messages, ensure_ascii=False),
+                json.dumps(agent.tokens, separators=(",", ":")),
+                agent.created_at,
+                agent.last_used_at,
+            ),
+        )
 
     def delete_agent(self, name: str) -> int:
-        """Remove the agent's folder; returns the bytes freed."""
+        """Forget the agent: its transcript, then its folder. Returns the bytes freed on disk."""
+        self.db.execute("DELETE FROM agents WHERE name = ?", (check_name(name),))
         folder = self._dir(name)
         freed = sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.exists() else 0
         shutil.rmtree(folder, ignore_errors=True)

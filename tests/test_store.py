@@ -52,18 +52,38 @@ def test_transcript_round_trip_and_corruption(tmp_path: Path) -> None:
     store = Store(tmp_path)
     agent = Agent("a", system="s", messages=[{"role": "user", "content": "hi"}], tokens=[1, 2, 3])
     store.save_agent(agent)
-    assert store.load_agent("a") == agent and store.names() == ["a"]
-    assert not list((tmp_path / "agents" / "a").glob(".*"))  # no temporary file left behind
-    (tmp_path / "agents" / "a" / "agent.json").write_text("{not json")
+    store.save_agent(Agent("b"))
+    assert store.load_agent("a") == agent and store.names() == ["a", "b"] and store.exists("a")
+    assert Store(tmp_path).load_agent("a") == agent  # another connection sees the committed row
+    store.db.execute("UPDATE agents SET messages = '{not json' WHERE name = 'a'")
     assert store.load_agent("a") is None  # unreadable: logged, not raised
-    (tmp_path / "agents" / "a" / "agent.json").write_text(json.dumps({"format": 99, "name": "a"}))
+    store.db.execute("UPDATE agents SET messages = '[{\"role\": \"user\"}]' WHERE name = 'a'")
     assert store.load_agent("a") is None
+    assert store.load_agent("b") == Agent("b", created_at=store.load_agent("b").created_at, last_used_at=store.load_agent("b").last_used_at)
+    assert store.load_agent("missing") is None
+
+
+def test_a_corrupt_database_is_moved_aside_and_the_server_starts(tmp_path: Path, caplog) -> None:
+    store = Store(tmp_path)
+    store.save_agent(Agent("a"))
+    save(store, "a", make_cache(4), list(range(4)))
+    store.close()
+    for extra in tmp_path.glob("store.db-*"):
+        extra.unlink()
+    (tmp_path / "store.db").write_bytes(b"this is not a database" * 100)
+    store = Store(tmp_path)
+    assert store.names() == []
+    assert list(tmp_path.glob("store.db.corrupt-*"))
+    assert "transcripts lost for: a" in caplog.text
+    store.save_agent(Agent("b"))
+    assert store.names() == ["b"]
 
 
 def test_stale_temporaries_are_removed_at_start(tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.save_agent(Agent("a"))
-    stale = tmp_path / "agents" / "a" / ".kv.safetensors.abc.tmp.safetensors"
+    save(store, "a", make_cache(4), list(range(4)))
+    stale = tmp_path / "agents" / "a" / ".kv.safetensors.abc.tmp"
     stale.write_bytes(b"half")
     Store(tmp_path)
     assert not stale.exists() and Store(tmp_path).load_agent("a") is not None
