@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import mlx_lm
 import pytest
@@ -34,3 +38,52 @@ def replay_from_scratch(lm, messages: list[dict[str, str]], max_tokens: int) -> 
 @pytest.fixture
 def replay():
     return replay_from_scratch
+
+
+def serve_args(settings: Settings, *extra: str) -> list[str]:
+    return ["-m", "mcp_semantic", "serve", "--model", settings.model, "--cache-dir", str(settings.cache_dir), *extra]
+
+
+class RawStdioServer:
+    """`mcp-semantic serve` over stdio driven by raw JSON-RPC lines, for tests that signal or kill it."""
+
+    def __init__(self, settings: Settings):
+        self.proc = subprocess.Popen(
+            [sys.executable, *serve_args(settings)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self._id = 0
+        info = {"name": "test", "version": "1"}
+        self.request("initialize", {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": info})
+        self._send({"method": "notifications/initialized"})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        self.proc.stdin.write((json.dumps({"jsonrpc": "2.0", **message}) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        self._id += 1
+        self._send({"id": self._id, "method": method, "params": params})
+        while True:  # skip notifications (logs, progress) until our answer
+            message = json.loads(self.proc.stdout.readline())
+            if message.get("id") == self._id:
+                return message["result"]
+
+    def call(self, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        result = self.request("tools/call", {"name": tool, "arguments": arguments})
+        assert not result["isError"], result
+        return result["structuredContent"]
+
+
+@pytest.fixture
+def stdio_server():
+    servers: list[RawStdioServer] = []
+
+    def start(settings: Settings) -> RawStdioServer:
+        servers.append(RawStdioServer(settings))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        if server.proc.poll() is None:
+            server.proc.kill()
+        server.proc.wait()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -15,13 +14,10 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
 
+from conftest import serve_args
 from mcp_semantic.settings import Settings
 
 pytestmark = pytest.mark.anyio
-
-
-def serve_args(settings: Settings, *extra: str) -> list[str]:
-    return ["-m", "mcp_semantic", "serve", "--model", settings.model, "--cache-dir", str(settings.cache_dir), *extra]
 
 
 async def test_stdio_subprocess_and_restart(settings: Settings) -> None:
@@ -94,25 +90,12 @@ async def test_sse_sessions_share_one_engine(settings: Settings) -> None:
         proc.wait(timeout=30)
 
 
-def test_sigterm_on_stdio_saves_every_cache(settings: Settings) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, *serve_args(settings)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-
-    def rpc(message: dict) -> None:
-        proc.stdin.write((json.dumps({"jsonrpc": "2.0", **message}) + "\n").encode())
-        proc.stdin.flush()
-
-    info = {"name": "t", "version": "1"}
-    rpc({"id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": info}})
-    assert b'"id":1' in proc.stdout.readline()
-    rpc({"method": "notifications/initialized"})
-    args = {"agent": "t", "message": "Hello.", "max_tokens": 4}
-    rpc({"id": 2, "method": "tools/call", "params": {"name": "ask_agent", "arguments": args}})
-    assert b'"isError":false' in proc.stdout.readline()
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0 and b"terminate called" not in err, err.decode()[-2000:]
+def test_sigterm_on_stdio_saves_every_cache(settings: Settings, stdio_server) -> None:
+    server = stdio_server(settings)
+    server.call("ask_agent", {"agent": "t", "message": "Hello.", "max_tokens": 4})
+    server.proc.send_signal(signal.SIGTERM)  # before the idle save: the lifespan must save it
+    _, err = server.proc.communicate(timeout=30)
+    assert server.proc.returncode == 0 and b"terminate called" not in err, err.decode()[-2000:]
     assert (settings.cache_dir / "agents" / "t" / "kv.safetensors").exists()
 
 
