@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -122,6 +122,8 @@ class AgentInfo(_Result):
     """Where its cache is: memory (and maybe disk), disk only, or nowhere (the next call re-reads)."""
     memory_bytes: int
     disk_bytes: int
+    shared_disk_bytes: int
+    """Of disk_bytes, those it shares with forks (stored once)."""
     created_at: datetime
     last_used_at: datetime
 
@@ -130,6 +132,9 @@ class MemoryInfo(_Result):
     budget_bytes: int
     """Memory allowed for hot KV caches (--memory-budget)."""
     used_bytes: int
+    hot_agents: int
+    hit_rate: float
+    """Of the calls to existing agents since start, the share whose cache was in memory."""
 
 
 class AgentList(_Result):
@@ -242,6 +247,7 @@ class Engine:
         if self.unreadable:
             log.warning("could not read the transcripts of agents: %s", ", ".join(self.unreadable))
         self._hot: OrderedDict[str, _Hot] = OrderedDict()  # least recently used first
+        self._tiers: Counter[str] = Counter()  # where the caches of calls to existing agents came from
         self._n_layers = len(make_prompt_cache(lm.model))
         self._writer = Writer(store)
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -409,6 +415,8 @@ class Engine:
         loading = time.perf_counter()
         tier, cache, cached_tokens = self._cache_for(agent, warnings)
         loaded = time.perf_counter()
+        if agent.name in self._agents:
+            self._tiers[tier] += 1
         reuse = common_prefix(cached_tokens, prompt)
         reuse = min(reuse, len(prompt) - 1)  # at least one token must run to get logits
         if reuse < len(cached_tokens):
@@ -536,17 +544,16 @@ class Engine:
             messages=[dict(m) for m in src.messages],
             tokens=list(src.tokens),
         )
-        self._save(source)  # the fork shares the source's saved cache, so it must be current
-        self._writer.wait(source)
         self.store.save_agent(agent)
-        self.store.link_kv(source, name)
+        self._save(source)  # the fork shares the source's saved cache, so it must be current
+        self._writer.link(source, name)  # after that save, on the writer thread: no wait here
         self._agents[name] = agent
         return ForkResult(agent=name, source=source, tokens=len(agent.tokens))
 
     def _list(self) -> AgentList:
         infos = []
         for name, a in sorted(self._agents.items()):
-            disk = self.store.kv_bytes(name)
+            disk, shared = self.store.kv_bytes(name)
             hot = self._hot.get(name)
             infos.append(
                 AgentInfo(
@@ -554,15 +561,23 @@ class Engine:
                     parent=a.parent,
                     tokens=len(a.tokens),
                     turns=a.turns,
-                    tier="hot" if hot else "disk" if disk else "none",
+                    tier="hot" if hot else "disk" if disk or self._writer.pending(name) else "none",
                     memory_bytes=hot.nbytes if hot else 0,
                     disk_bytes=disk,
+                    shared_disk_bytes=shared,
                     created_at=datetime.fromtimestamp(a.created_at).astimezone(),
                     last_used_at=datetime.fromtimestamp(a.last_used_at).astimezone(),
                 )
             )
         used = sum(h.nbytes for h in self._hot.values())
-        return AgentList(agents=infos, memory=MemoryInfo(budget_bytes=self.memory_budget, used_bytes=used))
+        calls = sum(self._tiers.values())
+        memory = MemoryInfo(
+            budget_bytes=self.memory_budget,
+            used_bytes=used,
+            hot_agents=len(self._hot),
+            hit_rate=round(self._tiers["hot"] / calls, 3) if calls else 0.0,
+        )
+        return AgentList(agents=infos, memory=memory)
 
     def _evict(self, agent: str | None, level: EvictLevel) -> EvictResult:
         names = [self._get(agent).name] if agent is not None else sorted(self._agents)

@@ -214,25 +214,37 @@ def _kv_cache(keys: mx.array, values: mx.array, n: int) -> KVCache:
 
 
 class Writer:
-    """Writes KV snapshots on its own thread, in the order given.
+    """Writes KV files on its own thread, in the order given: snapshots, and links for forks.
 
     `wait(name)` returns once nothing is pending for that agent: callers use it before
-    they read, link or delete the agent's file, so no file is used while half written.
+    they read or delete the agent's file, so no file is used while half written.
     """
 
     def __init__(self, store: Store):
         self.store = store
-        self._jobs: deque[tuple[str, KVSnapshot] | None] = deque()
+        self._jobs: deque[tuple[str, Callable[[], object]] | None] = deque()
         self._pending: Counter[str] = Counter()
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="mcp-semantic-writer", daemon=True)
         self._thread.start()
 
     def put(self, name: str, snapshot: KVSnapshot) -> None:
+        self._add(name, lambda: self.store.write_kv(name, snapshot))
+
+    def link(self, source: str, target: str) -> None:
+        """Give `target` the source's file once the source's pending writes are done: a fork
+        returns at once, whatever the length of the source's context."""
+        self._add(target, lambda: self.store.link_kv(source, target))
+
+    def _add(self, name: str, job: Callable[[], object]) -> None:
         with self._cond:
-            self._jobs.append((name, snapshot))
+            self._jobs.append((name, job))
             self._pending[name] += 1
             self._cond.notify_all()
+
+    def pending(self, name: str) -> bool:
+        with self._cond:
+            return self._pending[name] > 0
 
     def wait(self, name: str | None = None) -> None:
         with self._cond:
@@ -252,12 +264,12 @@ class Writer:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._jobs))
-                job = self._jobs[0]
-            if job is None:
+                item = self._jobs[0]
+            if item is None:
                 return
-            name, snapshot = job
+            name, job = item
             try:
-                self.store.write_kv(name, snapshot)
+                job()
             except OSError as e:  # e.g. a full disk: the transcript stays the truth
                 log.error("could not save the KV cache of agent %s: %s", name, e)
             with self._cond:
@@ -426,18 +438,19 @@ class Store:
     def delete_agent(self, name: str) -> int:
         """Forget the agent: its transcript, then its folder. Returns the bytes freed on disk."""
         self.db.execute("DELETE FROM agents WHERE name = ?", (check_name(name),))
-        folder = self._dir(name)
-        freed = sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.exists() else 0
-        shutil.rmtree(folder, ignore_errors=True)
+        freed = self.delete_kv(name)
+        shutil.rmtree(self._dir(name), ignore_errors=True)
         return freed
 
     # KV caches
 
-    def kv_bytes(self, name: str) -> int:
+    def kv_bytes(self, name: str) -> tuple[int, int]:
+        """Bytes of the agent's KV file, and how many of them it shares with other agents (forks)."""
         try:
-            return self.kv_path(name).stat().st_size
+            st = self.kv_path(name).stat()
         except FileNotFoundError:
-            return 0
+            return 0, 0
+        return st.st_size, st.st_size if st.st_nlink > 1 else 0
 
     def write_kv(self, name: str, snapshot: KVSnapshot) -> int:
         """Write a snapshot as the agent's KV file (atomically); returns the bytes written."""
@@ -487,9 +500,10 @@ class Store:
             return None, f"cache file {path.name} is unreadable ({type(e).__name__}: {e})"
 
     def delete_kv(self, name: str) -> int:
-        freed = self.kv_bytes(name)
+        """Remove the agent's KV file; returns the bytes freed (none while a fork shares them)."""
+        size, shared = self.kv_bytes(name)
         self.kv_path(name).unlink(missing_ok=True)
-        return freed
+        return size - shared
 
     def link_kv(self, source: str, target: str) -> None:
         """Give `target` the source's KV file: a hard link shares the bytes (files are never

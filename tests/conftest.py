@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import mcp_semantic  # noqa: F401, I001  first: it loads OpenBLAS, which must come before MLX loads
 import mlx_lm
 import pytest
 
-import mcp_semantic  # noqa: F401  (loads OpenBLAS before MLX)
 from mcp_semantic.settings import Settings
 from mcp_semantic.tiny_model import make_tiny_model
 
@@ -87,3 +87,4 @@ def stdio_server():
         if server.proc.poll() is None:
             server.proc.kill()
         server.proc.wait()
+

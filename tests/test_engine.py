@@ -53,8 +53,10 @@ async def test_fork_reuses_the_source_cache_and_diverges(settings: Settings, rep
     history = [{"role": "user", "content": "Tell me a story about a fox."}, {"role": "assistant", "content": base.reply}]
     assert alt.reply == replay(engine.lm, history + [{"role": "user", "content": "Make it about a bear instead."}], 16)
     assert src.reply == replay(engine.lm, history + [{"role": "user", "content": "Go on."}], 16)
-    agents = {a.name: a for a in (await engine.list_agents()).agents}
+    listed = await engine.list_agents()
+    agents = {a.name: a for a in listed.agents}
     assert agents["alt"].parent == "src" and agents["alt"].turns == 2
+    assert listed.memory.hot_agents == 2 and listed.memory.hit_rate == 0.5  # alt came from disk, src was hot
     with pytest.raises(RequestError, match="already exists"):
         await engine.fork("src", "alt")
     with pytest.raises(RequestError, match="unknown agent"):
@@ -181,4 +183,27 @@ async def test_kv_bits_refused_for_heads_it_cannot_quantize(settings: Settings) 
     with pytest.raises(RequestError, match="divisible by 32"):
         open_engine(settings.model_copy(update={"kv_bits": "4"}))
     engine = open_engine(settings)  # the refusal took no lock
+    await engine.aclose()
+
+
+async def test_fork_writes_no_kv_and_shares_the_source_file(settings: Settings, replay) -> None:
+    engine = open_engine(settings)
+    await engine.ask(AskRequest("long", "Tell me everything about the river. " * 20, max_tokens=8))
+    await engine.fork("long", "copy")  # the source is unsaved: the link waits for its write, the fork does not
+    await engine.evict("copy", "memory")  # waits for the writer
+    src, dst = engine.store.kv_path("long").stat(), engine.store.kv_path("copy").stat()
+    assert src.st_ino == dst.st_ino and dst.st_nlink == 2  # one file, two names: no KV written for the fork
+    agents = {a.name: a for a in (await engine.list_agents()).agents}
+    assert agents["copy"].shared_disk_bytes == agents["copy"].disk_bytes == agents["long"].shared_disk_bytes > 0
+
+    # the source moves on (its file is replaced), the fork keeps the one it shared
+    await engine.ask(AskRequest("long", "Go on.", max_tokens=8))
+    await engine.evict("long", "memory")
+    assert engine.store.kv_path("long").stat().st_ino != engine.store.kv_path("copy").stat().st_ino
+    out = await engine.ask(AskRequest("copy", "Go on differently.", max_tokens=8))
+    assert out.tier == "disk" and out.tokens.cached > 0
+
+    # now that nothing shares its file, forgetting the fork frees it
+    freed = await engine.evict("copy", "agent")
+    assert freed.freed_disk_bytes > 0 and not engine.store.kv_path("copy").exists()
     await engine.aclose()

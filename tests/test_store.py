@@ -237,3 +237,13 @@ def test_updating_a_loaded_cache_never_touches_its_file(tmp_path: Path) -> None:
         c.update_and_fetch(mx.full((1, 2, 30, 4), 9.0), mx.full((1, 2, 30, 4), 9.0))
     mx.eval([c.state for c in kv.cache])
     assert store.kv_path("a").read_bytes() == before
+
+
+def test_a_shared_file_frees_nothing_until_its_last_name_goes(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    size = save(store, "a", make_cache(5), [1, 2, 3, 4, 5])
+    store.link_kv("a", "b")
+    assert store.kv_bytes("a") == store.kv_bytes("b") == (size, size)
+    assert store.delete_kv("a") == 0  # b still holds the bytes
+    assert store.load_kv("b", "fp", 2)[0] is not None and store.kv_bytes("b") == (size, 0)
+    assert store.delete_kv("b") == size
