@@ -468,7 +468,7 @@ class Engine:
         # The cache holds a prefix of prompt + everything yielded (eos too); remember exactly which.
         held = cache[0].offset if hasattr(cache[0], "offset") else 0
         if finish != "cancelled":
-            agent.messages = messages + [{"role": "assistant", "content": tokenizer.decode(generated)}]
+            agent.messages = messages + [{"role": "assistant", "content": self._text(generated)}]
             agent.tokens = (prompt + seen)[:held]
             agent.last_used_at = time.time()
             self.store.save_agent(agent)  # the transcript is saved before the reply goes out
@@ -483,7 +483,7 @@ class Engine:
         decode_s = (last or ended) - first
         return AskResult(
             agent=agent.name,
-            reply=agent.messages[-1]["content"] if finish != "cancelled" else tokenizer.decode(generated),
+            reply=agent.messages[-1]["content"] if finish != "cancelled" else self._text(generated),
             finish_reason=finish,
             tier=tier,
             tokens=TokenCounts(context=len(prompt), cached=reuse, prefilled=len(new_tokens), generated=len(generated)),
@@ -497,6 +497,15 @@ class Engine:
             decode_tokens_per_s=round((len(generated) - 1) / decode_s, 2) if len(generated) > 1 and decode_s > 0 else 0.0,
             warnings=warnings,
         )
+
+    def _text(self, tokens: list[int]) -> str:
+        """The reply's text as mlx-lm's own generate and server decode it (its streaming detokenizer)."""
+        detokenizer = self.lm.tokenizer.detokenizer
+        detokenizer.reset()
+        for token in tokens:
+            detokenizer.add_token(token)
+        detokenizer.finalize()
+        return detokenizer.text
 
     def _prefill(self, cache: list[Any], tokens: list[int], on_chunk: Callable[[int], None]) -> mx.array:
         """Feed `tokens` to the model; return the logits of the last one.

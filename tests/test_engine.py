@@ -207,3 +207,35 @@ async def test_fork_writes_no_kv_and_shares_the_source_file(settings: Settings, 
     freed = await engine.evict("copy", "agent")
     assert freed.freed_disk_bytes > 0 and not engine.store.kv_path("copy").exists()
     await engine.aclose()
+
+
+async def test_round_robin_under_a_budget_of_two_agents(settings: Settings, replay) -> None:
+    """Ten agents, a budget for about two: memory stays under it, answers stay exact, nothing is lost."""
+    engine = open_engine(settings)
+    first = await engine.ask(AskRequest("rr-0", "Hello, agent number 0.", max_tokens=12))
+    one_agent = (await engine.list_agents()).memory.used_bytes
+    engine.memory_budget = int(2.5 * one_agent)
+    history: dict[str, list[dict[str, str]]] = {"rr-0": [
+        {"role": "user", "content": "Hello, agent number 0."}, {"role": "assistant", "content": first.reply}
+    ]}
+    for round in range(3):
+        for i in range(10):
+            name = f"rr-{i}"
+            if round == 0 and i == 0:
+                continue
+            message = f"Round {round}: hello, agent number {i}."
+            out = await engine.ask(AskRequest(name, message, max_tokens=12))
+            messages = history.setdefault(name, []) + [{"role": "user", "content": message}]
+            assert out.reply == replay(engine.lm, messages, 12)
+            history[name] = messages + [{"role": "assistant", "content": out.reply}]
+            memory = (await engine.list_agents()).memory
+            assert memory.used_bytes <= memory.budget_bytes and memory.hot_agents <= 3  # caches differ in size
+    await engine.aclose()
+
+    engine = open_engine(settings)  # a restart: every agent and turn is in the store
+    listed = {a.name: a for a in (await engine.list_agents()).agents}
+    assert sorted(listed) == sorted(history) and all(a.turns == 3 for a in listed.values())
+    for name in ("rr-3", "rr-7"):
+        out = await engine.ask(AskRequest(name, "Still there?", max_tokens=8))
+        assert out.tier == "disk" and out.tokens.cached > 0
+    await engine.aclose()
