@@ -40,9 +40,7 @@ from mcp_semantic.store import (
     Writer,
     check_name,
     kv_bits_supported,
-    lock_cache_dir,
     snapshot_kv,
-    unlock_cache_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -229,7 +227,6 @@ class Engine:
         kv_bits: int | None = None,
     ):
         check_kv_bits(lm, kv_bits)
-        self._lock = lock_cache_dir(store.root)  # before anything is read: no other process may write this store
         self.lm = lm
         self.store = store
         self.memory_budget = memory_budget
@@ -320,7 +317,6 @@ class Engine:
             self._queue.put(None)
             self._thread.join()
             self.store.close()
-            unlock_cache_dir(self._lock)
 
     # The engine thread
 

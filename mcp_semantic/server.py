@@ -59,14 +59,20 @@ def load(settings: Settings) -> LoadedModel:
 
 
 def open_engine(settings: Settings, lm: LoadedModel | None = None) -> Engine:
-    return Engine(
-        lm or load(settings),
-        Store(settings.cache_dir),
-        memory_budget=int(settings.memory_budget),
-        prefill_step_size=settings.prefill_step_size,
-        max_tokens_limit=settings.max_tokens_limit,
-        kv_bits=settings.kv_bits_value,
-    )
+    lm = lm or load(settings)
+    store = Store(settings.cache_dir)
+    try:
+        return Engine(
+            lm,
+            store,
+            memory_budget=int(settings.memory_budget),
+            prefill_step_size=settings.prefill_step_size,
+            max_tokens_limit=settings.max_tokens_limit,
+            kv_bits=settings.kv_bits_value,
+        )
+    except BaseException:
+        store.close()
+        raise
 
 
 @dataclass

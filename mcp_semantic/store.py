@@ -90,9 +90,9 @@ class LoadedKV:
     nbytes: int
 
 
-def atomic_write(path: Path, write: Callable[[Path], None], suffix: str = "") -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through `write(tmp_path)`, fsync, and rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -352,6 +352,7 @@ class Store:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        self._lock = lock_cache_dir(self.root)  # first: nothing is read or cleaned in another server's dir
         self.agents_dir = self.root / "agents"
         self.agents_dir.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temporaries()
@@ -379,6 +380,7 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+        unlock_cache_dir(self._lock)
 
     def _remove_stale_temporaries(self) -> None:
         """Temporary files are only ever left by a crash mid-write: the renamed file is the truth."""
