@@ -6,7 +6,7 @@ shape (8 KV heads of 256, bfloat16): 8K tokens. The blocks are generated arrays 
 shapes. Each case times `block_pool.reconstruct` (evaluated) against a plain `mx.concatenate`
 of the same arrays, the physical floor on this machine; the target is within 1.5x.
 
-    python benchmarks/bench_blocks.py [--repeats 20]
+    python benchmarks/bench_blocks.py [--repeats 20] [--quick]
 
 Writes benchmarks/results/<date>-<machine>-blocks.json and .png, and prints a table.
 """
@@ -51,11 +51,12 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="the small cases only, to check the harness")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     rows = []
-    for name, n_blocks, layers, heads, dim, dtype in CASES:
+    for name, n_blocks, layers, heads, dim, dtype in CASES[:2] if args.quick else CASES:
         shape = (1, heads, BLOCK_TOKENS, dim)
         blocks = [[(mx.random.normal(shape).astype(dtype), mx.random.normal(shape).astype(dtype)) for _ in range(layers)] for _ in range(n_blocks)]
         tail = [(mx.zeros((1, heads, 0, dim), dtype), mx.zeros((1, heads, 0, dim), dtype)) for _ in range(layers)]

@@ -10,7 +10,7 @@ Runs on a generated model with SmolLM2-135M's KV shape (30 layers, 3 KV heads of
   one agent: disk bytes;
 * budget: ten agents used round robin under a budget for about two, memory in use after each call.
 
-    python benchmarks/bench_pool.py [--agents 8]
+    python benchmarks/bench_pool.py [--agents 8] [--quick]
 
 Writes benchmarks/results/<date>-<machine>-pool.json and .png, and prints a table.
 """
@@ -52,11 +52,11 @@ def disk_bytes(root: Path) -> int:
     return total
 
 
-async def fork_costs(model: Path, work: Path) -> list[dict]:
+async def fork_costs(model: Path, work: Path, contexts: list[int]) -> list[dict]:
     settings = Settings(model=str(model), cache_dir=work / "fork")
     engine = open_engine(settings)
     rows = []
-    for n in CONTEXTS:
+    for n in contexts:
         name = f"src-{n}"
         tokens = [i % 500 + 3 for i in range(n)]
         cache = make_prompt_cache(engine.lm.model)
@@ -107,13 +107,13 @@ async def sharing(model: Path, work: Path, agents: int) -> dict:
     }
 
 
-async def budget_run(model: Path, work: Path) -> dict:
+async def budget_run(model: Path, work: Path, calls: int) -> dict:
     settings = Settings(model=str(model), cache_dir=work / "budget")
     engine = open_engine(settings)
     await engine.ask(AskRequest("rr-0", "Hello there, number 0.", max_tokens=8))
     engine.memory_budget = int(2.5 * (await engine.list_agents()).memory.used_bytes)
     used = []
-    for step in range(40):
+    for step in range(calls):
         await engine.ask(AskRequest(f"rr-{step % 10}", f"Turn {step}: hello again.", max_tokens=8))
         used.append((await engine.list_agents()).memory.used_bytes)
     listed = await engine.list_agents()
@@ -129,9 +129,9 @@ async def run(args: argparse.Namespace) -> dict:
     return {
         **header("pool"),
         "kv_bytes_per_token": 30 * 2 * 3 * 64 * 4,
-        "fork": await fork_costs(model, work),
-        "sharing": await sharing(model, work, args.agents),
-        "budget": await budget_run(model, work),
+        "fork": await fork_costs(model, work, CONTEXTS[:2] if args.quick else CONTEXTS),
+        "sharing": await sharing(model, work, 2 if args.quick else args.agents),
+        "budget": await budget_run(model, work, 12 if args.quick else 40),
     }
 
 
@@ -163,6 +163,7 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="small sizes, to check the harness")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     result = anyio.run(run, args)
