@@ -31,6 +31,7 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
+from mlx_lm.utils import common_prefix_len
 from pydantic import BaseModel, ConfigDict
 
 from mcp_semantic.models import LoadedModel
@@ -196,14 +197,6 @@ def _post(token: Any, fn: Callable[..., Any], *args: Any) -> None:
         pass
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 def check_kv_bits(lm: LoadedModel, kv_bits: int | None) -> None:
     """Refuse a --kv-bits the model's heads cannot be quantized at (a clear error at start-up)."""
     if kv_bits not in (8, 4):
@@ -325,8 +318,7 @@ class Engine:
             try:
                 job = self._queue.get(timeout=SAVE_AFTER_IDLE_S if self._dirty() else None)
             except queue.Empty:  # idle for a while: hand every unsaved cache to the writer
-                for name in list(self._hot):
-                    self._save(name)
+                self._save_all()
                 continue
             if job is None:
                 break
@@ -335,12 +327,15 @@ class Engine:
             except BaseException as e:  # delivered to the caller, who re-raises it
                 job.error = e
             _post(job.token, job.done.set)
-        for name in list(self._hot):
-            self._save(name)
+        self._save_all()
         self._writer.close()
 
     def _dirty(self) -> bool:
         return any(h.dirty for h in self._hot.values())
+
+    def _save_all(self) -> None:
+        for name in list(self._hot):
+            self._save(name)
 
     def _save(self, name: str) -> None:
         """Hand a snapshot of the agent's cache to the writer thread."""
@@ -413,7 +408,7 @@ class Engine:
         loaded = time.perf_counter()
         if agent.name in self._agents:
             self._tiers[tier] += 1
-        reuse = common_prefix(cached_tokens, prompt)
+        reuse = common_prefix_len(cached_tokens, prompt)
         reuse = min(reuse, len(prompt) - 1)  # at least one token must run to get logits
         if reuse < len(cached_tokens):
             if can_trim_prompt_cache(cache):
