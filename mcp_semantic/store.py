@@ -87,7 +87,10 @@ class Agent:
 class LoadedKV:
     cache: list[Any]
     tokens: list[int]
-    nbytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.cache)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -497,7 +500,7 @@ class Store:
             if stored_layers != n_layers:
                 return None, f"cache file {path.name} has {stored_layers} layers, the model {n_layers}"
             mx.eval([c.state for c in cache])
-            return LoadedKV(cache, tokens, sum(c.nbytes for c in cache)), None
+            return LoadedKV(cache, tokens), None
         except Exception as e:  # noqa: BLE001 - any unreadable file is a cache miss, never a crash
             return None, f"cache file {path.name} is unreadable ({type(e).__name__}: {e})"
 
