@@ -4,7 +4,9 @@ Measures, in one process and one run:
   * cold prefill tokens/s (a 512-token prompt, and the whole conversation);
   * for a conversation of about 2,000 tokens, the time to first token (TTFT) of
       new   - a new agent reading the whole conversation (cold prefill),
-      hot   - the agent's next turn with its cache in memory,
+      hot   - the agent's next turn with its working cache kept in memory,
+      blocks in memory - the next turn of a fork of the agent just resumed: its cache is
+              built from the blocks it shares with it, in memory, not read from disk,
       disk  - the same turn after a server restart (cache loaded from safetensors);
     each follow-up question is about 20 tokens.
 Targets (issue 4): disk resume >= 25x faster than the cold prefill of the same context,
@@ -78,7 +80,13 @@ async def run(args: argparse.Namespace) -> dict:
     await engine.aclose()
 
     engine = open_engine(settings)  # the restart: model reloaded, every cache comes from disk
-    disk = [await engine.ask(AskRequest(f"doc-{i}", q, max_tokens=16)) for i, q in enumerate(FOLLOW_UPS[: args.repeats])]
+    disk, blocks = [], []
+    for i, q in enumerate(FOLLOW_UPS[: args.repeats]):
+        await engine.evict(None, "memory")  # the forks share their blocks: each must read them from disk
+        disk.append(await engine.ask(AskRequest(f"doc-{i}", q, max_tokens=16)))
+        # a fork of it holds the same blocks, now in memory: its cache is built from the pool
+        await engine.fork(f"doc-{i}", f"doc-{i}-b")
+        blocks.append(await engine.ask(AskRequest(f"doc-{i}-b", FOLLOW_UPS[(i + 1) % len(FOLLOW_UPS)], max_tokens=16)))
     await engine.aclose()
 
     med = lambda rs, f: statistics.median(f(r) for r in rs)  # noqa: E731
@@ -92,6 +100,11 @@ async def run(args: argparse.Namespace) -> dict:
         "context_tokens": cold.tokens.context,
         "cold": {"ttft_ms": ttft(cold), "prefill_tokens_per_s": round(cold.tokens.prefilled / (cold.timings_ms.prefill / 1000), 1)},
         "hot": {"ttft_ms": med(hot, ttft), "new_tokens": med(hot, lambda r: r.tokens.prefilled), "runs": [ttft(r) for r in hot]},
+        "blocks_in_memory": {
+            "ttft_ms": med(blocks, ttft),
+            "cache_load_ms": med(blocks, lambda r: r.timings_ms.cache_load),
+            "tiers": [r.tier for r in blocks],
+        },
         "disk": {
             "ttft_ms": med(disk, ttft),
             "cache_load_ms": med(disk, lambda r: r.timings_ms.cache_load),
@@ -143,6 +156,7 @@ def main() -> None:
     print(f"{'':24}{'TTFT ms':>10}")
     print(f"{'new agent (cold)':24}{result['cold']['ttft_ms']:>10.0f}")
     print(f"{'after restart (disk)':24}{result['disk']['ttft_ms']:>10.0f}   cache load {result['disk']['cache_load_ms']:.0f} ms")
+    print(f"{'blocks in memory':24}{result['blocks_in_memory']['ttft_ms']:>10.0f}   build {result['blocks_in_memory']['cache_load_ms']:.0f} ms")
     print(f"{'hot (memory)':24}{result['hot']['ttft_ms']:>10.0f}")
     print(f"cold prefill: {result['prefill_tokens_per_s_512']} tokens/s at 512 tokens, {result['cold']['prefill_tokens_per_s']} at {result['context_tokens']}")
     print(f"disk vs cold: {result['speedup_disk_vs_cold']}x faster; disk/hot: {result['disk_over_hot']}")

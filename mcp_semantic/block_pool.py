@@ -1,18 +1,24 @@
-"""KV blocks: fixed-size token blocks named by their content, and the contiguous cache built from them.
+"""KV blocks: fixed-size token blocks named by their content, the pool that holds them in
+memory, and the contiguous cache built from them.
 
-This is the first step of the block pool (issue 5): the content addressing and the
-reconstruction that a pool of shared blocks needs. The store does not use it yet; an agent's
-cache is still saved as one file (see store.py).
+An agent's KV cache is a list of blocks of `block_tokens` tokens (the last one may be partial).
+A block's id hashes its parent block's id, its token ids and the storage key (the model
+fingerprint and the precision the block is stored at), so an id names a whole prefix, as in
+vLLM's prefix caching: two agents whose histories start with the same tokens get the same ids
+for those blocks and share them, in memory and on disk (see store.py).
 
-A full block's id hashes its parent block's id, its token ids, the model fingerprint and the
-storage format, so an id names a whole prefix, as in vLLM's prefix caching: two agents whose
-histories start with the same tokens get the same ids for those blocks and can share them.
+Why not mlx-lm's cache classes for the blocks themselves: KVCache and QuantizedKVCache hold
+one growing buffer per layer, the shape the model needs while it runs, and `save_prompt_cache`
+writes that whole buffer. A block is a fixed slice shared by many caches, so the pool keeps
+plain arrays and builds a KVCache (mlx-lm's, unchanged) for each call.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -20,55 +26,190 @@ from mlx_lm.models.cache import KVCache
 
 BLOCK_TOKENS = 256
 
-Block = list[tuple[mx.array, mx.array]]
-"""One block: per layer, keys and values of shape (1, kv_heads, tokens, head_dim)."""
+
+@dataclass(frozen=True)
+class Storage:
+    """How blocks are stored: for which model, in which dtype, at which precision.
+
+    `kv_bits` None keeps the dtype the model computes in (lossless); 16 stores float16; 8 and 4
+    use MLX's affine quantization along head_dim (group size 64, or 32 for smaller heads), as
+    mlx-lm's QuantizedKVCache does.
+    """
+
+    fingerprint: str
+    dtype: str  # the model's compute dtype, e.g. "float32"
+    kv_bits: int | None = None
+
+    @property
+    def key(self) -> str:
+        """What a block's id depends on besides its tokens: another model or precision, other ids."""
+        return f"{self.fingerprint}|{self.dtype}|kv{self.kv_bits or 0}"
+
+    def encode(self, a: mx.array) -> dict[str, mx.array]:
+        """One layer's keys or values as stored (always a new array: a block owns its memory)."""
+        if self.kv_bits == 16 and a.dtype not in (mx.float16, mx.bfloat16):
+            return {"": a.astype(mx.float16)}
+        if self.kv_bits in (8, 4):
+            w, scales, biases = mx.quantize(mx.contiguous(a), group_size=group_size(a.shape[-1]), bits=self.kv_bits)
+            return {".weight": w, ".scales": scales, ".biases": biases}
+        return {"": mx.contiguous(a)}
+
+    def decode(self, arrays: dict[str, mx.array], name: str) -> mx.array:
+        dtype = getattr(mx, self.dtype)
+        if name + ".weight" in arrays:
+            w, scales, biases = (arrays[f"{name}.{part}"] for part in ("weight", "scales", "biases"))
+            group = group_size(w.shape[-1] * 32 // self.kv_bits)
+            return mx.dequantize(w, scales, biases, group_size=group, bits=self.kv_bits).astype(dtype)
+        a = arrays[name]
+        return a if a.dtype == dtype else a.astype(dtype)
 
 
-def block_ids(tokens: list[int], fingerprint: str, storage: str, block_tokens: int = BLOCK_TOKENS) -> list[str]:
-    """The ids of the full blocks of `tokens`, in order; a partial tail block has none."""
+def group_size(head_dim: int) -> int:
+    return 64 if head_dim % 64 == 0 else 32
+
+
+def kv_bits_supported(head_dim: int, kv_bits: int | None) -> bool:
+    return kv_bits not in (8, 4) or head_dim % 32 == 0
+
+
+def block_id(parent: str, tokens: list[int], key: str) -> str:
+    """A block's id: a hash of its parent's id, its storage key and its token ids (128 bits)."""
+    h = hashlib.sha256()
+    for field in (parent.encode(), key.encode(), np.asarray(tokens, dtype=np.int64).tobytes()):
+        h.update(len(field).to_bytes(8, "little"))  # lengths too: no two inputs run together
+        h.update(field)
+    return h.hexdigest()[:32]
+
+
+def chain_ids(tokens: list[int], key: str, block_tokens: int = BLOCK_TOKENS) -> list[str]:
+    """The ids of the blocks of `tokens`, in order; a partial last block gets one too.
+
+    A partial block's id differs from the full block it may grow into (the token count is
+    hashed), so a block's content never changes under its id.
+    """
     ids = []
-    parent = b""
-    for start in range(0, len(tokens) - block_tokens + 1, block_tokens):
-        h = hashlib.sha256()
-        for part in (parent, fingerprint.encode(), storage.encode()):
-            h.update(len(part).to_bytes(8, "little"))
-            h.update(part)
-        h.update(np.asarray(tokens[start : start + block_tokens], dtype=np.int64).tobytes())
-        parent = h.digest()
-        ids.append(h.hexdigest()[:32])
+    for start in range(0, len(tokens), block_tokens):
+        ids.append(block_id(ids[-1] if ids else "", tokens[start : start + block_tokens], key))
     return ids
 
 
-def split_blocks(cache: list[Any], n_tokens: int, block_tokens: int = BLOCK_TOKENS) -> tuple[list[Block], Block]:
-    """The full blocks and the tail of the first n_tokens of a KVCache list (views, no copy)."""
+def block_ids(tokens: list[int], key: str, block_tokens: int = BLOCK_TOKENS) -> list[str]:
+    """The ids of the full blocks of `tokens` only: the ones another prompt can share."""
+    return chain_ids(tokens[: len(tokens) // block_tokens * block_tokens], key, block_tokens)
+
+
+@dataclass(eq=False)
+class Block:
+    """One block: its id, parent, token ids, and every layer's keys and values as stored,
+    named as in its file: `layers.<i>.keys` (or `.weight`, `.scales`, `.biases` when quantized)."""
+
+    id: str
+    parent: str
+    tokens: list[int]
+    arrays: dict[str, mx.array]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+def cut_blocks(
+    cache: list[Any], tokens: list[int], storage: Storage, block_tokens: int, skip: Iterable[str] = ()
+) -> list[Block]:
+    """The blocks of a cache holding `tokens`, copied out of it (evaluated), except the ids in `skip`.
+
+    The engine passes the blocks it already holds as `skip`: a turn copies only its new tokens.
+    """
+    skip = set(skip)
+    ids = chain_ids(tokens, storage.key, block_tokens)
     blocks = []
-    for start in range(0, n_tokens - block_tokens + 1, block_tokens):
-        blocks.append([(c.keys[..., start : start + block_tokens, :], c.values[..., start : start + block_tokens, :]) for c in cache])
-    start = len(blocks) * block_tokens
-    tail = [(c.keys[..., start:n_tokens, :], c.values[..., start:n_tokens, :]) for c in cache]
-    return blocks, tail
+    for i, bid in enumerate(ids):
+        if bid in skip:
+            continue
+        start, end = i * block_tokens, min((i + 1) * block_tokens, len(tokens))
+        arrays = {}
+        for layer, c in enumerate(cache):
+            for kind, a in (("keys", c.keys), ("values", c.values)):
+                for suffix, part in storage.encode(a[..., start:end, :]).items():
+                    arrays[f"layers.{layer}.{kind}{suffix}"] = part
+        blocks.append(Block(bid, ids[i - 1] if i else "", tokens[start:end], arrays))
+    mx.eval([a for b in blocks for a in b.arrays.values()])
+    return blocks
 
 
-def reconstruct(blocks: list[Block], tail: Block, room: int = 0) -> list[KVCache]:
-    """One contiguous KVCache per layer from blocks and a tail, with `room` spare slots.
+def reconstruct(blocks: list[Block], storage: Storage, n_layers: int, room: int = 0) -> list[KVCache]:
+    """One contiguous KVCache per layer from `blocks`, with `room` spare slots for the new tokens.
 
-    Why not KVCache.update_and_fetch block by block: it grows its buffer in steps and copies
-    the whole prefix each time; one concatenation per layer writes every byte once.
+    Why not KVCache.update_and_fetch block by block: it grows its buffer in steps and copies the
+    whole prefix each time; one concatenation per layer writes every byte once, and the room
+    lets the call's prompt and reply go in place.
     """
     caches = []
-    for layer, (tail_k, tail_v) in enumerate(tail):
-        keys = [b[layer][0] for b in blocks] + [tail_k] * (tail_k.shape[2] > 0)
-        values = [b[layer][1] for b in blocks] + [tail_v] * (tail_v.shape[2] > 0)
-        n = sum(k.shape[2] for k in keys)
-        if room:
-            shape = list(tail_k.shape)
-            shape[2] = room
-            keys.append(mx.zeros(shape, tail_k.dtype))
-            shape = list(tail_v.shape)
-            shape[2] = room
-            values.append(mx.zeros(shape, tail_v.dtype))
+    for layer in range(n_layers):
         c = KVCache()
-        c.keys, c.values, c.offset = mx.concatenate(keys, axis=2), mx.concatenate(values, axis=2), n
+        parts = {}
+        for kind in ("keys", "values"):
+            arrays = [storage.decode(b.arrays, f"layers.{layer}.{kind}") for b in blocks]
+            if room:
+                shape = list(arrays[-1].shape)
+                shape[2] = room
+                arrays.append(mx.zeros(shape, arrays[-1].dtype))
+            parts[kind] = mx.concatenate(arrays, axis=2) if len(arrays) > 1 else arrays[0]
+        c.keys, c.values, c.offset = parts["keys"], parts["values"], sum(len(b.tokens) for b in blocks)
         caches.append(c)
     mx.eval([(c.keys, c.values) for c in caches])
     return caches
+
+
+class BlockPool:
+    """The blocks held in memory, least recently used first, and how many agents hold each.
+
+    The engine decides when to drop blocks (it writes dirty ones first); the pool keeps the
+    order, the bytes and the references. A block no agent references is dropped at once.
+    """
+
+    def __init__(self) -> None:
+        self._blocks: OrderedDict[str, Block] = OrderedDict()
+        self.refs: Counter[str] = Counter()
+        self.nbytes = 0
+
+    def __contains__(self, bid: str) -> bool:
+        return bid in self._blocks
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def get(self, bid: str) -> Block | None:
+        block = self._blocks.get(bid)
+        if block is not None:
+            self._blocks.move_to_end(bid)
+        return block
+
+    def peek(self, bid: str) -> Block | None:
+        return self._blocks.get(bid)
+
+    def add(self, block: Block) -> None:
+        if block.id not in self._blocks:
+            self.nbytes += block.nbytes
+        self._blocks[block.id] = block
+        self._blocks.move_to_end(block.id)
+
+    def drop(self, bid: str) -> int:
+        block = self._blocks.pop(bid, None)
+        if block is None:
+            return 0
+        self.nbytes -= block.nbytes
+        return block.nbytes
+
+    def hold(self, old: list[str], new: list[str]) -> None:
+        """An agent's block list changed from `old` to `new`: move its references."""
+        self.refs.update(new)
+        self.refs.subtract(old)
+        for bid in set(old) - set(new):
+            if self.refs[bid] <= 0:
+                del self.refs[bid]
+                self.drop(bid)
+
+    def oldest(self) -> Iterator[str]:
+        """Ids from least to most recently used (a snapshot: dropping while iterating is fine)."""
+        return iter(list(self._blocks))

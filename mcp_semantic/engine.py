@@ -1,12 +1,20 @@
 """The engine: one thread owns the model and runs every call, in the order calls arrive.
 
 Each agent's truth is its transcript (store.Agent); its KV cache is only a cache of
-the transcript's tokens. On every call the prompt is rebuilt from the messages with
-the chat template, the longest cached prefix is reused, the rest of the cache is
-trimmed, and only the new tokens are prefilled. Caches stay hot in memory under a
-budget (least recently used go first). When the engine has been idle for a moment it
-snapshots dirty caches (no copy) and a writer thread puts them on disk, so saving
-never delays the next token.
+the transcript's tokens, kept as content-addressed blocks (block_pool.py). On every call
+the prompt is rebuilt from the messages with the chat template, the longest cached prefix
+is found (the agent's own blocks, or blocks any agent shares with this prompt), the
+contiguous cache the model takes is built from those blocks, and only the new tokens are
+prefilled. After the call the blocks of the new tokens are copied out of that cache into
+the pool.
+
+Memory, counted against --memory-budget: the pool's blocks (each once, however many agents
+hold it), plus the working caches of recently used agents, kept so that an agent asked
+again is not rebuilt. Those go first when room is needed; then least recently used blocks,
+after their agents' unsaved blocks are handed to the writer. Aside from the budget: the
+running call's working cache, and blocks queued for the writer until written. When the
+engine has been idle for a moment the writer thread saves the agents' new blocks and block
+lists, so saving never delays the next token.
 
 The engine knows nothing of MCP: it takes and returns plain values and pydantic
 models, and reports progress through an async callback.
@@ -29,20 +37,23 @@ import anyio.from_thread
 import anyio.lowlevel
 import mlx.core as mx
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import common_prefix_len
 from pydantic import BaseModel, ConfigDict
 
-from mcp_semantic.models import LoadedModel
-from mcp_semantic.store import (
-    Agent,
-    Store,
-    Writer,
-    check_name,
+from mcp_semantic.block_pool import (
+    BLOCK_TOKENS,
+    BlockPool,
+    Storage,
+    block_ids,
+    chain_ids,
+    cut_blocks,
     kv_bits_supported,
-    snapshot_kv,
+    reconstruct,
 )
+from mcp_semantic.models import LoadedModel
+from mcp_semantic.store import Agent, KVRecord, Store, Writer, check_name
 
 log = logging.getLogger(__name__)
 
@@ -118,22 +129,36 @@ class AgentInfo(_Result):
     """Tokens of its conversation that its KV cache holds."""
     turns: int
     tier: Literal["hot", "disk", "none"]
-    """Where its cache is: memory (and maybe disk), disk only, or nowhere (the next call re-reads)."""
+    """Where its cache is: all in memory (and maybe on disk), partly or only on disk, or
+    nowhere (the next call re-reads its history)."""
+    blocks: int
+    """KV blocks its cache is made of."""
     memory_bytes: int
+    """Its blocks in memory, plus its working cache if it is kept."""
+    shared_memory_bytes: int
+    """Of memory_bytes, the blocks other agents hold too (in memory once)."""
     disk_bytes: int
     shared_disk_bytes: int
-    """Of disk_bytes, those it shares with forks (stored once)."""
+    """Of disk_bytes, the blocks other agents' saved caches hold too (on disk once)."""
     created_at: datetime
     last_used_at: datetime
 
 
 class MemoryInfo(_Result):
     budget_bytes: int
-    """Memory allowed for hot KV caches (--memory-budget)."""
+    """Memory allowed for KV blocks and kept working caches (--memory-budget)."""
     used_bytes: int
+    block_bytes: int
+    """Of used_bytes, the blocks (the rest: working caches kept for hot agents)."""
+    block_tokens: int
+    blocks_in_memory: int
+    blocks_on_disk: int
     hot_agents: int
+    """Agents whose whole cache is in memory."""
     hit_rate: float
-    """Of the calls to existing agents since start, the share whose cache was in memory."""
+    """Of the calls to existing agents since start, the share whose cache was all in memory."""
+    cached_token_rate: float
+    """Of the prompt tokens of all calls since start, the share reused from a cache, not computed."""
 
 
 class AgentList(_Result):
@@ -163,11 +188,10 @@ class AskRequest:
 
 @dataclass
 class _Hot:
-    """An agent's KV cache in memory, with the token ids it holds."""
+    """An agent's working cache kept after its call, with the token ids it holds."""
 
     cache: list[Any]
     tokens: list[int]
-    dirty: bool = True
 
     @property
     def nbytes(self) -> int:
@@ -197,6 +221,11 @@ def _post(token: Any, fn: Callable[..., Any], *args: Any) -> None:
         pass
 
 
+def room_for(n: int) -> int:
+    """Slots to build a cache with for n tokens: n, rounded up to 32 (the model's writes stay in place)."""
+    return -(-n // 32) * 32
+
+
 def check_kv_bits(lm: LoadedModel, kv_bits: int | None) -> None:
     """Refuse a --kv-bits the model's heads cannot be quantized at (a clear error at start-up)."""
     if kv_bits not in (8, 4):
@@ -218,6 +247,7 @@ class Engine:
         prefill_step_size: int = 512,
         max_tokens_limit: int = 4096,
         kv_bits: int | None = None,
+        block_tokens: int = BLOCK_TOKENS,
     ):
         check_kv_bits(lm, kv_bits)
         self.lm = lm
@@ -226,6 +256,8 @@ class Engine:
         self.prefill_step_size = prefill_step_size
         self.max_tokens_limit = max_tokens_limit
         self.kv_bits = kv_bits
+        self.block_tokens = block_tokens
+        self.storage = Storage(lm.fingerprint, lm.dtype, kv_bits)
         self._agents: dict[str, Agent] = {}
         self.unreadable: list[str] = []
         for name in store.names():
@@ -236,10 +268,27 @@ class Engine:
                 self._agents[name] = agent
         if self.unreadable:
             log.warning("could not read the transcripts of agents: %s", ", ".join(self.unreadable))
-        self._hot: OrderedDict[str, _Hot] = OrderedDict()  # least recently used first
+        self.pool = BlockPool()
+        self._kv: dict[str, KVRecord] = {}  # each agent's blocks now (saved, or waiting for the writer)
+        self._kv_problems: dict[str, str] = {}  # saved caches this engine cannot use, and why
+        for name, record in store.kv_records().items():
+            if name not in self._agents:
+                continue
+            if chain_ids(record.tokens, self.storage.key, block_tokens) != record.blocks:
+                self._kv_problems[name] = (
+                    "its saved KV cache was made by another model, --kv-bits or --block-tokens"
+                )
+                continue
+            self._kv[name] = record
+            self.pool.hold([], record.blocks)
+        self._unsaved: set[str] = set()
+        self._hot: OrderedDict[str, _Hot] = OrderedDict()  # kept working caches, least recently used first
         self._tiers: Counter[str] = Counter()  # where the caches of calls to existing agents came from
-        self._n_layers = len(make_prompt_cache(lm.model))
-        self._writer = Writer(store)
+        self._tokens: Counter[str] = Counter()  # prompt tokens of all calls: "prompt", "cached"
+        template = make_prompt_cache(lm.model)
+        self._n_layers = len(template)
+        self._blocks_ok = all(type(c) is KVCache for c in template)  # other kinds are not cut into blocks yet
+        self._writer = Writer()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="mcp-semantic-engine", daemon=True)
         self._thread.start()
@@ -301,6 +350,11 @@ class Engine:
             raise RequestError(f"invalid level {level!r}: use 'memory', 'disk' or 'agent'")
         return await self._submit(lambda job: self._evict(agent, level))
 
+    async def flush(self) -> None:
+        """Return once every agent's cache is on disk (saves normally wait for an idle moment)."""
+        await self._submit(lambda job: self._save_all())
+        await anyio.to_thread.run_sync(self._writer.wait)
+
     async def aclose(self) -> None:
         await anyio.to_thread.run_sync(self.close)
 
@@ -331,49 +385,103 @@ class Engine:
         self._writer.close()
 
     def _dirty(self) -> bool:
-        return any(h.dirty for h in self._hot.values())
+        return bool(self._unsaved)
 
     def _save_all(self) -> None:
-        for name in list(self._hot):
+        for name in sorted(self._unsaved):
             self._save(name)
 
     def _save(self, name: str) -> None:
-        """Hand a snapshot of the agent's cache to the writer thread."""
-        hot = self._hot.get(name)
-        if hot is None or not hot.dirty:
+        """Hand the agent's new blocks and block list to the writer thread."""
+        if name not in self._unsaved:
             return
-        snapshot = snapshot_kv(hot.cache, hot.tokens, self.lm.fingerprint, self.kv_bits)
-        if snapshot is not None:
-            self._writer.put(name, snapshot)
-        hot.dirty = False
+        self._unsaved.discard(name)
+        record = self._kv.get(name)
+        if record is None:
+            return
+        blocks = [b for bid in record.blocks if (b := self.pool.peek(bid)) is not None]
+        self._writer.put(name, partial(self.store.commit_kv, name, record, blocks, self.storage))
 
-    def _drop_hot(self, name: str, save: bool = True) -> int:
-        if name not in self._hot:
-            return 0
-        if save:
-            self._save(name)
-        return self._hot.pop(name).nbytes
+    def _used(self) -> int:
+        return self.pool.nbytes + sum(h.nbytes for h in self._hot.values())
 
     def _enforce_budget(self) -> None:
-        while self._hot and sum(h.nbytes for h in self._hot.values()) > self.memory_budget:
-            self._drop_hot(next(iter(self._hot)))
+        """Kept working caches go first (their blocks stay), then least recently used blocks."""
+        while self._hot and self._used() > self.memory_budget:
+            self._hot.popitem(last=False)
+        if self._used() <= self.memory_budget:
+            return
+        self._save_all()  # a block leaves memory only once it is written or queued to be
+        for bid in self.pool.oldest():
+            if self._used() <= self.memory_budget:
+                break
+            self.pool.drop(bid)
 
-    def _cache_for(self, agent: Agent, warnings: list[str]) -> tuple[Tier, list[Any], list[int]]:
-        """The agent's cache and the tokens it holds, from memory, disk, or new."""
+    def _remember(self, name: str, cache: list[Any], tokens: list[int]) -> None:
+        """After a call: the agent's blocks are those of `tokens`; copy the new ones into the pool."""
+        if self._blocks_ok:
+            ids = chain_ids(tokens, self.storage.key, self.block_tokens)
+            for block in cut_blocks(cache, tokens, self.storage, self.block_tokens, skip=[b for b in ids if b in self.pool]):
+                self.pool.add(block)
+            old = self._kv.get(name)
+            self.pool.hold(old.blocks if old else [], ids)
+            self._kv[name] = KVRecord(ids, tokens)
+            self._unsaved.add(name)
+        self._hot[name] = _Hot(cache, tokens)
+        self._hot.move_to_end(name)
+
+    def _forget(self, name: str) -> None:
+        """Drop the agent's cache from memory and from the engine's lists (not from disk)."""
+        self._hot.pop(name, None)
+        self._unsaved.discard(name)
+        record = self._kv.pop(name, None)
+        if record is not None:
+            self.pool.hold(record.blocks, [])
+
+    def _cache_for(self, agent: Agent, prompt: list[int], max_new: int, warnings: list[str]) -> tuple[Tier, list[Any], list[int]]:
+        """The longest cache for `prompt` there is: the agent's kept working cache, or one built
+        from its own blocks or from blocks any agent shares with the prompt, from memory or disk."""
         hot = self._hot.get(agent.name)
         if hot is not None:
             self._hot.move_to_end(agent.name)
             return "hot", hot.cache, hot.tokens
-        self._writer.wait(agent.name)
-        kv, problem = self.store.load_kv(agent.name, self.lm.fingerprint, self._n_layers, self.kv_bits)
-        if kv is not None:
-            return "disk", kv.cache, kv.tokens
-        if agent.tokens:
-            why = problem or "it has no saved KV cache"
+        B = self.block_tokens
+        ids: list[str] = []
+        tokens: list[int] = []
+        record = self._kv.get(agent.name)
+        if record is not None:
+            n = -(-common_prefix_len(record.tokens, prompt) // B)
+            ids, tokens = record.blocks[:n], record.tokens[: n * B]
+        shared = 0
+        for bid in block_ids(prompt, self.storage.key, B):
+            if bid not in self.pool and not self.store.has_block(bid):
+                break
+            shared += 1
+        if shared * B > min(len(tokens), common_prefix_len(tokens, prompt)):
+            ids, tokens = block_ids(prompt, self.storage.key, B)[:shared], prompt[: shared * B]
+        blocks, tier, waited = [], "hot", False
+        for bid in ids:
+            block = self.pool.get(bid)
+            if block is None:
+                if not waited:  # the block may be in a write not done yet
+                    self._writer.wait()
+                    waited = True
+                block, problem = self.store.read_block(bid, self.storage, self._n_layers)
+                if block is None:
+                    log.warning("agent %s: %s", agent.name, problem)
+                    warnings.append(f"agent {agent.name}: {problem}; re-prefilling from there")
+                    break
+                self.pool.add(block)
+                tier = "disk"
+            blocks.append(block)
+        if agent.tokens and record is None:
+            why = self._kv_problems.get(agent.name) or "it has no saved KV cache"
             warnings.append(f"agent {agent.name}: {why}; re-prefilling its {len(agent.tokens)} tokens of history")
-            if problem:
-                log.warning("agent %s: %s", agent.name, problem)
-        return "new", make_prompt_cache(self.lm.model), []
+        if not blocks:
+            return "new", make_prompt_cache(self.lm.model), []
+        n = sum(len(b.tokens) for b in blocks)
+        room = room_for(max(0, len(prompt) - common_prefix_len(tokens[:n], prompt)) + max_new + 1)
+        return tier, reconstruct(blocks, self.storage, self._n_layers, room), tokens[:n]
 
     def _ask(self, req: AskRequest, report: Callable[[float, float, str], None] | None, job: _Job) -> AskResult:
         started = time.perf_counter()
@@ -404,10 +512,11 @@ class Engine:
 
         warnings: list[str] = []
         loading = time.perf_counter()
-        tier, cache, cached_tokens = self._cache_for(agent, warnings)
+        tier, cache, cached_tokens = self._cache_for(agent, prompt, max_new, warnings)
         loaded = time.perf_counter()
         if agent.name in self._agents:
             self._tiers[tier] += 1
+        self._tokens["prompt"] += len(prompt)
         reuse = common_prefix_len(cached_tokens, prompt)
         reuse = min(reuse, len(prompt) - 1)  # at least one token must run to get logits
         if reuse < len(cached_tokens):
@@ -416,6 +525,7 @@ class Engine:
             else:
                 cache, reuse = make_prompt_cache(self.lm.model), 0
         new_tokens = prompt[reuse:]
+        self._tokens["cached"] += reuse
         total = len(new_tokens) + max_new
 
         def on_prefill(done: int) -> None:
@@ -450,7 +560,7 @@ class Engine:
         except _Cancelled:
             finish = "cancelled"
         except BaseException:
-            self._hot.pop(agent.name, None)  # the cache may be half-updated: drop it
+            self._hot.pop(agent.name, None)  # the working cache may be half-updated; the blocks are not
             raise
         # generate_step computes one step ahead; finish it now rather than in the next call's time.
         mx.eval([c.state for c in cache])
@@ -465,8 +575,7 @@ class Engine:
             self.store.save_agent(agent)  # the transcript is saved before the reply goes out
             self._agents[agent.name] = agent
         if agent.name in self._agents:
-            self._hot[agent.name] = _Hot(cache, (prompt + seen)[:held])
-            self._hot.move_to_end(agent.name)
+            self._remember(agent.name, cache, (prompt + seen)[:held])
         self._enforce_budget()
 
         first = first or ended
@@ -534,6 +643,8 @@ class Engine:
         return agent
 
     def _fork(self, source: str, name: str) -> ForkResult:
+        """A fork copies the source's transcript and block list: it writes no KV, whatever the
+        source's length, and holds the same blocks in memory and on disk until it diverges."""
         src = self._get(source)
         if name in self._agents or self.store.exists(name):
             raise RequestError(f"agent {name!r} already exists; fork onto a new name")
@@ -545,49 +656,78 @@ class Engine:
             tokens=list(src.tokens),
         )
         self.store.save_agent(agent)
-        self._save(source)  # the fork shares the source's saved cache, so it must be current
-        self._writer.link(source, name)  # after that save, on the writer thread: no wait here
         self._agents[name] = agent
+        record = self._kv.get(source)
+        if record is not None:
+            self._kv[name] = KVRecord(list(record.blocks), list(record.tokens))
+            self.pool.hold([], record.blocks)
+            self._save(source)  # the source's blocks are queued first, so the fork's list finds them on disk
+            self._unsaved.add(name)
+            self._save(name)
         return ForkResult(agent=name, source=source, tokens=len(agent.tokens))
 
     def _list(self) -> AgentList:
         infos = []
+        hot_agents = 0
         for name, a in sorted(self._agents.items()):
-            disk, shared = self.store.kv_bytes(name)
-            hot = self._hot.get(name)
+            record = self._kv.get(name)
+            ids = set(record.blocks) if record else set()
+            in_memory = [bid for bid in ids if bid in self.pool]
+            kept = self._hot.get(name)
+            disk, shared_disk = self.store.kv_bytes(name)
+            hot = kept is not None or (record is not None and len(in_memory) == len(ids) > 0)
+            hot_agents += hot
             infos.append(
                 AgentInfo(
                     name=name,
                     parent=a.parent,
                     tokens=len(a.tokens),
                     turns=a.turns,
-                    tier="hot" if hot else "disk" if disk or self._writer.pending(name) else "none",
-                    memory_bytes=hot.nbytes if hot else 0,
+                    tier="hot" if hot else "disk" if record else "none",
+                    blocks=len(record.blocks) if record else 0,
+                    memory_bytes=(kept.nbytes if kept else 0) + sum(self.pool.peek(b).nbytes for b in in_memory),
+                    shared_memory_bytes=sum(self.pool.peek(b).nbytes for b in in_memory if self.pool.refs[b] > 1),
                     disk_bytes=disk,
-                    shared_disk_bytes=shared,
+                    shared_disk_bytes=shared_disk,
                     created_at=datetime.fromtimestamp(a.created_at).astimezone(),
                     last_used_at=datetime.fromtimestamp(a.last_used_at).astimezone(),
                 )
             )
-        used = sum(h.nbytes for h in self._hot.values())
         calls = sum(self._tiers.values())
         memory = MemoryInfo(
             budget_bytes=self.memory_budget,
-            used_bytes=used,
-            hot_agents=len(self._hot),
+            used_bytes=self._used(),
+            block_bytes=self.pool.nbytes,
+            block_tokens=self.block_tokens,
+            blocks_in_memory=len(self.pool),
+            blocks_on_disk=self.store.disk_blocks(),
+            hot_agents=hot_agents,
             hit_rate=round(self._tiers["hot"] / calls, 3) if calls else 0.0,
+            cached_token_rate=round(self._tokens["cached"] / self._tokens["prompt"], 3) if self._tokens["prompt"] else 0.0,
         )
         return AgentList(agents=infos, memory=memory)
 
     def _evict(self, agent: str | None, level: EvictLevel) -> EvictResult:
+        """memory: drop the agent's working cache and the blocks no other agent holds (saved
+        first); disk: also its saved cache (blocks another agent's list names stay); agent: all."""
         names = [self._get(agent).name] if agent is not None else sorted(self._agents)
-        freed_memory = freed_disk = 0
-        for name in names:
-            freed_memory += self._drop_hot(name, save=level == "memory")
-            self._writer.wait(name)
+        before = self._used()
+        freed_disk = 0
+        if level == "memory":
+            holders: Counter[str] = Counter()
+            for name in names:
+                self._save(name)
+                self._hot.pop(name, None)
+                holders.update(set(self._kv[name].blocks) if name in self._kv else ())
+            for bid, n in holders.items():
+                if self.pool.refs[bid] <= n:  # no agent left in memory holds it
+                    self.pool.drop(bid)
+        for name in names if level != "memory" else ():
+            self._forget(name)
+            self._writer.wait()  # nothing half written is deleted; GC sees every saved list
             if level == "disk":
                 freed_disk += self.store.delete_kv(name)
-            elif level == "agent":
+            else:
                 freed_disk += self.store.delete_agent(name)
                 del self._agents[name]
-        return EvictResult(evicted=names, freed_memory_bytes=freed_memory, freed_disk_bytes=freed_disk)
+        return EvictResult(evicted=names, freed_memory_bytes=before - self._used(), freed_disk_bytes=freed_disk)

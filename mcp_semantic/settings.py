@@ -39,13 +39,14 @@ class Settings(BaseSettings):
     port: int = Field(8765, ge=1, le=65535, description="port for sse and streamable-http")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="where models, transcripts and KV caches live")
     memory_budget: ByteSize = Field(
-        default_factory=default_memory_budget, description="bytes of hot KV caches kept in memory, e.g. 2GiB"
+        default_factory=default_memory_budget, description="bytes of KV blocks and hot caches kept in memory, e.g. 2GiB"
     )
     prefill_step_size: int = Field(512, ge=16, description="tokens per prefill chunk")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a call may ask for")
     kv_bits: Literal["lossless", "16", "8", "4"] = Field(
-        "lossless", description="precision of KV caches on disk: lossless (exact), or smaller and lossy"
+        "lossless", description="precision of KV blocks in the pool and on disk: lossless (exact), or smaller and lossy"
     )
+    block_tokens: int = Field(256, ge=16, le=4096, description="tokens per KV block: the unit of sharing and saving")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level (stderr)")
 
     @property

@@ -1,25 +1,31 @@
-"""The on-disk store: transcripts in SQLite, and one KV cache file per agent.
+"""The on-disk store: transcripts and block lists in SQLite, KV blocks in safetensors files.
 
 Layout under the cache dir::
 
-    store.db                         transcripts (SQLite): messages, token ids, metadata (the truth)
-    agents/<name>/kv.safetensors     KV cache of `tokens` (only a cache: may be missing or stale):
-                                     layers.<i>.keys / layers.<i>.values, (1, kv_heads, slots, head_dim),
-                                     the first n_tokens slots used, then spare room (zeros);
-                                     at --kv-bits 8 or 4: .weight, .scales, .biases of each
+    store.db                      SQLite (WAL): agents (messages, token ids: the truth) and
+                                  kv (per agent, the ids of the blocks its KV cache is made of
+                                  and the token ids they hold: only a cache)
+    blocks/<id>.safetensors       one KV block: every layer's keys and values for its tokens
+                                  (layers.<i>.keys / .values, (1, kv_heads, tokens, head_dim);
+                                  at --kv-bits 8 or 4, .weight, .scales and .biases of each),
+                                  with its parent id, token ids and storage key in the metadata
 
-Every file write goes to a temporary file, is fsynced and renamed over the old one,
-so a crash leaves either the old or the new file, never half of one; every transcript
-write is one SQLite transaction.
-The KV file records the token ids it holds and the model fingerprint, so a stale
-or foreign cache is detected and the caller re-prefills instead of answering wrong.
+A block is named by its content (block_pool.chain_ids), so a block that several agents hold
+(a shared system prompt, a fork and its source) is one file, written once. Saving an agent
+writes its missing block files (each to a temporary file, fsynced and renamed), then commits
+its block list in one SQLite transaction, then deletes the blocks no list references any more.
+A crash at any point leaves the old list with its blocks, or the new one with its blocks; block
+files that no list names are removed at the next start.
 
-Why not mlx-lm's `save_prompt_cache`: it must run on the thread that owns MLX and
-writes each KVCache's whole buffer (up to 255 unused token slots). Here the engine
-thread only takes a snapshot (views of the evaluated arrays, no copy) and the
-`Writer` thread serializes it with the safetensors library, so saving never delays
-the next token. Caches other than plain KVCache (sliding windows, SSM state) are
-not persisted yet.
+Every block file is checked when read: its id is recomputed from the parent, tokens and storage
+key in its metadata, and its arrays must have the model's layers and the block's length. Any
+mismatch is a cache miss (the engine re-prefills), never a crash or a wrong answer.
+
+Why not mlx-lm's `save_prompt_cache`: it writes one file per cache, so nothing is shared
+between agents, and it must run on the thread that owns MLX. Here the engine thread hands
+evaluated blocks to the `Writer` thread, which serializes them with the safetensors library,
+so saving never delays the next token. Caches other than plain KVCache (sliding windows, SSM
+state) are not persisted yet.
 """
 
 from __future__ import annotations
@@ -34,22 +40,23 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache
 from safetensors import TensorSpec, serialize_file
+
+from mcp_semantic.block_pool import Block, Storage, block_id
 
 log = logging.getLogger(__name__)
 
 NAME_RULE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _NAME_RE = re.compile(NAME_RULE)
-KV_FORMAT = "mcp-semantic-kv/3"
-MIN_ROOM = 32
-"""Spare token slots, at least, in a KV file: see room_for."""
+BLOCK_FORMAT = "mcp-semantic-block/1"
+_BLOCK_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 class InvalidName(ValueError):
@@ -83,16 +90,6 @@ class Agent:
         return sum(1 for m in self.messages if m["role"] == "assistant")
 
 
-@dataclass
-class LoadedKV:
-    cache: list[Any]
-    tokens: list[int]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.cache)
-
-
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through `write(tmp_path)`, fsync, and rename over `path`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -113,131 +110,23 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.close(dir_fd)
 
 
-@dataclass
-class KVSnapshot:
-    """An evaluated cache as host arrays that nothing mutates, to be written on any thread."""
-
-    arrays: dict[str, tuple[str, np.ndarray]]  # name -> (safetensors dtype, array)
-    metadata: dict[str, str]
-
-
-def _encode(a: mx.array, kv_bits: int | None) -> dict[str, mx.array]:
-    """How one layer's keys or values are stored: as they are, as float16, or quantized.
-
-    8 and 4 bits use MLX's affine quantization along head_dim (group size 64, or 32 for
-    smaller heads), as mlx-lm's QuantizedKVCache does.
-    """
-    if kv_bits == 16 and a.dtype not in (mx.float16, mx.bfloat16):
-        return {"": a.astype(mx.float16)}
-    if kv_bits in (8, 4):
-        w, scales, biases = mx.quantize(a, group_size=_group_size(a.shape[-1]), bits=kv_bits)
-        return {".weight": w, ".scales": scales, ".biases": biases}
-    return {"": a}
-
-
-def _group_size(head_dim: int) -> int:
-    return 64 if head_dim % 64 == 0 else 32
-
-
-def _decode(arrays: dict[str, mx.array], name: str, meta: dict[str, str], dtype: mx.Dtype) -> mx.array:
-    if name + ".weight" in arrays:
-        w, scales, biases = (arrays[f"{name}.{part}"] for part in ("weight", "scales", "biases"))
-        group = int(meta["group_size"])
-        return mx.dequantize(w, scales, biases, group_size=group, bits=int(meta["kv_bits"])).astype(dtype)
-    a = arrays[name]
-    return a if a.dtype == dtype else a.astype(dtype)
-
-
-def kv_bits_supported(head_dim: int, kv_bits: int | None) -> bool:
-    return kv_bits not in (8, 4) or head_dim % 32 == 0
-
-
-def snapshot_kv(cache: list[Any], tokens: list[int], fingerprint: str, kv_bits: int | None = None) -> KVSnapshot | None:
-    """On the engine thread: views of the first len(tokens) positions (no copy when lossless).
-
-    The views keep their buffers shared, so MLX copies rather than updates them in place
-    when the engine appends to the cache later. None if the cache kind is not persisted.
-    `kv_bits` None stores the cache as it is; 16, 8 and 4 store it smaller and lossy.
-    """
-    if not cache or any(type(c) is not KVCache or c.keys is None for c in cache):
-        return None
-    n = len(tokens)
-    head_dim = cache[0].keys.shape[-1]
-    if not kv_bits_supported(head_dim, kv_bits):
-        raise ValueError(f"--kv-bits {kv_bits} needs a head dimension divisible by 32, the model's is {head_dim}")
-    views = {}
-    for i, c in enumerate(cache):
-        for kind, a in (("keys", c.keys), ("values", c.values)):
-            for suffix, part in _encode(a[..., :n, :], kv_bits).items():
-                # numpy has no bfloat16: carry its bits as uint16, labelled bfloat16 in the file
-                dtype = str(part.dtype).removeprefix("mlx.core.")
-                views[f"layers.{i}.{kind}{suffix}"] = (dtype, part.view(mx.uint16) if part.dtype == mx.bfloat16 else part)
-    mx.eval([a for _, a in views.values()])
-    metadata = {
-        "format": KV_FORMAT,
-        "fingerprint": fingerprint,
-        "dtype": str(cache[0].keys.dtype).removeprefix("mlx.core."),
-        "kv_bits": str(kv_bits or 0),
-        "group_size": str(_group_size(head_dim)),
-        "n_tokens": str(n),
-        "tokens": json.dumps(tokens, separators=(",", ":")),
-    }
-    return KVSnapshot({k: (d, np.array(a, copy=False)) for k, (d, a) in views.items()}, metadata)
-
-
-def room_for(n: int) -> int:
-    """Token slots a KV file has for `n` tokens: n plus an eighth (at least 32), in steps of 32.
-
-    Why spare slots on disk: a cache loaded from a file of exactly n slots must be copied
-    into a larger buffer before its first new token, and filling fresh memory costs more
-    than the load (measured here: 80 to 160 ms for a 2K-token cache, against a 25 ms load).
-    Loaded with its spare slots, the cache takes a turn of up to n/8 tokens in place. The
-    slots are zeros on disk: an eighth more bytes, and little for short caches, which are
-    cheap to copy anyway.
-    """
-    return -(-(n + max(MIN_ROOM, n // 8)) // MIN_ROOM) * MIN_ROOM
-
-
-def _write_snapshot(snapshot: KVSnapshot, path: Path) -> None:
-    n = int(snapshot.metadata["n_tokens"])
-    pad = [(0, 0), (0, 0), (0, room_for(n) - n), (0, 0)]
-    arrays = {k: np.pad(a, pad) for k, (_, a) in snapshot.arrays.items()}  # contiguous, with room
-    specs = {
-        k: TensorSpec(dtype=snapshot.arrays[k][0], shape=list(a.shape), data_ptr=a.ctypes.data, data_len=a.nbytes)
-        for k, a in arrays.items()
-    }
-    serialize_file(specs, str(path), metadata=snapshot.metadata)  # `arrays` keeps the data alive
-
-
-def _kv_cache(keys: mx.array, values: mx.array, n: int) -> KVCache:
-    """A KVCache of the first n positions of `keys` and `values`, using their spare slots as room."""
-    c = KVCache()
-    c.keys, c.values, c.offset = keys, values, n
-    return c
-
-
 class Writer:
-    """Writes KV files on its own thread, in the order given: snapshots, and links for forks.
+    """Runs the store's writes on its own thread, in the order given (saves, forks' lists).
 
-    `wait(name)` returns once nothing is pending for that agent: callers use it before
-    they read or delete the agent's file, so no file is used while half written.
+    `wait(name)` returns once nothing is pending for that agent, `wait()` once nothing is
+    pending at all: callers use them before they read or delete what a job writes.
     """
 
-    def __init__(self, store: Store):
-        self.store = store
+    def __init__(self) -> None:
         self._jobs: deque[tuple[str, Callable[[], object]] | None] = deque()
         self._pending: Counter[str] = Counter()
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="mcp-semantic-writer", daemon=True)
         self._thread.start()
 
-    def put(self, name: str, snapshot: KVSnapshot) -> None:
-        self._add(name, lambda: self.store.write_kv(name, snapshot))
-
-    def link(self, source: str, target: str) -> None:
-        """Give `target` the source's file once the source's pending writes are done: a fork
-        returns at once, whatever the length of the source's context."""
-        self._add(target, lambda: self.store.link_kv(source, target))
+    def put(self, name: str, job: Callable[[], object]) -> None:
+        """Run `job` (a write for agent `name`) after every job put before it."""
+        self._add(name, job)
 
     def _add(self, name: str, job: Callable[[], object]) -> None:
         with self._cond:
@@ -273,7 +162,7 @@ class Writer:
             name, job = item
             try:
                 job()
-            except OSError as e:  # e.g. a full disk: the transcript stays the truth
+            except Exception as e:  # noqa: BLE001 - e.g. a full disk: the transcript stays the truth
                 log.error("could not save the KV cache of agent %s: %s", name, e)
             with self._cond:
                 self._jobs.popleft()
@@ -339,78 +228,134 @@ CREATE TABLE IF NOT EXISTS agents (
     system TEXT,
     parent TEXT,
     messages TEXT NOT NULL,   -- JSON list of {role, content}
-    tokens TEXT NOT NULL,     -- JSON list of the token ids its KV cache holds
+    tokens TEXT NOT NULL,     -- JSON list of the token ids of its last prompt and reply
     created_at REAL NOT NULL,
     last_used_at REAL NOT NULL
-)
+);
+CREATE TABLE IF NOT EXISTS kv (
+    agent TEXT PRIMARY KEY,
+    blocks TEXT NOT NULL,     -- JSON list of block ids, in order
+    tokens TEXT NOT NULL      -- JSON list of the token ids those blocks hold
+);
 """
 
 
-class Store:
-    """Transcripts in SQLite (`store.db`, WAL, written by the engine thread only); KV files beside them.
+@dataclass
+class KVRecord:
+    """An agent's KV cache as the store knows it: its blocks' ids, and the tokens they hold."""
 
-    Why SQLite rather than a JSON file per agent: a turn is one transaction, and what later
-    ties several rows together (an agent and the blocks it holds) commits or not as a whole.
+    blocks: list[str]
+    tokens: list[int]
+
+
+def _write_block(block: Block, storage: Storage, path: Path) -> None:
+    arrays, specs = {}, {}
+    for name, a in block.arrays.items():
+        dtype = str(a.dtype).removeprefix("mlx.core.")
+        # numpy has no bfloat16: carry its bits as uint16, labelled bfloat16 in the file
+        arrays[name] = np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a, copy=False)
+        specs[name] = TensorSpec(dtype=dtype, shape=list(a.shape), data_ptr=arrays[name].ctypes.data, data_len=a.nbytes)
+    metadata = {
+        "format": BLOCK_FORMAT,
+        "storage": storage.key,
+        "parent": block.parent,
+        "n_tokens": str(len(block.tokens)),
+        "tokens": json.dumps(block.tokens, separators=(",", ":")),
+    }
+    serialize_file(specs, str(path), metadata=metadata)  # `arrays` keeps the data alive
+
+
+class Store:
+    """Transcripts and block lists in SQLite (`store.db`, WAL); KV blocks in files beside them.
+
+    The engine thread writes transcripts, the writer thread blocks and block lists; one lock
+    orders them. Why SQLite rather than a JSON file per agent: a turn is one transaction, and an
+    agent's block list commits or not as a whole.
     """
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        self._lock = lock_cache_dir(self.root)  # first: nothing is read or cleaned in another server's dir
-        self.agents_dir = self.root / "agents"
-        self.agents_dir.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temporaries()
+        self._lock_key = lock_cache_dir(self.root)  # first: nothing is read or cleaned in another server's dir
+        self._lock = threading.RLock()
+        self.blocks_dir = self.root / "blocks"
+        self.blocks_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_old_layout()
         self.db = self._open_db(self.root / "store.db")
+        self.refs: Counter[str] = Counter()  # block id -> block lists on disk naming it
+        for record in self.kv_records().values():
+            self.refs.update(record.blocks)
+        self._sizes: dict[str, int] = {}
+        self._collect_garbage()
 
     def _open_db(self, path: Path) -> sqlite3.Connection:
         """Open the database; one that is not a database is moved aside, and the loss said."""
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         try:
-            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")  # a turn answered is a turn on disk
-            db.execute(_SCHEMA)
+            db.executescript(_SCHEMA)
             return db
         except sqlite3.DatabaseError as e:
+            lost = []
+            try:
+                lost = [row[0] for row in db.execute("SELECT name FROM agents")]
+            except sqlite3.DatabaseError:
+                pass
+            db.close()
             aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
             os.replace(path, aside)
             for suffix in ("-wal", "-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
-            lost = sorted(p.name for p in self.agents_dir.iterdir() if p.is_dir())
             log.error(
                 "the transcript database %s cannot be read (%s): moved to %s; transcripts lost for: %s",
-                path, e, aside.name, ", ".join(lost) or "none",
+                path, e, aside.name, ", ".join(lost) or "all agents it held",
             )
             return self._open_db(path)
 
     def close(self) -> None:
         self.db.close()
-        unlock_cache_dir(self._lock)
+        unlock_cache_dir(self._lock_key)
 
-    def _remove_stale_temporaries(self) -> None:
-        """Temporary files are only ever left by a crash mid-write: the renamed file is the truth."""
-        for tmp in self.agents_dir.glob("*/.*.tmp*"):
-            log.info("removing stale temporary file %s", tmp)
-            tmp.unlink(missing_ok=True)
+    def _remove_old_layout(self) -> None:
+        """Version 0.1 kept one KV file per agent under agents/: only a cache, so it goes."""
+        old = self.root / "agents"
+        if old.is_dir():
+            log.info("removing KV caches of the old per-agent layout in %s (agents re-read their history once)", old)
+            shutil.rmtree(old, ignore_errors=True)
 
-    def _dir(self, name: str) -> Path:
-        return self.agents_dir / check_name(name)
+    def _collect_garbage(self) -> None:
+        """Remove temporaries (left only by a crash mid-write) and blocks no list names
+        (left by a crash between the block files and the commit of the list)."""
+        for path in self.blocks_dir.iterdir():
+            if path.name.startswith("."):
+                log.info("removing stale temporary file %s", path.name)
+                path.unlink(missing_ok=True)
+            elif path.suffix == ".safetensors" and path.stem not in self.refs:
+                log.info("removing unreferenced KV block %s", path.name)
+                path.unlink(missing_ok=True)
 
-    def kv_path(self, name: str) -> Path:
-        return self._dir(name) / "kv.safetensors"
+    def block_path(self, bid: str) -> Path:
+        if not _BLOCK_ID_RE.fullmatch(bid):  # ids come from our own database; still, no odd paths
+            raise ValueError(f"invalid block id {bid!r}")
+        return self.blocks_dir / f"{bid}.safetensors"
 
     # transcripts
 
     def names(self) -> list[str]:
-        return [row[0] for row in self.db.execute("SELECT name FROM agents ORDER BY name")]
+        with self._lock:
+            return [row[0] for row in self.db.execute("SELECT name FROM agents ORDER BY name")]
 
     def exists(self, name: str) -> bool:
-        return self.db.execute("SELECT 1 FROM agents WHERE name = ?", (check_name(name),)).fetchone() is not None
+        with self._lock:
+            return self.db.execute("SELECT 1 FROM agents WHERE name = ?", (check_name(name),)).fetchone() is not None
 
     def load_agent(self, name: str) -> Agent | None:
         """The stored transcript, or None if there is none or it cannot be read (logged)."""
-        row = self.db.execute(
-            "SELECT system, parent, messages, tokens, created_at, last_used_at FROM agents WHERE name = ?",
-            (check_name(name),),
-        ).fetchone()
+        with self._lock:
+            row = self.db.execute(
+                "SELECT system, parent, messages, tokens, created_at, last_used_at FROM agents WHERE name = ?",
+                (check_name(name),),
+            ).fetchone()
         if row is None:
             return None
         try:
@@ -427,97 +372,167 @@ class Store:
 
     def save_agent(self, agent: Agent) -> None:
         check_name(agent.name)
-        self.db.execute(
-            "INSERT OR REPLACE INTO agents VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                agent.name,
-                agent.system,
-                agent.parent,
-                json.dumps(agent.messages, ensure_ascii=False),
-                json.dumps(agent.tokens, separators=(",", ":")),
-                agent.created_at,
-                agent.last_used_at,
-            ),
-        )
+        with self._lock:
+            self.db.execute(
+                "INSERT OR REPLACE INTO agents VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    agent.name,
+                    agent.system,
+                    agent.parent,
+                    json.dumps(agent.messages, ensure_ascii=False),
+                    json.dumps(agent.tokens, separators=(",", ":")),
+                    agent.created_at,
+                    agent.last_used_at,
+                ),
+            )
 
     def delete_agent(self, name: str) -> int:
-        """Forget the agent: its transcript, then its folder. Returns the bytes freed on disk."""
-        self.db.execute("DELETE FROM agents WHERE name = ?", (check_name(name),))
-        freed = self.delete_kv(name)
-        shutil.rmtree(self._dir(name), ignore_errors=True)
-        return freed
+        """Forget the agent: its transcript and block list in one transaction, then the blocks
+        only it held. Returns the bytes freed on disk."""
+        with self._lock:
+            record = self.kv_record(name)
+            with self._transaction():
+                self.db.execute("DELETE FROM agents WHERE name = ?", (check_name(name),))
+                self.db.execute("DELETE FROM kv WHERE agent = ?", (name,))
+            return self._release(record.blocks if record else [])
 
-    # KV caches
-
-    def kv_bytes(self, name: str) -> tuple[int, int]:
-        """Bytes of the agent's KV file, and how many of them it shares with other agents (forks)."""
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN ... COMMIT on the autocommit connection; ROLLBACK if anything fails."""
+        self.db.execute("BEGIN IMMEDIATE")
         try:
-            st = self.kv_path(name).stat()
-        except FileNotFoundError:
-            return 0, 0
-        return st.st_size, st.st_size if st.st_nlink > 1 else 0
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
-    def write_kv(self, name: str, snapshot: KVSnapshot) -> int:
-        """Write a snapshot as the agent's KV file (atomically); returns the bytes written."""
-        path = self.kv_path(name)
-        path.parent.mkdir(exist_ok=True)
-        atomic_write(path, lambda p: _write_snapshot(snapshot, p))
-        return path.stat().st_size
+    # block lists
 
-    def load_kv(
-        self, name: str, fingerprint: str, n_layers: int, kv_bits: int | None = None
-    ) -> tuple[LoadedKV | None, str | None]:
-        """Load the agent's KV cache: (kv, None), or (None, why not) when it is missing or unusable.
+    def kv_records(self) -> dict[str, KVRecord]:
+        """Every agent's stored block list; unreadable rows are left out (logged)."""
+        with self._lock:
+            rows = self.db.execute("SELECT agent, blocks, tokens FROM kv").fetchall()
+        records = {}
+        for agent, blocks, tokens in rows:
+            try:
+                record = KVRecord(json.loads(blocks), json.loads(tokens))
+                if not all(isinstance(b, str) and _BLOCK_ID_RE.fullmatch(b) for b in record.blocks):
+                    raise ValueError("a block id that is not 32 hex digits")
+                if not all(isinstance(t, int) for t in record.tokens):
+                    raise ValueError("a token id that is not an integer")
+                records[agent] = record
+            except (ValueError, TypeError) as e:
+                log.warning("cannot read the block list of agent %s: %s", agent, e)
+        return records
 
-        A file stored at another precision than `kv_bits` is a miss: a lossy cache must not
-        quietly stand in for a lossless one, nor the other way round.
-        """
-        path = self.kv_path(name)
-        if not path.exists():
-            return None, None
-        try:
-            arrays, meta = mx.load(str(path), return_metadata=True)
-            if meta.get("format") != KV_FORMAT:
-                return None, f"cache file {path.name} has format {meta.get('format')!r}, expected {KV_FORMAT}"
-            if meta.get("fingerprint") != fingerprint:
-                return None, f"cache file {path.name} was made by another model or dtype"
-            if meta.get("kv_bits") != str(kv_bits or 0):
-                stored = meta.get("kv_bits")
-                return None, f"cache file {path.name} is stored at kv_bits={stored}, the server uses {kv_bits or 0}"
-            tokens = json.loads(meta["tokens"])
-            n = len(tokens)
-            if not isinstance(tokens, list) or n != int(meta["n_tokens"]):
-                return None, f"cache file {path.name} has an inconsistent token list"
-            dtype = getattr(mx, meta["dtype"])
-            cache = []
-            for i in range(n_layers):
-                keys = _decode(arrays, f"layers.{i}.keys", meta, dtype)
-                values = _decode(arrays, f"layers.{i}.values", meta, dtype)
-                if keys.ndim != 4 or keys.shape[2] < n or values.shape[:3] != keys.shape[:3]:
-                    return None, f"cache file {path.name} holds {keys.shape[2]} positions for {n} tokens"
-                cache.append(_kv_cache(keys, values, n))
-            stored_layers = len({k.split(".")[1] for k in arrays})
-            if stored_layers != n_layers:
-                return None, f"cache file {path.name} has {stored_layers} layers, the model {n_layers}"
-            mx.eval([c.state for c in cache])
-            return LoadedKV(cache, tokens), None
-        except Exception as e:  # noqa: BLE001 - any unreadable file is a cache miss, never a crash
-            return None, f"cache file {path.name} is unreadable ({type(e).__name__}: {e})"
+    def kv_record(self, name: str) -> KVRecord | None:
+        with self._lock:
+            row = self.db.execute("SELECT blocks, tokens FROM kv WHERE agent = ?", (check_name(name),)).fetchone()
+        return KVRecord(json.loads(row[0]), json.loads(row[1])) if row else None
+
+    def commit_kv(self, name: str, record: KVRecord, blocks: list[Block], storage: Storage) -> int:
+        """Save an agent's cache: write the blocks of `record` that are not on disk yet (from
+        `blocks`), commit the list, then delete blocks no list names any more. Returns the
+        bytes written. A block neither given nor on disk leaves the old list in place."""
+        check_name(name)
+        given = {b.id: b for b in blocks}
+        written = 0
+        with self._lock:
+            for bid in record.blocks:
+                path = self.block_path(bid)
+                if path.exists():
+                    continue
+                if bid not in given:
+                    log.warning("agent %s: block %s is neither in memory nor on disk; its cache is not saved", name, bid)
+                    return written
+                atomic_write(path, lambda p, b=given[bid]: _write_block(b, storage, p))
+                written += path.stat().st_size
+            old = self.kv_record(name)
+            self.db.execute(
+                "INSERT OR REPLACE INTO kv VALUES (?, ?, ?)",
+                (name, json.dumps(record.blocks), json.dumps(record.tokens, separators=(",", ":"))),
+            )
+            self.refs.update(record.blocks)
+            self._release(old.blocks if old else [])
+        return written
 
     def delete_kv(self, name: str) -> int:
-        """Remove the agent's KV file; returns the bytes freed (none while a fork shares them)."""
-        size, shared = self.kv_bytes(name)
-        self.kv_path(name).unlink(missing_ok=True)
-        return size - shared
+        """Forget the agent's stored cache; returns the bytes freed (its blocks no other list names)."""
+        with self._lock:
+            record = self.kv_record(name)
+            self.db.execute("DELETE FROM kv WHERE agent = ?", (check_name(name),))
+            return self._release(record.blocks if record else [])
 
-    def link_kv(self, source: str, target: str) -> None:
-        """Give `target` the source's KV file: a hard link shares the bytes (files are never
-        modified in place, only replaced), a copy where links are not supported."""
-        src, dst = self.kv_path(source), self.kv_path(target)
-        if not src.exists():
-            return
-        dst.parent.mkdir(exist_ok=True)
+    def _release(self, blocks: list[str]) -> int:
+        """Drop one reference to each block; delete the files no list names any more."""
+        freed = 0
+        self.refs.subtract(blocks)
+        for bid in set(blocks):
+            if self.refs[bid] <= 0:
+                del self.refs[bid]
+                path = self.block_path(bid)
+                freed += self._size(bid)
+                self._sizes.pop(bid, None)
+                path.unlink(missing_ok=True)
+        return freed
+
+    # blocks
+
+    def _size(self, bid: str) -> int:
+        if bid not in self._sizes:
+            try:
+                self._sizes[bid] = self.block_path(bid).stat().st_size
+            except FileNotFoundError:
+                return 0
+        return self._sizes[bid]
+
+    def has_block(self, bid: str) -> bool:
+        with self._lock:
+            return self._size(bid) > 0
+
+    def kv_bytes(self, name: str) -> tuple[int, int]:
+        """Bytes of the agent's stored blocks, and how many of them other agents' lists also name."""
+        with self._lock:
+            record = self.kv_record(name)
+            if record is None:
+                return 0, 0
+            ids = set(record.blocks)
+            total = sum(self._size(b) for b in ids)
+            shared = sum(self._size(b) for b in ids if self.refs[b] > 1)
+            return total, shared
+
+    def disk_blocks(self) -> int:
+        with self._lock:
+            return len(self.refs)
+
+    def read_block(self, bid: str, storage: Storage, n_layers: int) -> tuple[Block | None, str | None]:
+        """Load a block file: (block, None), or (None, why not) when it is missing or unusable."""
+        path = self.block_path(bid)
+        if not path.exists():
+            return None, f"KV block {path.name} is missing"
         try:
-            os.link(src, dst)
-        except OSError:
-            atomic_write(dst, lambda p: shutil.copyfile(src, p))
+            arrays, meta = mx.load(str(path), return_metadata=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a cache miss, never a crash
+            why = str(e).replace(str(path.parent), "")  # the file's name is enough; its place is the server's
+            return None, f"KV block {path.name} is unreadable ({type(e).__name__}: {why})"
+        try:
+            if meta.get("format") != BLOCK_FORMAT:
+                return None, f"KV block {path.name} has format {meta.get('format')!r}, expected {BLOCK_FORMAT}"
+            if meta.get("storage") != storage.key:
+                return None, f"KV block {path.name} was stored for another model or precision"
+            tokens = json.loads(meta["tokens"])
+            parent = meta["parent"]
+            if not isinstance(tokens, list) or len(tokens) != int(meta["n_tokens"]):
+                return None, f"KV block {path.name} has an inconsistent token list"
+            if block_id(parent, tokens, storage.key) != bid:
+                return None, f"KV block {path.name} does not hold the tokens its name says"
+            layers = {k.split(".")[1] for k in arrays}
+            if layers != {str(i) for i in range(n_layers)}:
+                return None, f"KV block {path.name} has {len(layers)} layers, the model {n_layers}"
+            for name, a in arrays.items():
+                if a.ndim != 4 or a.shape[2] != len(tokens):
+                    return None, f"KV block {path.name}: {name} has shape {a.shape} for {len(tokens)} tokens"
+            return Block(bid, parent, tokens, arrays), None
+        except Exception as e:  # noqa: BLE001
+            return None, f"KV block {path.name} is unreadable ({type(e).__name__}: {e})"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def settings(tmp_path: Path, tiny_model_dir: Path) -> Settings:
-    return Settings(model=str(tiny_model_dir), cache_dir=tmp_path / "cache", memory_budget=256 * 1024**2)
+    # blocks of 16 tokens: the tiny model's short conversations span many blocks
+    return Settings(model=str(tiny_model_dir), cache_dir=tmp_path / "cache", memory_budget=256 * 1024**2, block_tokens=16)
 
 
 def replay_from_scratch(lm, messages: list[dict[str, str]], max_tokens: int) -> str:
@@ -41,7 +43,20 @@ def replay():
 
 
 def serve_args(settings: Settings, *extra: str) -> list[str]:
-    return ["-m", "mcp_semantic", "serve", "--model", settings.model, "--cache-dir", str(settings.cache_dir), *extra]
+    return [
+        "-m", "mcp_semantic", "serve", "--model", settings.model, "--cache-dir", str(settings.cache_dir),
+        "--block-tokens", str(settings.block_tokens), *extra,
+    ]
+
+
+def saved_blocks(cache_dir: Path, agent: str) -> list[Path]:
+    """The block files of an agent's saved cache, read from the store as another process would."""
+    db = sqlite3.connect(f"file:{cache_dir / 'store.db'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT blocks FROM kv WHERE agent = ?", (agent,)).fetchone()
+    finally:
+        db.close()
+    return [cache_dir / "blocks" / f"{bid}.safetensors" for bid in json.loads(row[0])] if row else []
 
 
 class RawStdioServer:

@@ -17,6 +17,7 @@ def test_resume_benchmark_writes_its_result(tiny_model_dir: Path, tmp_path: Path
     (result,) = tmp_path.glob("*-resume.json")
     data = json.loads(result.read_text())
     assert data["disk"]["tiers"] == ["disk", "disk"] and data["cold"]["ttft_ms"] > 0 and data["hot"]["ttft_ms"] > 0
+    assert data["blocks_in_memory"]["tiers"] == ["hot", "hot"]
     assert set(data["targets"]) == {
         "prefill_512_at_least_120_tokens_per_s",
         "disk_resume_at_least_25x_cold",

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from mcp import Client
 
+from conftest import saved_blocks
 from mcp_semantic.server import create_server
 from mcp_semantic.settings import Settings
 
@@ -75,7 +76,8 @@ async def test_all_four_tools_and_restart(settings: Settings) -> None:
         listed = await call(client, "list_agents")
         names = {a["name"]: a for a in listed["agents"]}
         assert names["helper"]["tier"] == "hot" and names["helper"]["turns"] == 2
-        assert names["helper.2"]["parent"] == "helper" and names["helper.2"]["tier"] == "disk"
+        assert names["helper.2"]["parent"] == "helper" and names["helper.2"]["tier"] == "hot"  # the source's blocks
+        assert names["helper.2"]["shared_memory_bytes"] == names["helper.2"]["memory_bytes"] > 0
         assert listed["memory"]["budget_bytes"] == settings.memory_budget
         evicted = await call(client, "evict_cache", agent="helper", level="memory")
         assert evicted["evicted"] == ["helper"] and evicted["freed_memory_bytes"] > 0
@@ -116,8 +118,7 @@ async def test_corrupt_cache_is_reported_to_the_host_as_a_warning(settings: Sett
 
     async with Client(create_server(settings)) as client:
         await call(client, "ask_agent", agent="a", message="Hello.", max_tokens=8)
-    kv = settings.cache_dir / "agents" / "a" / "kv.safetensors"
-    kv.write_bytes(b"\x00" * 100)
+    saved_blocks(settings.cache_dir, "a")[0].write_bytes(b"\x00" * 100)
     async with Client(create_server(settings), logging_callback=on_log, log_level="warning") as client:
         out = await call(client, "ask_agent", agent="a", message="Again.", max_tokens=8)
     assert out["tier"] == "new" and any("unreadable" in w for w in out["warnings"])

@@ -1,4 +1,4 @@
-"""The store: names, atomic transcripts, KV files that are checked before use."""
+"""The store: names, atomic transcripts, KV blocks written once, checked before use, collected when unreferenced."""
 
 from __future__ import annotations
 
@@ -11,18 +11,34 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mlx_lm.models.cache import KVCache
 
-from mcp_semantic.store import NAME_RULE, MIN_ROOM, Agent, InvalidName, Store, Writer, check_name, room_for, snapshot_kv
+from mcp_semantic.block_pool import Storage, chain_ids, cut_blocks, reconstruct
+from mcp_semantic.store import NAME_RULE, Agent, InvalidName, KVRecord, Store, Writer, check_name
+
+EXACT = Storage("fp", "float32")
+B = 4  # tokens per block in these tests
 
 
-def save(store: Store, name: str, cache: list[KVCache], tokens: list[int], fingerprint: str = "fp") -> int:
-    return store.write_kv(name, snapshot_kv(cache, tokens, fingerprint))
+def save(store: Store, name: str, cache: list[KVCache], tokens: list[int], storage: Storage = EXACT, block_tokens: int = B) -> int:
+    """What the engine does: cut the cache into blocks, hand them and the list to the store."""
+    blocks = cut_blocks(cache, tokens, storage, block_tokens)
+    return store.commit_kv(name, KVRecord([b.id for b in blocks], tokens), blocks, storage)
+
+
+def load(store: Store, name: str, storage: Storage = EXACT, n_layers: int = 2) -> list[KVCache]:
+    blocks = []
+    for bid in store.kv_record(name).blocks:
+        block, problem = store.read_block(bid, storage, n_layers)
+        assert problem is None, problem
+        blocks.append(block)
+    return reconstruct(blocks, storage, n_layers)
 
 
 def make_cache(n: int, layers: int = 2) -> list[KVCache]:
     cache = []
     for i in range(layers):
         c = KVCache()
-        c.update_and_fetch(mx.full((1, 2, n, 4), i, mx.float32), mx.full((1, 2, n, 4), -i, mx.float32))
+        k = mx.arange(n, dtype=mx.float32)[None, None, :, None] + mx.zeros((1, 2, n, 4)) + 100 * i
+        c.update_and_fetch(k, -k)
         cache.append(c)
     return cache
 
@@ -74,7 +90,7 @@ def test_a_corrupt_database_is_moved_aside_and_the_server_starts(tmp_path: Path,
     store = Store(tmp_path)
     assert store.names() == []
     assert list(tmp_path.glob("store.db.corrupt-*"))
-    assert "transcripts lost for: a" in caplog.text
+    assert "transcripts lost for" in caplog.text
     store.save_agent(Agent("b"))
     assert store.names() == ["b"]
 
@@ -83,29 +99,87 @@ def test_stale_temporaries_are_removed_at_start(tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.save_agent(Agent("a"))
     save(store, "a", make_cache(4), list(range(4)))
-    stale = tmp_path / "agents" / "a" / ".kv.safetensors.abc.tmp"
+    stale = tmp_path / "blocks" / ".0123.safetensors.abc.tmp"
     stale.write_bytes(b"half")
-    Store(tmp_path)
-    assert not stale.exists() and Store(tmp_path).load_agent("a") is not None
+    store.close()
+    store = Store(tmp_path)
+    assert not stale.exists() and store.load_agent("a") is not None and store.kv_record("a") is not None
 
 
-def test_kv_round_trip_keeps_room_to_grow(tmp_path: Path) -> None:
+def test_blocks_round_trip(tmp_path: Path) -> None:
     store = Store(tmp_path)
     cache = make_cache(10)
     written = save(store, "a", cache, list(range(10)))
-    kv, problem = store.load_kv("a", "fp", 2)
-    assert problem is None and kv.tokens == list(range(10))
-    assert kv.cache[1].offset == 10 and kv.cache[1].keys.shape[2] == room_for(10) == 64
-    assert mx.array_equal(kv.cache[1].keys[..., :10, :], cache[1].keys[..., :10, :]).item()
-    assert written < 2 * 2 * 64 * 2 * 4 * 4 + 8192  # 2 layers of keys and values, 64 slots, and a header
-    before = kv.cache[1].keys
-    kv.cache[1].update_and_fetch(mx.zeros((1, 2, 5, 4)), mx.zeros((1, 2, 5, 4)))
-    assert kv.cache[1].keys.shape == before.shape  # appended in place of the spare slots, no new buffer
+    record = store.kv_record("a")
+    assert record.tokens == list(range(10)) and len(record.blocks) == 3  # 4 + 4 + a partial block of 2
+    assert written == sum(store.block_path(b).stat().st_size for b in record.blocks)
+    rebuilt = load(store, "a")
+    for original, c in zip(cache, rebuilt):
+        assert c.offset == 10 and mx.array_equal(c.keys, original.keys[..., :10, :]).item()
+        assert mx.array_equal(c.values, original.values[..., :10, :]).item()
+    assert save(store, "a", cache, list(range(10))) == 0  # nothing new: nothing written
 
 
-@pytest.mark.parametrize("n, slots", [(1, 64), (32, 64), (100, 160), (1988, 2240), (8000, 9024)])
-def test_room_for(n: int, slots: int) -> None:
-    assert room_for(n) == slots and room_for(n) - n >= max(MIN_ROOM, n // 8)
+def test_a_shared_prefix_is_stored_once(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    cache = make_cache(10)
+    save(store, "a", cache, list(range(10)))
+    files = {p.name for p in store.blocks_dir.iterdir()}
+    other = make_cache(10)  # same first 8 positions, then its own
+    for c in other:
+        c.keys[..., 8:, :] = 7.0
+    written = save(store, "b", other, list(range(8)) + [70, 71])
+    new = {p.name for p in store.blocks_dir.iterdir()} - files
+    assert len(new) == 1 and written == store.block_path(Path(new.pop()).stem).stat().st_size  # only b's tail
+    total, shared = store.kv_bytes("b")
+    assert 0 < shared < total and store.kv_bytes("a")[1] == shared
+    assert mx.array_equal(load(store, "b")[0].keys[..., 8:, :], mx.full((1, 2, 2, 4), 7.0)).item()
+
+
+def test_gc_removes_exactly_the_unreferenced_blocks(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    save(store, "a", make_cache(10), list(range(10)))
+    first = store.kv_record("a")
+    store.commit_kv("fork", first, [], EXACT)  # a fork: the same list, no block written
+    save(store, "a", make_cache(14), list(range(14)))  # a moves on: a new tail, its old one is the fork's
+    assert all(store.block_path(b).exists() for b in first.blocks + store.kv_record("a").blocks)
+
+    sizes = {b: store.block_path(b).stat().st_size for b in first.blocks}
+    freed = store.delete_kv("fork")
+    only_fork = set(first.blocks) - set(store.kv_record("a").blocks)
+    assert only_fork == {first.blocks[-1]} and freed == sizes[first.blocks[-1]]
+    assert not store.block_path(first.blocks[-1]).exists()
+    assert {p.stem for p in store.blocks_dir.iterdir()} == set(store.kv_record("a").blocks)
+    assert load(store, "a")[1].offset == 14
+
+    store.save_agent(Agent("a"))
+    freed = store.delete_agent("a")
+    assert freed > 0 and list(store.blocks_dir.iterdir()) == [] and store.kv_record("a") is None
+
+
+def test_a_commit_waits_for_blocks_it_does_not_have(tmp_path: Path, caplog) -> None:
+    store = Store(tmp_path)
+    save(store, "a", make_cache(6), list(range(6)))
+    before = store.kv_record("a")
+    blocks = cut_blocks(make_cache(10), list(range(10)), EXACT, B)
+    store.commit_kv("a", KVRecord([b.id for b in blocks], list(range(10))), blocks[:1], EXACT)
+    assert store.kv_record("a") == before and "not saved" in caplog.text  # the old list stays whole
+
+
+def test_unreferenced_blocks_and_temporaries_are_removed_at_start(tmp_path: Path) -> None:
+    """What a crash between the block files and the commit of the list leaves."""
+    store = Store(tmp_path)
+    save(store, "a", make_cache(6), list(range(6)))
+    kept = {p.name for p in store.blocks_dir.iterdir()}
+    orphans = cut_blocks(make_cache(9), list(range(100, 109)), EXACT, B)
+    for block in orphans:  # written, never committed
+        store.commit_kv("x", KVRecord([block.id], block.tokens), [block], EXACT)
+    store.db.execute("DELETE FROM kv WHERE agent = 'x'")
+    (store.blocks_dir / ".abc.safetensors.tmp").write_bytes(b"half")
+    store.close()
+    store = Store(tmp_path)
+    assert {p.name for p in store.blocks_dir.iterdir()} == kept
+    assert load(store, "a")[0].offset == 6
 
 
 @pytest.mark.parametrize(
@@ -114,63 +188,49 @@ def test_room_for(n: int, slots: int) -> None:
         (lambda b: b[: len(b) // 2], "unreadable"),
         (lambda b: b"", "unreadable"),
         (lambda b: b"\x00" * len(b), "unreadable"),
+        (lambda b: b.replace(b'"tokens":"[4,5', b'"tokens":"[9,5'), "does not hold the tokens"),
+        (lambda b: b.replace(b"mcp-semantic-block/1", b"mcp-semantic-block/9"), "format"),
     ],
 )
-def test_damaged_kv_files_are_misses(tmp_path: Path, damage, why: str) -> None:
+def test_damaged_blocks_are_misses(tmp_path: Path, damage, why: str) -> None:
     store = Store(tmp_path)
-    save(store, "a", make_cache(5), [1, 2, 3, 4, 5])
-    path = store.kv_path("a")
-    path.write_bytes(damage(path.read_bytes()))
-    kv, problem = store.load_kv("a", "fp", 2)
-    assert kv is None and why in problem and "kv.safetensors" in problem
+    save(store, "a", make_cache(6), list(range(6)))
+    bid = store.kv_record("a").blocks[1]
+    path = store.block_path(bid)
+    damaged = damage(path.read_bytes())
+    assert damaged != path.read_bytes()
+    path.write_bytes(damaged)
+    block, problem = store.read_block(bid, EXACT, 2)
+    assert block is None and why in problem and path.name in problem
 
 
-def test_foreign_or_inconsistent_kv_files_are_misses(tmp_path: Path) -> None:
+def test_foreign_blocks_are_misses(tmp_path: Path) -> None:
     store = Store(tmp_path)
-    save(store, "a", make_cache(5), [1, 2, 3, 4, 5])
-    kv, problem = store.load_kv("a", "another-model", 2)
-    assert kv is None and "another model" in problem
-    snap = snapshot_kv(make_cache(5), [1, 2, 3], "fp")  # holds 3 positions, then says 300 tokens
-    snap.metadata.update(tokens=str(list(range(300))), n_tokens="300")
-    store.write_kv("a", snap)
-    kv, problem = store.load_kv("a", "fp", 2)
-    assert kv is None and "positions" in problem
-    assert store.load_kv("missing", "fp", 2) == (None, None)
-
-
-def test_link_kv_shares_bytes_and_survives_source_rewrites(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    save(store, "a", make_cache(5), [1, 2, 3, 4, 5])
-    store.link_kv("a", "b")
-    save(store, "a", make_cache(7), list(range(7)))  # replaces a's file, b keeps the old one
-    kv_b, _ = store.load_kv("b", "fp", 2)
-    kv_a, _ = store.load_kv("a", "fp", 2)
-    assert kv_b.tokens == [1, 2, 3, 4, 5] and kv_a.tokens == list(range(7))
+    save(store, "a", make_cache(5, layers=3), list(range(5)), Storage("fp", "float32"))
+    bid = store.kv_record("a").blocks[0]
+    assert "another model or precision" in store.read_block(bid, Storage("another", "float32"), 3)[1]
+    assert "another model or precision" in store.read_block(bid, Storage("fp", "float32", 16), 3)[1]
+    assert "3 layers, the model 2" in store.read_block(bid, EXACT, 2)[1]
+    assert "missing" in store.read_block("0" * 32, EXACT, 3)[1]
+    with pytest.raises(ValueError, match="invalid block id"):
+        store.block_path("../../etc/passwd")
 
 
 def test_name_rule_is_the_published_one() -> None:
     assert NAME_RULE == r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
-def test_wrong_layer_count_is_a_miss(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    save(store, "a", make_cache(5, layers=3), [1, 2, 3, 4, 5])
-    kv, problem = store.load_kv("a", "fp", 2)
-    assert kv is None and "3 layers, the model 2" in problem
-
-
-def test_snapshot_is_not_changed_by_later_updates(tmp_path: Path) -> None:
-    """The engine keeps using a cache after handing its snapshot to the writer."""
+def test_blocks_are_copies_the_cache_can_move_on_from(tmp_path: Path) -> None:
+    """The engine keeps using a cache after its blocks are cut; the blocks must not change."""
     store = Store(tmp_path)
     cache = make_cache(10)
-    snap = snapshot_kv(cache, list(range(10)), "fp")
-    for c in cache:  # trim and overwrite positions the snapshot covers
+    blocks = cut_blocks(cache, list(range(10)), EXACT, B)
+    for c in cache:  # trim and overwrite positions the blocks cover
         c.trim(5)
         c.update_and_fetch(mx.full((1, 2, 3, 4), 7.0), mx.full((1, 2, 3, 4), 7.0))
     mx.eval([c.state for c in cache])
-    store.write_kv("a", snap)
-    kv, _ = store.load_kv("a", "fp", 2)
-    assert mx.array_equal(kv.cache[1].keys[..., :10, :], mx.full((1, 2, 10, 4), 1.0)).item()
+    store.commit_kv("a", KVRecord([b.id for b in blocks], list(range(10))), blocks, EXACT)
+    assert mx.array_equal(load(store, "a")[1].keys, make_cache(10)[1].keys[..., :10, :]).item()
 
 
 def test_bfloat16_round_trip(tmp_path: Path) -> None:
@@ -178,20 +238,23 @@ def test_bfloat16_round_trip(tmp_path: Path) -> None:
     c = KVCache()
     k = mx.random.normal((1, 2, 6, 4)).astype(mx.bfloat16)
     c.update_and_fetch(k, -k)
-    save(store, "a", [c], list(range(6)))
-    kv, problem = store.load_kv("a", "fp", 1)
-    assert problem is None and kv.cache[0].keys.dtype == mx.bfloat16
-    assert mx.array_equal(kv.cache[0].values[..., :6, :], -k).item()
+    storage = Storage("fp", "bfloat16")
+    save(store, "a", [c], list(range(6)), storage)
+    rebuilt = load(store, "a", storage, 1)
+    assert rebuilt[0].keys.dtype == mx.bfloat16 and mx.array_equal(rebuilt[0].values, -k).item()
 
 
-def test_writer_writes_in_order_and_waits(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    writer = Writer(store)
+def test_writer_runs_jobs_in_order_and_waits() -> None:
+    writer = Writer()
+    done: list[int] = []
     for n in (3, 4, 5):
-        writer.put("a", snapshot_kv(make_cache(n), list(range(n)), "fp"))
+        writer.put("a", lambda n=n: done.append(n))
+    writer.put("b", lambda: 1 / 0)  # a failing job is logged; the writer goes on
+    writer.put("b", lambda: done.append(6))
     writer.wait("a")
-    kv, _ = store.load_kv("a", "fp", 2)
-    assert kv.tokens == list(range(5))
+    assert done[:3] == [3, 4, 5]
+    writer.wait()
+    assert done == [3, 4, 5, 6] and not writer.pending("b")
     writer.close()
 
 
@@ -201,49 +264,11 @@ def test_kv_bits_store_smaller_and_close(tmp_path: Path, bits: int, ratio: float
     c = KVCache()
     k = mx.random.normal((1, 2, 300, 64))
     c.update_and_fetch(k, -k)
-    lossless = store.write_kv("exact", snapshot_kv([c], list(range(300)), "fp"))
-    small = store.write_kv("small", snapshot_kv([c], list(range(300)), "fp", bits))
-    assert small < ratio * lossless
-    kv, problem = store.load_kv("small", "fp", 1, bits)
-    assert problem is None and kv.cache[0].keys.dtype == mx.float32 and kv.cache[0].offset == 300
-    assert mx.abs(kv.cache[0].keys[..., :300, :] - k).max().item() < tolerance
-    assert mx.abs(kv.cache[0].values[..., :300, :] + k).max().item() < tolerance
-    assert kv.cache[0].keys.shape[2] == room_for(300)  # the spare slots survive quantization
-
-
-def test_a_cache_at_another_precision_is_a_miss(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    store.write_kv("a", snapshot_kv(make_cache(5, layers=1), list(range(5)), "fp", 16))
-    kv, problem = store.load_kv("a", "fp", 1)
-    assert kv is None and "kv_bits=16" in problem
-    assert store.load_kv("a", "fp", 1, 16)[0] is not None
-
-
-def test_kv_bits_need_a_head_dim_divisible_by_32() -> None:
-    c = KVCache()
-    c.update_and_fetch(mx.zeros((1, 1, 4, 16)), mx.zeros((1, 1, 4, 16)))
-    with pytest.raises(ValueError, match="divisible by 32"):
-        snapshot_kv([c], list(range(4)), "fp", 8)
-
-
-def test_updating_a_loaded_cache_never_touches_its_file(tmp_path: Path) -> None:
-    """Loaded caches are updated in place (their spare slots); the file must stay as saved."""
-    store = Store(tmp_path)
-    save(store, "a", make_cache(40), list(range(40)))
-    before = store.kv_path("a").read_bytes()
-    kv, _ = store.load_kv("a", "fp", 2)
-    for c in kv.cache:
-        c.trim(20)  # overwrite saved positions, then fill the spare slots
-        c.update_and_fetch(mx.full((1, 2, 30, 4), 9.0), mx.full((1, 2, 30, 4), 9.0))
-    mx.eval([c.state for c in kv.cache])
-    assert store.kv_path("a").read_bytes() == before
-
-
-def test_a_shared_file_frees_nothing_until_its_last_name_goes(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    size = save(store, "a", make_cache(5), [1, 2, 3, 4, 5])
-    store.link_kv("a", "b")
-    assert store.kv_bytes("a") == store.kv_bytes("b") == (size, size)
-    assert store.delete_kv("a") == 0  # b still holds the bytes
-    assert store.load_kv("b", "fp", 2)[0] is not None and store.kv_bytes("b") == (size, 0)
-    assert store.delete_kv("b") == size
+    small = Storage("fp", "float32", bits)
+    lossless = save(store, "exact", [c], list(range(300)), block_tokens=256)
+    smaller = save(store, "small", [c], list(range(300)), small, block_tokens=256)
+    assert smaller < ratio * lossless
+    rebuilt = load(store, "small", small, 1)[0]
+    assert rebuilt.keys.dtype == mx.float32 and rebuilt.offset == 300
+    assert mx.abs(rebuilt.keys - k).max().item() < tolerance
+    assert mx.abs(rebuilt.values + k).max().item() < tolerance

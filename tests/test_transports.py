@@ -14,7 +14,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
 
-from conftest import serve_args
+from conftest import saved_blocks, serve_args
 from mcp_semantic.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -69,7 +69,7 @@ async def test_streamable_http_on_loopback(settings: Settings, tmp_path: Path) -
             proc.kill()
             proc.wait()
     # a clean stop writes every cache
-    assert (settings.cache_dir / "agents" / "h" / "kv.safetensors").exists()
+    assert saved_blocks(settings.cache_dir, "h") and all(p.exists() for p in saved_blocks(settings.cache_dir, "h"))
 
 
 async def test_sse_sessions_share_one_engine(settings: Settings) -> None:
@@ -96,7 +96,7 @@ def test_sigterm_on_stdio_saves_every_cache(settings: Settings, stdio_server) ->
     server.proc.send_signal(signal.SIGTERM)  # before the idle save: the lifespan must save it
     _, err = server.proc.communicate(timeout=30)
     assert server.proc.returncode == 0 and b"terminate called" not in err, err.decode()[-2000:]
-    assert (settings.cache_dir / "agents" / "t" / "kv.safetensors").exists()
+    assert saved_blocks(settings.cache_dir, "t") and all(p.exists() for p in saved_blocks(settings.cache_dir, "t"))
 
 
 def test_a_second_server_on_the_same_cache_dir_refuses(settings: Settings) -> None:
