@@ -481,7 +481,9 @@ class Engine:
             return "new", make_prompt_cache(self.lm.model), []
         n = sum(len(b.tokens) for b in blocks)
         room = room_for(max(0, len(prompt) - common_prefix_len(tokens[:n], prompt)) + max_new + 1)
-        return tier, reconstruct(blocks, self.storage, self._n_layers, room), tokens[:n]
+        cache = reconstruct(blocks, self.storage, self._n_layers, room)
+        self._enforce_budget()  # blocks read for this call count at once; the working cache is aside
+        return tier, cache, tokens[:n]
 
     def _ask(self, req: AskRequest, report: Callable[[float, float, str], None] | None, job: _Job) -> AskResult:
         started = time.perf_counter()

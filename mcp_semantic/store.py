@@ -436,26 +436,34 @@ class Store:
         `blocks`), commit the list, then delete blocks no list names any more. Returns the
         bytes written. A block neither given nor on disk leaves the old list in place."""
         check_name(name)
+        with self._lock:
+            written = self._write_blocks(name, record, blocks, storage)
+            if written is not None:
+                self._commit_record(name, record)
+            return written or 0
+
+    def _write_blocks(self, name: str, record: KVRecord, blocks: list[Block], storage: Storage) -> int | None:
         given = {b.id: b for b in blocks}
         written = 0
-        with self._lock:
-            for bid in record.blocks:
-                path = self.block_path(bid)
-                if path.exists():
-                    continue
-                if bid not in given:
-                    log.warning("agent %s: block %s is neither in memory nor on disk; its cache is not saved", name, bid)
-                    return written
-                atomic_write(path, lambda p, b=given[bid]: _write_block(b, storage, p))
-                written += path.stat().st_size
-            old = self.kv_record(name)
-            self.db.execute(
-                "INSERT OR REPLACE INTO kv VALUES (?, ?, ?)",
-                (name, json.dumps(record.blocks), json.dumps(record.tokens, separators=(",", ":"))),
-            )
-            self.refs.update(record.blocks)
-            self._release(old.blocks if old else [])
+        for bid in record.blocks:
+            path = self.block_path(bid)
+            if path.exists():
+                continue
+            if bid not in given:
+                log.warning("agent %s: block %s is neither in memory nor on disk; its cache is not saved", name, bid)
+                return None
+            atomic_write(path, lambda p, b=given[bid]: _write_block(b, storage, p))
+            written += path.stat().st_size
         return written
+
+    def _commit_record(self, name: str, record: KVRecord) -> None:
+        old = self.kv_record(name)
+        self.db.execute(
+            "INSERT OR REPLACE INTO kv VALUES (?, ?, ?)",
+            (name, json.dumps(record.blocks), json.dumps(record.tokens, separators=(",", ":"))),
+        )
+        self.refs.update(record.blocks)
+        self._release(old.blocks if old else [])
 
     def delete_kv(self, name: str) -> int:
         """Forget the agent's stored cache; returns the bytes freed (its blocks no other list names)."""

@@ -40,6 +40,8 @@ def test_environment_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         (["serve", "--port", "0"], "port"),
         (["serve", "--memory-budget", "lots"], "memory_budget"),
         (["serve", "--transport", "carrier-pigeon"], "transport"),
+        (["serve", "--block-tokens", "3"], "block_tokens"),
+        (["serve", "--kv-bits", "2"], "--kv-bits"),
     ],
 )
 def test_bad_flags_say_which(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

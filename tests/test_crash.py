@@ -1,8 +1,12 @@
-"""Kill -9 the server at random moments around its saves: no answered turn is lost, answers stay exact."""
+"""Kill -9 the server around its saves, and between a save's block files and its commit: no answered
+turn is lost, the store opens, answers stay exact."""
 
 from __future__ import annotations
 
 import random
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -34,4 +38,43 @@ async def test_sigkill_around_saves_loses_no_answered_turn(settings: Settings, s
     out = await engine.ask(AskRequest("k", "And now?", max_tokens=8))
     assert out.tokens.cached > 0 or out.warnings  # its cache was used, or its loss was reported
     assert out.reply == replay(engine.lm, agent.messages + [{"role": "user", "content": "And now?"}], 8)
+    await engine.aclose()
+
+
+CRASH_BETWEEN_BLOCKS_AND_COMMIT = """
+import os, signal, sys, anyio
+import mcp_semantic
+from mcp_semantic.engine import AskRequest
+from mcp_semantic.server import open_engine
+from mcp_semantic.settings import Settings
+from mcp_semantic.store import Store
+
+async def main():
+    engine = open_engine(Settings(model=sys.argv[1], cache_dir=sys.argv[2], block_tokens=16))
+    await engine.ask(AskRequest("c", "Tell me about the river.", max_tokens=8))
+    await engine.flush()  # turn 1: blocks and list committed
+    await engine.ask(AskRequest("c", "And the mill?", max_tokens=8))  # turn 2: transcript saved
+    Store._commit_record = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # die after the block files
+    await engine.flush()
+
+anyio.run(main)
+"""
+
+
+async def test_crash_between_block_files_and_commit(settings: Settings, replay) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", CRASH_BETWEEN_BLOCKS_AND_COMMIT, settings.model, str(settings.cache_dir)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    on_disk = {p.stem for p in (settings.cache_dir / "blocks").glob("*.safetensors")}
+
+    engine = open_engine(settings)  # opens: the turn-2 blocks no list names are collected
+    record = engine.store.kv_record("c")
+    assert set(record.blocks) < on_disk and {p.stem for p in engine.store.blocks_dir.iterdir()} == set(record.blocks)
+    agent = engine.store.load_agent("c")
+    assert agent.turns == 2  # the transcript, saved before turn 2 was answered, is the truth
+    out = await engine.ask(AskRequest("c", "And the town?", max_tokens=8))
+    assert out.tier == "disk" and 0 < out.tokens.cached < out.tokens.context and not out.warnings
+    assert out.reply == replay(engine.lm, agent.messages + [{"role": "user", "content": "And the town?"}], 8)
     await engine.aclose()

@@ -258,3 +258,21 @@ async def test_round_robin_under_a_budget_of_two_agents(settings: Settings, repl
         out = await engine.ask(AskRequest(name, "Still there?", max_tokens=8))
         assert out.tier == "disk" and out.tokens.cached > 0
     await engine.aclose()
+
+
+async def test_a_shared_system_prompt_is_stored_once_and_reused(settings: Settings, replay) -> None:
+    engine = open_engine(settings)
+    system = "You answer questions about the valley. " + "The river runs past the mill and the dam. " * 50
+    first = await engine.ask(AskRequest("one", "Where is the mill?", system=system, max_tokens=8))
+    second = await engine.ask(AskRequest("two", "How old is the dam?", system=system, max_tokens=8))
+    assert first.tokens.context > 1000 and first.tokens.cached == 0
+    # a new agent, yet its prompt's first blocks are the other's: read from memory, not recomputed
+    assert second.tier == "hot" and second.tokens.cached >= first.tokens.context - 2 * settings.block_tokens - 16
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "How old is the dam?"}]
+    assert second.reply == replay(engine.lm, messages, 8)
+    await engine.flush()
+    agents = {a.name: a for a in (await engine.list_agents()).agents}
+    files = sum(p.stat().st_size for p in engine.store.blocks_dir.iterdir())
+    assert files == agents["one"].disk_bytes + agents["two"].disk_bytes - agents["one"].shared_disk_bytes
+    assert agents["one"].shared_disk_bytes == agents["two"].shared_disk_bytes > 0.9 * agents["one"].disk_bytes
+    await engine.aclose()
