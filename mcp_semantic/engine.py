@@ -108,7 +108,7 @@ class AskResult(_Result):
     reply: str
     finish_reason: Literal["stop", "length", "cancelled"]
     tier: Tier
-    """Where the agent's cache came from: memory (hot), its file (disk), or nothing reusable (new)."""
+    """Where the agent's cache came from: all in memory (hot), partly read from disk (disk), or nothing reusable (new)."""
     tokens: TokenCounts
     timings_ms: Timings
     decode_tokens_per_s: float

@@ -174,14 +174,14 @@ def create_server(settings: Settings, lm: LoadedModel | None = None) -> MCPServe
 
     @server.tool(title="Fork an agent")
     async def fork_agent(source: AgentName, agent: AgentName, ctx: Context) -> Annotated[CallToolResult, ForkResult]:
-        """Create `agent` as a copy of `source`'s conversation, to explore an alternative. Its first
-        call reuses the source's cache instead of re-reading the history."""
+        """Create `agent` as a copy of `source`'s conversation, to explore an alternative. It shares
+        the source's KV cache (nothing is copied), so its first call does not re-read the history."""
         return _result(await call(engine_of(ctx).fork(source, agent)))
 
     @server.tool(title="List agents")
     async def list_agents(ctx: Context) -> Annotated[CallToolResult, AgentList]:
-        """List the agents with their size, turns and where their cache is (hot: memory, disk, none),
-        and the memory budget for hot caches."""
+        """List the agents with their size, turns, where their cache is (hot: memory, disk, none) and
+        the bytes they use and share, and the memory budget, use and hit rate of the KV block pool."""
         return _result(await call(engine_of(ctx).list_agents()))
 
     @server.tool(title="Evict caches")
