@@ -10,7 +10,10 @@ for those blocks and share them, in memory and on disk (see store.py).
 Why not mlx-lm's cache classes for the blocks themselves: KVCache and QuantizedKVCache hold
 one growing buffer per layer, the shape the model needs while it runs, and `save_prompt_cache`
 writes that whole buffer. A block is a fixed slice shared by many caches, so the pool keeps
-plain arrays and builds a KVCache (mlx-lm's, unchanged) for each call.
+plain arrays and builds a KVCache (mlx-lm's, unchanged) for each call. At --kv-bits 8 or 4
+the blocks stay quantized in memory and on disk, but the working cache is dequantized to the
+model's dtype rather than made a QuantizedKVCache: on a CPU, quantized matmuls run 30 to 80
+times slower than float32 ones, and attention over a long context would pay that every token.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ from mcp_semantic.block_pool import (
     reconstruct,
 )
 from mcp_semantic.models import LoadedModel
-from mcp_semantic.store import Agent, KVRecord, Store, Writer, check_name
+from mcp_semantic.store import Agent, KVRecord, Store, Writer, check_name, host_block
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +399,9 @@ class Engine:
         record = self._kv.get(name)
         if record is None:
             return
-        blocks = [b for bid in record.blocks if (b := self.pool.peek(bid)) is not None]
+        blocks = [
+            host_block(b) for bid in record.blocks if not self.store.has_block(bid) and (b := self.pool.peek(bid)) is not None
+        ]
         self._writer.put(name, partial(self.store.commit_kv, name, record, blocks, self.storage))
 
     def _used(self) -> int:

@@ -248,13 +248,31 @@ class KVRecord:
     tokens: list[int]
 
 
-def _write_block(block: Block, storage: Storage, path: Path) -> None:
-    arrays, specs = {}, {}
+@dataclass
+class HostBlock:
+    """A block as the writer thread takes it: its arrays as host (numpy) views, so writing it
+    needs no MLX call off the engine thread. bfloat16, which numpy lacks, travels as uint16."""
+
+    id: str
+    parent: str
+    tokens: list[int]
+    arrays: dict[str, tuple[str, np.ndarray]]  # name -> (safetensors dtype, data)
+
+
+def host_block(block: Block) -> HostBlock:
+    """On the thread that owns MLX: views of the block's evaluated arrays (no copy)."""
+    arrays = {}
     for name, a in block.arrays.items():
-        dtype = str(a.dtype).removeprefix("mlx.core.")
-        # numpy has no bfloat16: carry its bits as uint16, labelled bfloat16 in the file
-        arrays[name] = np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a, copy=False)
-        specs[name] = TensorSpec(dtype=dtype, shape=list(a.shape), data_ptr=arrays[name].ctypes.data, data_len=a.nbytes)
+        host = np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a, copy=False)
+        arrays[name] = (str(a.dtype).removeprefix("mlx.core."), host)
+    return HostBlock(block.id, block.parent, block.tokens, arrays)
+
+
+def _write_block(block: HostBlock, storage: Storage, path: Path) -> None:
+    specs = {
+        name: TensorSpec(dtype=dtype, shape=list(a.shape), data_ptr=a.ctypes.data, data_len=a.nbytes)
+        for name, (dtype, a) in block.arrays.items()
+    }
     metadata = {
         "format": BLOCK_FORMAT,
         "storage": storage.key,
@@ -262,7 +280,7 @@ def _write_block(block: Block, storage: Storage, path: Path) -> None:
         "n_tokens": str(len(block.tokens)),
         "tokens": json.dumps(block.tokens, separators=(",", ":")),
     }
-    serialize_file(specs, str(path), metadata=metadata)  # `arrays` keeps the data alive
+    serialize_file(specs, str(path), metadata=metadata)  # block.arrays keeps the data alive
 
 
 class Store:
@@ -431,7 +449,7 @@ class Store:
             row = self.db.execute("SELECT blocks, tokens FROM kv WHERE agent = ?", (check_name(name),)).fetchone()
         return KVRecord(json.loads(row[0]), json.loads(row[1])) if row else None
 
-    def commit_kv(self, name: str, record: KVRecord, blocks: list[Block], storage: Storage) -> int:
+    def commit_kv(self, name: str, record: KVRecord, blocks: list[HostBlock], storage: Storage) -> int:
         """Save an agent's cache: write the blocks of `record` that are not on disk yet (from
         `blocks`), commit the list, then delete blocks no list names any more. Returns the
         bytes written. A block neither given nor on disk leaves the old list in place."""
@@ -442,7 +460,7 @@ class Store:
                 self._commit_record(name, record)
             return written or 0
 
-    def _write_blocks(self, name: str, record: KVRecord, blocks: list[Block], storage: Storage) -> int | None:
+    def _write_blocks(self, name: str, record: KVRecord, blocks: list[HostBlock], storage: Storage) -> int | None:
         given = {b.id: b for b in blocks}
         written = 0
         for bid in record.blocks:

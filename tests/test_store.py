@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from mlx_lm.models.cache import KVCache
 
 from mcp_semantic.block_pool import Storage, chain_ids, cut_blocks, reconstruct
-from mcp_semantic.store import NAME_RULE, Agent, InvalidName, KVRecord, Store, Writer, check_name
+from mcp_semantic.store import NAME_RULE, Agent, InvalidName, KVRecord, Store, Writer, check_name, host_block
 
 EXACT = Storage("fp", "float32")
 B = 4  # tokens per block in these tests
@@ -21,7 +21,7 @@ B = 4  # tokens per block in these tests
 def save(store: Store, name: str, cache: list[KVCache], tokens: list[int], storage: Storage = EXACT, block_tokens: int = B) -> int:
     """What the engine does: cut the cache into blocks, hand them and the list to the store."""
     blocks = cut_blocks(cache, tokens, storage, block_tokens)
-    return store.commit_kv(name, KVRecord([b.id for b in blocks], tokens), blocks, storage)
+    return store.commit_kv(name, KVRecord([b.id for b in blocks], tokens), [host_block(b) for b in blocks], storage)
 
 
 def load(store: Store, name: str, storage: Storage = EXACT, n_layers: int = 2) -> list[KVCache]:
@@ -162,7 +162,7 @@ def test_a_commit_waits_for_blocks_it_does_not_have(tmp_path: Path, caplog) -> N
     save(store, "a", make_cache(6), list(range(6)))
     before = store.kv_record("a")
     blocks = cut_blocks(make_cache(10), list(range(10)), EXACT, B)
-    store.commit_kv("a", KVRecord([b.id for b in blocks], list(range(10))), blocks[:1], EXACT)
+    store.commit_kv("a", KVRecord([b.id for b in blocks], list(range(10))), [host_block(blocks[0])], EXACT)
     assert store.kv_record("a") == before and "not saved" in caplog.text  # the old list stays whole
 
 
@@ -173,7 +173,7 @@ def test_unreferenced_blocks_and_temporaries_are_removed_at_start(tmp_path: Path
     kept = {p.name for p in store.blocks_dir.iterdir()}
     orphans = cut_blocks(make_cache(9), list(range(100, 109)), EXACT, B)
     for block in orphans:  # written, never committed
-        store.commit_kv("x", KVRecord([block.id], block.tokens), [block], EXACT)
+        store.commit_kv("x", KVRecord([block.id], block.tokens), [host_block(block)], EXACT)
     store.db.execute("DELETE FROM kv WHERE agent = 'x'")
     (store.blocks_dir / ".abc.safetensors.tmp").write_bytes(b"half")
     store.close()
@@ -229,7 +229,7 @@ def test_blocks_are_copies_the_cache_can_move_on_from(tmp_path: Path) -> None:
         c.trim(5)
         c.update_and_fetch(mx.full((1, 2, 3, 4), 7.0), mx.full((1, 2, 3, 4), 7.0))
     mx.eval([c.state for c in cache])
-    store.commit_kv("a", KVRecord([b.id for b in blocks], list(range(10))), blocks, EXACT)
+    store.commit_kv("a", KVRecord([b.id for b in blocks], list(range(10))), [host_block(b) for b in blocks], EXACT)
     assert mx.array_equal(load(store, "a")[1].keys, make_cache(10)[1].keys[..., :10, :]).item()
 
 
