@@ -1,20 +1,23 @@
-"""KV storage precision: bytes on disk and how far a resumed agent's predictions move.
+"""KV block precision: bytes in memory and on disk, and how far a resumed agent's predictions move.
 
 For each --kv-bits (lossless, 16, 8, 4) on the default model: a ~1,000-token conversation
-is prefilled, saved at that precision, loaded back, and then reads the same continuation
-of a few hundred tokens (teacher forcing). Its next-token distributions are compared with
-those of the lossless round trip: mean and max KL divergence, and top-1 agreement.
+is prefilled, cut into blocks of 256 tokens at that precision, committed to a store, read
+back from the block files, rebuilt into a cache, and then reads the same continuation of a
+few hundred tokens (teacher forcing). Its next-token distributions are compared with those
+of the lossless round trip: mean and max KL divergence, and top-1 agreement.
 
     python benchmarks/bench_kv_bits.py [--model M] [--context 1000] [--continuation 256]
 
 Writes benchmarks/results/<date>-<machine>-kv-bits.json and .png, and prints a table.
-Hot caches are kept dequantized in the model's dtype, so --kv-bits saves disk (and disk
-reads), not yet memory: quantized blocks in memory come with the block pool.
+--kv-bits shrinks the blocks both on disk and in memory: the pool holds them as stored
+(quantized at 8 and 4 bits), and only the working cache of the running call is built in the
+model's dtype. Both sizes are reported per token, and the working cache's for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,9 +28,10 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from report import RESULTS, header, pyplot, save
 
+from mcp_semantic.block_pool import BLOCK_TOKENS, Storage, cut_blocks, reconstruct
 from mcp_semantic.models import load_model
 from mcp_semantic.settings import DEFAULT_MODEL
-from mcp_semantic.store import Store, snapshot_kv
+from mcp_semantic.store import KVRecord, Store, host_block
 
 MODES = [None, 16, 8, 4]
 CONTEXT = (
@@ -70,18 +74,30 @@ def main() -> None:
         lm.model(mx.array(prompt[i : i + 512])[None], cache=cache)
         mx.eval([c.state for c in cache])
 
-    store = Store(work)
     n_layers = len(cache)
     logprobs = {}
     rows = []
     for bits in MODES:
         name = mode_name(bits)
-        size = store.write_kv(name, snapshot_kv(cache, prompt, lm.fingerprint, bits))
+        storage = Storage(lm.fingerprint, lm.dtype, bits)
+        blocks = cut_blocks(cache, prompt, storage, BLOCK_TOKENS)
+        memory = sum(b.nbytes for b in blocks)  # as the pool holds them
+        store = Store(work / name)  # a store of its own: the sizes on disk are this precision's only
+        written = store.commit_kv("agent", KVRecord([b.id for b in blocks], prompt), [host_block(b) for b in blocks], storage)
+        size = sum(store.block_path(b.id).stat().st_size for b in blocks)
+        assert written == size, (written, size)
+        del blocks
         start = time.perf_counter()
-        kv, problem = store.load_kv(name, lm.fingerprint, n_layers, bits)
+        loaded = []
+        for bid in store.kv_record("agent").blocks:
+            block, problem = store.read_block(bid, storage, n_layers)
+            assert block is not None, problem
+            loaded.append(block)
+        kv = reconstruct(loaded, storage, n_layers, room=len(follow))  # evaluated: the read is done
         load_ms = (time.perf_counter() - start) * 1000
-        assert kv is not None, problem
-        logits = lm.model(mx.array(follow)[None], cache=kv.cache)[0].astype(mx.float32)
+        store.close()
+        per_slot = sum(c.keys.nbytes + c.values.nbytes for c in kv) / kv[0].keys.shape[2]  # the model's dtype
+        logits = lm.model(mx.array(follow)[None], cache=kv)[0].astype(mx.float32)
         logprobs[name] = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         mx.eval(logprobs[name])
         ref = logprobs["lossless"]
@@ -90,15 +106,19 @@ def main() -> None:
         rows.append(
             {
                 "kv_bits": name,
+                "blocks": len(loaded),
                 "file_bytes": size,
+                "block_bytes": memory,
                 "disk_bytes_per_token": round(size / len(prompt)),
-                "memory_bytes_per_token": round(kv.nbytes / len(prompt)),  # dequantized in memory, spare slots too
+                "memory_bytes_per_token": round(memory / len(prompt)),
+                "working_cache_bytes_per_token": round(per_slot),
                 "load_ms": round(load_ms, 1),
                 "kl_mean": float(mx.mean(kl).item()),
                 "kl_max": float(mx.max(kl).item()),
                 "top1_agreement": float(top1.item()),
             }
         )
+    shutil.rmtree(work, ignore_errors=True)  # the imported model and a store per precision
 
     result = {
         **header("kv-bits"),
@@ -106,14 +126,15 @@ def main() -> None:
         "dtype": lm.dtype,
         "context_tokens": len(prompt),
         "continuation_tokens": len(follow),
+        "block_tokens": BLOCK_TOKENS,
         "modes": rows,
     }
     stem = save(result, args.out, plot)
     print(f"{lm.name} ({lm.dtype}), {len(prompt)} tokens of context, {len(follow)} tokens read after the resume")
-    print(f"{'kv-bits':10}{'disk B/token':>14}{'load ms':>9}{'KL mean':>11}{'KL max':>10}{'top-1':>8}")
+    print(f"{'kv-bits':10}{'memory B/token':>16}{'disk B/token':>14}{'load ms':>9}{'KL mean':>11}{'KL max':>10}{'top-1':>8}")
     for r in rows:
         print(
-            f"{r['kv_bits']:10}{r['disk_bytes_per_token']:>14,}{r['load_ms']:>9.0f}"
+            f"{r['kv_bits']:10}{r['memory_bytes_per_token']:>16,}{r['disk_bytes_per_token']:>14,}{r['load_ms']:>9.0f}"
             f"{r['kl_mean']:>11.2e}{r['kl_max']:>10.2e}{r['top1_agreement']:>8.1%}"
         )
     print(f"wrote {stem}.json and .png")
@@ -125,9 +146,14 @@ def plot(result: dict, path: Path) -> None:
     rows = result["modes"]
     names = [r["kv_bits"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.bar(names, [r["disk_bytes_per_token"] / 1024 for r in rows], color="#48c")
-    a.set_ylabel("disk KiB per token")
-    a.set_title("KV file size")
+    x = range(len(rows))
+    a.bar([i - 0.2 for i in x], [r["memory_bytes_per_token"] / 1024 for r in rows], 0.4, color="#48c", label="blocks in memory")
+    a.bar([i + 0.2 for i in x], [r["disk_bytes_per_token"] / 1024 for r in rows], 0.4, color="#8ac", label="block files")
+    a.axhline(rows[0]["working_cache_bytes_per_token"] / 1024, color="#999", linestyle="--", label="working cache")
+    a.set_xticks(list(x), names)
+    a.set_ylabel("KiB per token")
+    a.set_title("KV block size")
+    a.legend(fontsize=8)
     b.bar(names, [max(r["kl_mean"], 1e-12) for r in rows], color="#c84")
     b.set_yscale("log")
     b.set_ylabel("mean KL vs lossless (nats)")

@@ -275,7 +275,10 @@ def _write_block(block: HostBlock, storage: Storage, path: Path) -> None:
     }
     metadata = {
         "format": BLOCK_FORMAT,
-        "storage": storage.key,
+        "storage": storage.key,  # checked on read; the three below are for people and tools
+        "fingerprint": storage.fingerprint,
+        "dtype": storage.dtype,
+        "kv_bits": str(storage.kv_bits or 0),
         "parent": block.parent,
         "n_tokens": str(len(block.tokens)),
         "tokens": json.dumps(block.tokens, separators=(",", ":")),
@@ -454,11 +457,15 @@ class Store:
         `blocks`), commit the list, then delete blocks no list names any more. Returns the
         bytes written. A block neither given nor on disk leaves the old list in place."""
         check_name(name)
+        # The files are written outside the lock, so the engine thread never waits for a save:
+        # only the writer thread writes blocks, and nothing deletes blocks while it has work
+        # (the engine waits for it first), so no block written here is collected before the commit.
+        written = self._write_blocks(name, record, blocks, storage)
+        if written is None:
+            return 0
         with self._lock:
-            written = self._write_blocks(name, record, blocks, storage)
-            if written is not None:
-                self._commit_record(name, record)
-            return written or 0
+            self._commit_record(name, record)
+        return written
 
     def _write_blocks(self, name: str, record: KVRecord, blocks: list[HostBlock], storage: Storage) -> int | None:
         given = {b.id: b for b in blocks}

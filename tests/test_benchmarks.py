@@ -39,13 +39,35 @@ def run_benchmark(script: str, tmp_path: Path, *args: str) -> dict:
 def test_pool_benchmark_quick(tmp_path: Path) -> None:
     data = run_benchmark("bench_pool.py", tmp_path, "--quick")
     assert [r["context_tokens"] for r in data["fork"]] == [512, 1024]
-    assert data["sharing"]["forks_disk_bytes"] < data["sharing"]["separate_agents_disk_bytes"]
-    assert max(data["budget"]["used_bytes"]) <= data["budget"]["budget_bytes"]
+    for r in data["fork"]:
+        assert r["fork_block_bytes_written"] == 0  # a fork names its source's blocks: no KV written
+        assert r["fork_blocks"] == r["source_blocks"] == r["context_tokens"] // data["block_tokens"]
+        assert r["fork_shared_disk_bytes"] == r["source_kv_bytes"] > r["context_tokens"] * data["kv_bytes_per_token"]
+        assert r["fork_transcript_row_bytes"] > 0 and r["fork_block_list_row_bytes"] > 0
+    s = data["sharing"]
+    assert s["copies_disk_bytes"] == s["agents"] * s["agent_disk_bytes"]
+    assert 0 < s["agent_shared_disk_bytes"] < s["agent_disk_bytes"]  # the system prompt's full blocks
+    assert s["forks_disk_bytes"] <= s["separate_agents_disk_bytes"] < s["copies_disk_bytes"]
+    assert s["forks_blocks_on_disk"] == s["agent_blocks"] < s["separate_agents_blocks_on_disk"] < s["copies_blocks_on_disk"]
+    u = data["budget"]
+    assert len(u["used_bytes"]) == len(u["block_bytes"]) == len(u["tiers"]) == 12
+    assert u["budget_bytes"] == 2 * u["agent_block_bytes"] > 0
+    assert max(u["used_bytes"]) <= u["budget_bytes"]
+    assert all(0 < b <= used for b, used in zip(u["block_bytes"], u["used_bytes"]))
+    assert u["tiers"][:9] == ["new"] * 9 and "new" not in u["tiers"][9:]  # blocks dropped for the budget were saved
+    assert 0 <= u["hit_rate"] <= 1
 
 
 def test_blocks_benchmark_quick(tmp_path: Path) -> None:
     data = run_benchmark("bench_blocks.py", tmp_path, "--quick", "--repeats", "3")
     assert [c["case"] for c in data["cases"]] == ["SmolLM2-135M 1x12", "SmolLM2-135M 4x24"]
+    for c in data["cases"]:
+        assert c["dtype"] == "float32" and c["repeats"] == 3
+        assert c["tokens"] == c["blocks"] * data["block_tokens"]
+        assert c["bytes"] == c["layers"] * 2 * 3 * 64 * 4 * c["tokens"]  # keys and values, 3 heads of 64, float32
+        for key in ("concatenate", "reconstruct"):
+            assert 0 <= c[f"{key}_p50_ms"] <= c[f"{key}_p95_ms"]
+    assert isinstance(data["target_within_1.5x_of_concatenate"], bool)
 
 
 def test_kv_bits_benchmark_on_a_generated_model(tmp_path: Path) -> None:
@@ -54,5 +76,16 @@ def test_kv_bits_benchmark_on_a_generated_model(tmp_path: Path) -> None:
     model = make_tiny_model(tmp_path / "m64", hidden_size=128, num_heads=2, num_kv_heads=1)  # head_dim 64
     data = run_benchmark("bench_kv_bits.py", tmp_path / "out", "--model", str(model), "--context", "200", "--continuation", "32")
     modes = {m["kv_bits"]: m for m in data["modes"]}
-    assert set(modes) == {"lossless", "16-bit", "8-bit", "4-bit"} and modes["lossless"]["kl_mean"] == 0
-    assert modes["4-bit"]["disk_bytes_per_token"] < modes["8-bit"]["disk_bytes_per_token"] < modes["lossless"]["disk_bytes_per_token"]
+    assert set(modes) == {"lossless", "16-bit", "8-bit", "4-bit"}
+    lossless = modes["lossless"]
+    assert lossless["kl_mean"] == lossless["kl_max"] == 0 and lossless["top1_agreement"] == 1
+    assert modes["4-bit"]["disk_bytes_per_token"] < modes["8-bit"]["disk_bytes_per_token"] < lossless["disk_bytes_per_token"]
+    # blocks stay at their precision in memory; the working cache is in the model's dtype whatever it is
+    memory = [modes[m]["memory_bytes_per_token"] for m in ("4-bit", "8-bit", "16-bit", "lossless")]
+    assert memory == sorted(set(memory)) and lossless["memory_bytes_per_token"] == lossless["working_cache_bytes_per_token"]
+    for m in modes.values():
+        assert m["blocks"] == -(-data["context_tokens"] // data["block_tokens"])
+        assert m["file_bytes"] > m["block_bytes"] > 0  # a file is the block's arrays and a header
+        assert m["memory_bytes_per_token"] == round(m["block_bytes"] / data["context_tokens"])
+        assert m["working_cache_bytes_per_token"] == lossless["working_cache_bytes_per_token"]
+        assert 0 <= m["top1_agreement"] <= 1 and m["kl_max"] >= m["kl_mean"] >= 0
