@@ -157,7 +157,9 @@ def reconstruct(blocks: list[Block], storage: Storage, n_layers: int, room: int 
                 shape = list(arrays[-1].shape)
                 shape[2] = room
                 arrays.append(mx.zeros(shape, arrays[-1].dtype))
-            parts[kind] = mx.concatenate(arrays, axis=2) if len(arrays) > 1 else arrays[0]
+            # One block without room is used without a copy, through a new array object: KVCache
+            # writes into its arrays in place (`keys[...] = new`), which must not reach the block.
+            parts[kind] = mx.concatenate(arrays, axis=2) if len(arrays) > 1 else arrays[0][:]
         c.keys, c.values, c.offset = parts["keys"], parts["values"], sum(len(b.tokens) for b in blocks)
         caches.append(c)
     mx.eval([(c.keys, c.values) for c in caches])

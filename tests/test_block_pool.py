@@ -60,6 +60,16 @@ def test_cut_and_reconstruct_round_trip(n: int, room: int, bits: int | None) -> 
         assert rebuilt[0].keys.shape == before  # the room took the new tokens in place
 
 
+def test_a_cache_built_from_one_block_never_writes_into_it() -> None:
+    (block,) = cut_blocks(make_cache(8), list(range(8)), EXACT, 256)
+    before = mx.array(block.arrays["layers.0.keys"])
+    (c, *_) = reconstruct([block], EXACT, 3)
+    c.trim(4)  # then overwrite positions the block holds
+    c.update_and_fetch(mx.zeros((1, 2, 2, 32)), mx.zeros((1, 2, 2, 32)))
+    mx.eval(c.keys)
+    assert mx.array_equal(block.arrays["layers.0.keys"], before).item()
+
+
 def test_cut_skips_blocks_already_held() -> None:
     cache = make_cache(600)
     ids = chain_ids(list(range(600)), EXACT.key, 256)
