@@ -246,6 +246,7 @@ class Engine:
         memory_budget: int,
         prefill_step_size: int = 512,
         max_tokens_limit: int = 4096,
+        max_queue: int = 32,
         kv_bits: int | None = None,
         block_tokens: int = BLOCK_TOKENS,
     ):
@@ -255,6 +256,9 @@ class Engine:
         self.memory_budget = memory_budget
         self.prefill_step_size = prefill_step_size
         self.max_tokens_limit = max_tokens_limit
+        self.max_queue = max_queue
+        self._asks = 0  # ask calls queued or running
+        self._asks_lock = threading.Lock()
         self.kv_bits = kv_bits
         self.block_tokens = block_tokens
         self.storage = Storage(lm.fingerprint, lm.dtype, kv_bits)
@@ -308,7 +312,22 @@ class Engine:
         return job.result
 
     async def ask(self, req: AskRequest, on_progress: ProgressFn | None = None) -> AskResult:
+        """Queue a call; refused at once, changing nothing, when --max-queue calls are waiting."""
         check_name(req.agent)
+        with self._asks_lock:
+            if self._asks >= self.max_queue:
+                raise RequestError(
+                    f"server busy: {self._asks} calls are queued or running (--max-queue {self.max_queue}); "
+                    "nothing was changed, try again shortly"
+                )
+            self._asks += 1
+        try:
+            return await self._ask_queued(req, on_progress)
+        finally:
+            with self._asks_lock:
+                self._asks -= 1
+
+    async def _ask_queued(self, req: AskRequest, on_progress: ProgressFn | None) -> AskResult:
         if on_progress is None:
             return await self._submit(partial(self._ask, req, None))
         send, receive = anyio.create_memory_object_stream[tuple[float, float, str]](64)

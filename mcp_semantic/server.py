@@ -68,6 +68,7 @@ def open_engine(settings: Settings, lm: LoadedModel | None = None) -> Engine:
             memory_budget=int(settings.memory_budget),
             prefill_step_size=settings.prefill_step_size,
             max_tokens_limit=settings.max_tokens_limit,
+            max_queue=settings.max_queue,
             kv_bits=settings.kv_bits_value,
             block_tokens=settings.block_tokens,
         )

@@ -276,3 +276,26 @@ async def test_a_shared_system_prompt_is_stored_once_and_reused(settings: Settin
     assert files == agents["one"].disk_bytes + agents["two"].disk_bytes - agents["one"].shared_disk_bytes
     assert agents["one"].shared_disk_bytes == agents["two"].shared_disk_bytes > 0.9 * agents["one"].disk_bytes
     await engine.aclose()
+
+
+async def test_calls_beyond_the_queue_are_refused_and_nothing_is_lost(settings: Settings) -> None:
+    engine = open_engine(settings.model_copy(update={"max_queue": 2}))
+    results: dict[str, object] = {}
+
+    async def ask(i: int) -> None:
+        try:
+            results[f"q{i}"] = await engine.ask(AskRequest(f"q{i}", f"Tell me a long story, number {i}.", max_tokens=48))
+        except RequestError as e:
+            results[f"q{i}"] = e
+
+    async with anyio.create_task_group() as tg:
+        for i in range(5):  # all five arrive before the first can finish
+            tg.start_soon(ask, i)
+    answered = sorted(name for name, r in results.items() if not isinstance(r, RequestError))
+    busy = sorted(name for name, r in results.items() if isinstance(r, RequestError))
+    assert answered == ["q0", "q1"] and busy == ["q2", "q3", "q4"]
+    assert all("server busy" in str(results[name]) and "--max-queue 2" in str(results[name]) for name in busy)
+    assert engine.store.names() == ["q0", "q1"]  # the refused created nothing
+    assert all(engine.store.load_agent(name).turns == 1 for name in answered)  # each answered once
+    assert (await engine.ask(AskRequest("q2", "Now?", max_tokens=4))).tokens.generated >= 1  # room again
+    await engine.aclose()
