@@ -151,7 +151,7 @@ async def sharing(lm: LoadedModel, model: Path, work: Path, agents: int) -> dict
     separate = {
         "disk_bytes": disk_bytes(engine.store.blocks_dir),
         "blocks_on_disk": listed.memory.blocks_on_disk,
-        "block_bytes_in_memory": listed.memory.block_bytes,
+        "block_bytes_in_memory": listed.memory.used_bytes,
     }
     await engine.aclose()
 
@@ -164,7 +164,7 @@ async def sharing(lm: LoadedModel, model: Path, work: Path, agents: int) -> dict
     forks = {
         "disk_bytes": disk_bytes(engine.store.blocks_dir),
         "blocks_on_disk": listed.memory.blocks_on_disk,
-        "block_bytes_in_memory": listed.memory.block_bytes,
+        "block_bytes_in_memory": listed.memory.used_bytes,
     }
     await engine.aclose()
     return {
@@ -194,22 +194,20 @@ async def budget_run(lm: LoadedModel, model: Path, work: Path, calls: int) -> di
 
     await engine.ask(AskRequest("rr-0", message(0), max_tokens=8))
     first = await engine.list_agents()
-    engine.memory_budget = 2 * first.memory.block_bytes
-    used, blocks, tiers = [], [], []
+    engine.memory_budget = 2 * first.memory.used_bytes
+    used, tiers = [], []
     for step in range(1, calls + 1):
         result = await engine.ask(AskRequest(f"rr-{step % 10}", message(step), max_tokens=8))
         memory = (await engine.list_agents()).memory
         used.append(memory.used_bytes)
-        blocks.append(memory.block_bytes)
         tiers.append(result.tier)
     listed = await engine.list_agents()
     await engine.aclose()
     return {
         "agents": 10,
-        "agent_block_bytes": first.memory.block_bytes,
+        "agent_block_bytes": first.memory.used_bytes,
         "budget_bytes": engine.memory_budget,
         "used_bytes": used,
-        "block_bytes": blocks,
         "tiers": tiers,
         "hit_rate": listed.memory.hit_rate,
     }
@@ -271,7 +269,6 @@ def plot(result: dict, path: Path) -> None:
     u = result["budget"]
     calls = range(1, len(u["used_bytes"]) + 1)
     c.plot(calls, [v / 1e6 for v in u["used_bytes"]], label="in use")
-    c.plot(calls, [v / 1e6 for v in u["block_bytes"]], ":", label="of which blocks")
     c.axhline(u["budget_bytes"] / 1e6, color="r", linestyle="--", label="budget")
     c.set_xlabel("call (10 agents, round robin)")
     c.set_ylabel("MB of KV in memory")

@@ -69,6 +69,7 @@ def open_engine(settings: Settings, lm: LoadedModel | None = None) -> Engine:
             prefill_step_size=settings.prefill_step_size,
             max_tokens_limit=settings.max_tokens_limit,
             max_queue=settings.max_queue,
+            max_batch=settings.max_batch,
             kv_bits=settings.kv_bits_value,
             block_tokens=settings.block_tokens,
         )

@@ -50,10 +50,10 @@ def test_pool_benchmark_quick(tmp_path: Path) -> None:
     assert s["forks_disk_bytes"] <= s["separate_agents_disk_bytes"] < s["copies_disk_bytes"]
     assert s["forks_blocks_on_disk"] == s["agent_blocks"] < s["separate_agents_blocks_on_disk"] < s["copies_blocks_on_disk"]
     u = data["budget"]
-    assert len(u["used_bytes"]) == len(u["block_bytes"]) == len(u["tiers"]) == 12
+    assert len(u["used_bytes"]) == len(u["tiers"]) == 12
     assert u["budget_bytes"] == 2 * u["agent_block_bytes"] > 0
     assert max(u["used_bytes"]) <= u["budget_bytes"]
-    assert all(0 < b <= used for b, used in zip(u["block_bytes"], u["used_bytes"]))
+    assert all(used > 0 for used in u["used_bytes"])
     assert u["tiers"][:9] == ["new"] * 9 and "new" not in u["tiers"][9:]  # blocks dropped for the budget were saved
     assert 0 <= u["hit_rate"] <= 1
 

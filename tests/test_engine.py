@@ -154,7 +154,7 @@ async def test_cancel_leaves_the_agent_as_it_was(settings: Settings) -> None:
 async def test_memory_budget_keeps_hot_caches_under_it(settings: Settings) -> None:
     engine = open_engine(settings)
     one = await engine.ask(AskRequest("a", "Hello.", system="You are a.", max_tokens=8))
-    engine.memory_budget = (await engine.list_agents()).memory.block_bytes + 1  # room for about one agent
+    engine.memory_budget = (await engine.list_agents()).memory.used_bytes + 1  # room for about one agent
     for name in ("b", "c", "a"):
         await engine.ask(AskRequest(name, "Hello.", system=f"You are {name}.", max_tokens=8))
         listed = await engine.list_agents()
@@ -220,7 +220,6 @@ async def test_fork_writes_no_kv_and_shares_every_block(settings: Settings, repl
     freed = await engine.evict("long", "agent")
     record = engine.store.kv_record("copy")
     assert freed.freed_disk_bytes > 0 and all(engine.store.block_path(b).exists() for b in record.blocks)
-    engine._hot.clear()  # no kept working cache: the next call builds from blocks
     out = await engine.ask(AskRequest("copy", "And then?", max_tokens=8))
     assert out.tokens.cached > long.tokens.context and not out.warnings
     await engine.aclose()
@@ -230,7 +229,7 @@ async def test_round_robin_under_a_budget_of_two_agents(settings: Settings, repl
     """Ten agents, a budget for about two: memory stays under it, answers stay exact, nothing is lost."""
     engine = open_engine(settings)
     first = await engine.ask(AskRequest("rr-0", "Hello, agent number 0.", max_tokens=12))
-    one_agent = (await engine.list_agents()).memory.block_bytes
+    one_agent = (await engine.list_agents()).memory.used_bytes
     engine.memory_budget = int(2.5 * one_agent)
     history: dict[str, list[dict[str, str]]] = {"rr-0": [
         {"role": "user", "content": "Hello, agent number 0."}, {"role": "assistant", "content": first.reply}
@@ -298,4 +297,60 @@ async def test_calls_beyond_the_queue_are_refused_and_nothing_is_lost(settings: 
     assert engine.store.names() == ["q0", "q1"]  # the refused created nothing
     assert all(engine.store.load_agent(name).turns == 1 for name in answered)  # each answered once
     assert (await engine.ask(AskRequest("q2", "Now?", max_tokens=4))).tokens.generated >= 1  # room again
+    await engine.aclose()
+
+
+async def ask_all(engine, requests: list[AskRequest]) -> list:
+    """Send the requests at once, from as many tasks; their results in the same order."""
+    results: list = [None] * len(requests)
+
+    async def one(i: int) -> None:
+        results[i] = await engine.ask(requests[i])
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(requests)):
+            tg.start_soon(one, i)
+    return results
+
+
+async def test_concurrent_agents_answer_as_they_would_alone(settings: Settings, tmp_path) -> None:
+    questions = ["Tell me about the river.", "Describe the old mill.", "What is a dam?", "Name three birds."]
+    requests = [AskRequest(f"c{i}", q, system="You are brief." if i % 2 else None, max_tokens=24) for i, q in enumerate(questions)]
+    alone = open_engine(settings.model_copy(update={"cache_dir": tmp_path / "alone"}))
+    sequential = [await alone.ask(r) for r in requests]
+    await alone.aclose()
+
+    engine = open_engine(settings)
+    together = await ask_all(engine, requests)
+    assert engine.peak_batch == 4  # they ran in one batch
+    assert [r.reply for r in together] == [r.reply for r in sequential]
+    # a second turn for all four, and a third for one, queued behind its second: order and context kept
+    follow = [AskRequest(f"c{i}", "And then?", max_tokens=12) for i in range(4)] + [AskRequest("c0", "Last one.", max_tokens=12)]
+    second = await ask_all(engine, follow)
+    assert all(r.tier == "hot" and r.tokens.cached >= first.tokens.context for r, first in zip(second, together))
+    transcript = engine.store.load_agent("c0").messages
+    assert [m["content"] for m in transcript if m["role"] == "user"] == [questions[0], "And then?", "Last one."]
+    assert second[4].tokens.cached >= second[0].tokens.context
+    await engine.aclose()
+
+
+async def test_a_cancelled_call_leaves_its_agent_as_it_was_and_the_others_finish(settings: Settings, replay) -> None:
+    engine = open_engine(settings)
+    await engine.ask(AskRequest("slow", "Start.", max_tokens=8))
+    before = engine.store.load_agent("slow")
+    others: list = []
+
+    async def other(i: int) -> None:
+        others.append(await engine.ask(AskRequest(f"o{i}", "Count to five.", max_tokens=16)))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(2):
+            tg.start_soon(other, i)
+        with anyio.move_on_after(0.5):
+            await engine.ask(AskRequest("slow", "Talk for a long time. " * 20, max_tokens=4000))
+    assert len(others) == 2 and all(o.finish_reason in ("stop", "length") for o in others)
+    assert engine.store.load_agent("slow") == before  # the cancelled turn was not half appended
+    after = await engine.ask(AskRequest("slow", "Next.", max_tokens=8))
+    assert after.tokens.cached > 0
+    assert after.reply == replay(engine.lm, before.messages + [{"role": "user", "content": "Next."}], 8)
     await engine.aclose()

@@ -80,7 +80,9 @@ async def test_all_four_tools_and_restart(settings: Settings) -> None:
         assert names["helper.2"]["shared_memory_bytes"] == names["helper.2"]["memory_bytes"] > 0
         assert listed["memory"]["budget_bytes"] == settings.memory_budget
         evicted = await call(client, "evict_cache", agent="helper", level="memory")
-        assert evicted["evicted"] == ["helper"] and evicted["freed_memory_bytes"] > 0
+        assert evicted["evicted"] == ["helper"] and evicted["freed_memory_bytes"] == 0  # the fork holds them all
+        evicted = await call(client, "evict_cache", level="memory")
+        assert evicted["evicted"] == ["helper", "helper.2"] and evicted["freed_memory_bytes"] > 0
 
     async with Client(create_server(settings)) as client:  # a new server process would see the same
         listed = await call(client, "list_agents")
@@ -123,3 +125,53 @@ async def test_corrupt_cache_is_reported_to_the_host_as_a_warning(settings: Sett
         out = await call(client, "ask_agent", agent="a", message="Again.", max_tokens=8)
     assert out["tier"] == "new" and any("unreadable" in w for w in out["warnings"])
     assert any("unreadable" in str(entry.data) for entry in logs)
+
+
+async def test_stress_many_clients_many_agents_under_a_small_budget(settings: Settings) -> None:
+    """200 calls over 20 agents from 8 concurrent clients, with evictions, under a budget for a few
+    agents: every transcript holds exactly the turns answered, in order, and a restart finds them."""
+    import random
+
+    import anyio
+
+    settings = settings.model_copy(update={"memory_budget": 2 * 1024**2, "max_queue": 64})
+    server = create_server(settings)
+    answered: dict[str, list[tuple[str, str]]] = {f"s{i}": [] for i in range(20)}
+
+    async def client_run(c: int) -> None:
+        rng = random.Random(c)
+        async with Client(server) as client:
+            for n in range(25):
+                agent = f"s{rng.randrange(20)}"
+                if rng.random() < 0.1:
+                    await call(client, "evict_cache", agent=agent, level=rng.choice(["memory", "disk"])) if answered[agent] else None
+                message = f"client {c} call {n}: hello"
+                out = await call(client, "ask_agent", agent=agent, message=message, max_tokens=4)
+                answered[agent].append((message, out["reply"]))
+                if n % 5 == 4:
+                    memory = (await call(client, "list_agents"))["memory"]
+                    assert memory["used_bytes"] <= memory["budget_bytes"]
+
+    async with anyio.create_task_group() as tg:
+        for c in range(8):
+            tg.start_soon(client_run, c)
+    assert sum(len(v) for v in answered.values()) == 200
+
+    async with Client(create_server(settings)) as client:  # a restart
+        listed = await call(client, "list_agents")
+        assert {a["name"]: a["turns"] for a in listed["agents"]} == {n: len(t) for n, t in answered.items() if t}
+    from mcp_semantic.store import Store
+
+    store = Store(settings.cache_dir)
+    for name, turns in answered.items():
+        agent = store.load_agent(name)
+        if not turns:
+            assert agent is None
+            continue
+        pairs = list(zip(agent.messages[0::2], agent.messages[1::2]))
+        assert sorted((u["content"], a["content"]) for u, a in pairs) == sorted(turns)  # each answered turn, once
+        order = [u["content"] for u, _ in pairs]
+        for c in range(8):  # one client's calls to an agent keep their order
+            mine = [m for m in order if m.startswith(f"client {c} ")]
+            assert mine == [m for m, _ in turns if m.startswith(f"client {c} ")]
+    store.close()

@@ -1,0 +1,210 @@
+"""Where each agent's KV cache is: blocks in the pool, blocks on disk, and working caches kept.
+
+An agent's cache is a list of content-addressed blocks (block_pool.py): the `KVRecord` of the
+tokens they hold. The blocks live in the pool in memory (each once, however many agents hold
+it) and in the store on disk. A call's working cache is built from its blocks, with room for its
+prompt; after the call, only the blocks of its new tokens are copied into the pool, and the
+working cache goes.
+
+Why not keep the working cache for the agent's next call: it passes through the batch, which
+copies it (mlx-lm's BatchKVCache), and what comes out has no room for the next prompt, so
+reusing it costs a copy as well; building from blocks costs one copy (34 ms for 2K tokens of
+the default model here) and keeps memory to one copy of each block.
+
+Memory, counted against the budget: the pool's blocks, at the storage precision. When room is
+needed the least recently used blocks go, after their agents' unsaved blocks are handed to the
+writer. Outside the budget: the running calls' working caches, and blocks queued for the
+writer until written.
+
+Everything here runs on the engine thread, except the store's writes, which the `Writer`
+thread runs in order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from functools import partial
+from typing import Any, Literal
+
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.utils import common_prefix_len
+
+from mcp_semantic.block_pool import BlockPool, Storage, block_ids, chain_ids, cut_blocks, reconstruct
+from mcp_semantic.store import Agent, KVRecord, Store, Writer, host_block
+
+log = logging.getLogger(__name__)
+
+Tier = Literal["new", "hot", "disk"]
+
+
+class Caches:
+    def __init__(self, model: Any, store: Store, storage: Storage, *, block_tokens: int, memory_budget: int, agents: set[str]):
+        self.model = model
+        self.store = store
+        self.storage = storage
+        self.block_tokens = block_tokens
+        self.memory_budget = memory_budget
+        self.pool = BlockPool()
+        self.records: dict[str, KVRecord] = {}  # each agent's blocks now (saved, or waiting for the writer)
+        self.problems: dict[str, str] = {}  # saved caches that cannot be used, and why
+        for name, record in store.kv_records().items():
+            if name not in agents:
+                continue
+            if chain_ids(record.tokens, storage.key, block_tokens) != record.blocks:
+                self.problems[name] = "its saved KV cache was made by another model, --kv-bits or --block-tokens"
+                continue
+            self.records[name] = record
+            self.pool.hold([], record.blocks)
+        self.unsaved: set[str] = set()
+        template = make_prompt_cache(model)
+        self.n_layers = len(template)
+        self.blocks_ok = all(type(c) is KVCache for c in template)  # other kinds are not cut into blocks yet
+        self.writer = Writer()
+
+    def close(self) -> None:
+        """Hand every unsaved cache to the writer, and wait until all are written."""
+        self.save_all()
+        self.writer.close()
+
+    # saving
+
+    def save_all(self) -> None:
+        for name in sorted(self.unsaved):
+            self.save(name)
+
+    def save(self, name: str) -> None:
+        """Hand the agent's new blocks and block list to the writer thread."""
+        if name not in self.unsaved:
+            return
+        self.unsaved.discard(name)
+        record = self.records.get(name)
+        if record is None:
+            return
+        blocks = [
+            host_block(b) for bid in record.blocks if not self.store.has_block(bid) and (b := self.pool.peek(bid)) is not None
+        ]
+        self.writer.put(name, partial(self.store.commit_kv, name, record, blocks, self.storage))
+
+    # memory
+
+    def used(self) -> int:
+        return self.pool.nbytes
+
+    def enforce_budget(self) -> None:
+        """Drop least recently used blocks until the pool is under the budget."""
+        if self.used() <= self.memory_budget:
+            return
+        self.save_all()  # a block leaves memory only once it is written or queued to be
+        for bid in self.pool.oldest():
+            if self.used() <= self.memory_budget:
+                break
+            self.pool.drop(bid)
+
+    def evict_memory(self, names: list[str]) -> None:
+        """Drop these agents' blocks that no other agent holds (saved first)."""
+        holders: Counter[str] = Counter()
+        for name in names:
+            self.save(name)
+            holders.update(set(self.records[name].blocks) if name in self.records else ())
+        for bid, n in holders.items():
+            if self.pool.refs[bid] <= n:
+                self.pool.drop(bid)
+
+    # an agent's cache
+
+    def remember(self, name: str, cache: list[Any], tokens: list[int]) -> None:
+        """After a call: the agent's blocks are those of `tokens`; copy the new ones into the pool."""
+        if self.blocks_ok:
+            ids = chain_ids(tokens, self.storage.key, self.block_tokens)
+            for block in cut_blocks(cache, tokens, self.storage, self.block_tokens, skip=[b for b in ids if b in self.pool]):
+                self.pool.add(block)
+            old = self.records.get(name)
+            self.pool.hold(old.blocks if old else [], ids)
+            self.records[name] = KVRecord(ids, tokens)
+            self.unsaved.add(name)
+
+    def forget(self, name: str) -> None:
+        """Drop the agent's cache from memory and from the lists here (not from disk)."""
+        self.unsaved.discard(name)
+        record = self.records.pop(name, None)
+        if record is not None:
+            self.pool.hold(record.blocks, [])
+
+    def fork(self, source: str, target: str) -> None:
+        """`target` holds the source's blocks: nothing is copied, nothing is written but its list."""
+        record = self.records.get(source)
+        if record is None:
+            return
+        self.records[target] = KVRecord(list(record.blocks), list(record.tokens))
+        self.pool.hold([], record.blocks)
+        self.save(source)  # the source's blocks are queued first, so the fork's list finds them on disk
+        self.unsaved.add(target)
+        self.save(target)
+
+    def delete(self, name: str, agent_too: bool = False) -> int:
+        """Forget the agent's cache, on disk too (and its transcript if `agent_too`); bytes freed."""
+        self.forget(name)
+        self.writer.wait()  # nothing half written is deleted; GC sees every saved list
+        return self.store.delete_agent(name) if agent_too else self.store.delete_kv(name)
+
+    def lookup(self, agent: Agent, prompt: list[int], warnings: list[str]) -> tuple[Tier, list[Any], list[int]]:
+        """The longest cache for `prompt` there is, and the tokens it holds: built from the
+        agent's own blocks or from blocks any agent shares with the prompt, from memory or disk."""
+        B = self.block_tokens
+        ids: list[str] = []
+        tokens: list[int] = []
+        record = self.records.get(agent.name)
+        if record is not None:
+            n = -(-common_prefix_len(record.tokens, prompt) // B)
+            ids, tokens = record.blocks[:n], record.tokens[: n * B]
+        shared = 0
+        for bid in block_ids(prompt, self.storage.key, B):
+            if bid not in self.pool and not self.store.has_block(bid):
+                break
+            shared += 1
+        if shared * B > min(len(tokens), common_prefix_len(tokens, prompt)):
+            ids, tokens = block_ids(prompt, self.storage.key, B)[:shared], prompt[: shared * B]
+        blocks, tier, waited = [], "hot", False
+        for bid in ids:
+            block = self.pool.get(bid)
+            if block is None:
+                if not waited:  # the block may be in a write not done yet
+                    self.writer.wait()
+                    waited = True
+                block, problem = self.store.read_block(bid, self.storage, self.n_layers)
+                if block is None:
+                    log.warning("agent %s: %s", agent.name, problem)
+                    warnings.append(f"agent {agent.name}: {problem}; re-prefilling from there")
+                    break
+                self.pool.add(block)
+                tier = "disk"
+            blocks.append(block)
+        if agent.tokens and record is None:
+            why = self.problems.get(agent.name) or "it has no saved KV cache"
+            warnings.append(f"agent {agent.name}: {why}; re-prefilling its {len(agent.tokens)} tokens of history")
+        if not blocks:
+            return "new", make_prompt_cache(self.model), []
+        n = sum(len(b.tokens) for b in blocks)
+        room = -(-max(0, len(prompt) - n) // 32) * 32  # the prompt is read into the cache in place
+        cache = reconstruct(blocks, self.storage, self.n_layers, room)
+        self.enforce_budget()  # blocks read for this call count at once; the working cache is aside
+        return tier, cache, tokens[:n]
+
+    # reports
+
+    def agent_memory(self, name: str) -> dict[str, Any]:
+        """What list_agents says of an agent's cache."""
+        record = self.records.get(name)
+        ids = set(record.blocks) if record else set()
+        in_memory = [bid for bid in ids if bid in self.pool]
+        disk, shared_disk = self.store.kv_bytes(name)
+        hot = record is not None and len(in_memory) == len(ids) > 0
+        return {
+            "tier": "hot" if hot else "disk" if record else "none",
+            "blocks": len(record.blocks) if record else 0,
+            "memory_bytes": sum(self.pool.peek(b).nbytes for b in in_memory),
+            "shared_memory_bytes": sum(self.pool.peek(b).nbytes for b in in_memory if self.pool.refs[b] > 1),
+            "disk_bytes": disk,
+            "shared_disk_bytes": shared_disk,
+        }
