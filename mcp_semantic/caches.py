@@ -124,6 +124,17 @@ class Caches:
             self.records[name] = KVRecord(ids, tokens)
             self.unsaved.add(name)
 
+    def share_prompt(self, cache: list[Any], prompt: list[int]) -> None:
+        """Once a prompt is read, its full blocks go into the pool (held by no agent yet, so the
+        least recently used go first), for calls that start the same way before this one ends."""
+        if not self.blocks_ok:
+            return
+        ids = block_ids(prompt, self.storage.key, self.block_tokens)
+        full = prompt[: len(ids) * self.block_tokens]
+        for block in cut_blocks(cache, full, self.storage, self.block_tokens, skip=[b for b in ids if b in self.pool]):
+            self.pool.add(block)
+        self.enforce_budget()
+
     def forget(self, name: str) -> None:
         """Drop the agent's cache from memory and from the lists here (not from disk)."""
         self.unsaved.discard(name)

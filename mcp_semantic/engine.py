@@ -54,9 +54,10 @@ SAVE_AFTER_IDLE_S = 0.5
 """Caches are saved once the engine has had no work for this long: a host's back-to-back
 calls are not slowed by the writer, and an agent in a quick exchange is written once."""
 
-INTERLEAVED_PREFILL_TOKENS = 64
-"""Prompt tokens read per step while other calls are decoding: the longest pause a prefill
-puts between their tokens (about half a second at 4K tokens of context on a 2-core CPU)."""
+PAUSE_TARGET_S = 0.25
+"""While other calls are generating, a prompt is read in chunks of about this much time, so
+that it holds their next token back by no more. The chunk's tokens follow the measured speed
+(fewer as the context grows: attention costs more per token)."""
 
 _TAIL = 32
 """Prompt tokens run in the final prefill pass, the one whose logits are computed."""
@@ -87,12 +88,15 @@ class Timings(_Result):
     queue: float
     """Waiting behind other calls."""
     cache_load: float
-    """Reading the agent's cache from disk (0 when hot or new)."""
+    """Finding the agent's cache and building it from its blocks (read from disk for tier disk)."""
     prefill: float
     """Reading the new prompt tokens, up to the first token."""
     ttft: float
     """From the call's arrival at the engine to its first token: queue + cache_load + prefill."""
     total: float
+    longest_pause: float
+    """The longest time between two tokens of the reply: other calls joining the batch, or
+    reading their prompts, show here."""
 
 
 class AskResult(_Result):
@@ -198,26 +202,27 @@ class _Job:
 
 @dataclass
 class _Running:
-    """An ask call the engine has started: reading its prompt (`pending`), then decoding in the
-    batch (`uid`)."""
+    """An ask call the engine has started: reading its prompt (`pending`, into `cache`), then
+    decoding in the batch (`uid`)."""
 
     job: _Job
     agent: Agent
     messages: list[dict[str, str]]
     prompt: list[int]
-    tier: Tier
-    reuse: int
     max_new: int
-    warnings: list[str]
-    started: float
-    cache_load: float
-    cache: list[Any]
-    pending: list[int]
     sampler: Callable[[mx.array], mx.array]
+    started: float
+    tier: Tier = "new"
+    reuse: int = 0
+    cache_load: float = 0.0
+    cache: list[Any] | None = None
+    pending: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     uid: int | None = None
     generated: list[int] = field(default_factory=list)
     first: float | None = None
     last: float | None = None
+    longest_pause: float = 0.0
 
 
 def _post(token: Any, fn: Callable[..., Any], *args: Any) -> None:
@@ -300,6 +305,7 @@ class Engine:
         self._greedy = make_sampler(temp=0.0)  # one object: greedy rows are sampled in one call
         self._batch = self._new_batch()
         self._running: list[_Running] = []  # started calls, in the order they started
+        self._s_per_token = 0.0  # the last prefill chunk's seconds per token
         self.peak_batch = 0  # the most calls that ran together
         self._waiting: list[_Job] = []  # arrived, not started, in arrival order
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -496,40 +502,43 @@ class Engine:
                     f"agent {req.agent}: the conversation with this message is {len(prompt)} tokens, "
                     f"over the model's context of {limit} tokens; nothing was changed"
                 )
-            warnings: list[str] = []
-            tier, cache, cached = self.caches.lookup(agent, prompt, warnings)
         except BaseException as e:
             job.error = e
             _post(job.token, job.done.set)
             return False
-        loaded = time.perf_counter()
-        if agent.name in self._agents:
-            self._tiers[tier] += 1
-        reuse = min(common_prefix_len(cached, prompt), len(prompt) - 1)  # one token at least runs
-        if reuse < len(cached):
-            if can_trim_prompt_cache(cache):
-                trim_prompt_cache(cache, len(cached) - reuse)
-            else:
-                cache, reuse = make_prompt_cache(self.lm.model), 0
-        self._tokens["prompt"] += len(prompt)
-        self._tokens["cached"] += reuse
-        max_new = min(req.max_tokens, limit - len(prompt))
         if req.temperature == 0:
             sampler = self._greedy
         elif req.seed is not None:
             sampler = seeded_sampler(req.temperature, req.top_p, req.seed)
         else:
             sampler = make_sampler(temp=req.temperature, top_p=req.top_p if req.top_p < 1 else 0.0)
-        self._running.append(
-            _Running(
-                job, agent, messages, prompt, tier, reuse, max_new, warnings, started, loaded - started,
-                cache, prompt[reuse:], sampler,
-            )
-        )
+        max_new = min(req.max_tokens, limit - len(prompt))
+        self._running.append(_Running(job, agent, messages, prompt, max_new, sampler, started))
         self.peak_batch = max(self.peak_batch, len(self._running))
-        if job.report:
-            job.report(0, len(prompt) - reuse + max_new, f"prefill 0/{len(prompt) - reuse} tokens")
         return True
+
+    def _find_cache(self, r: _Running) -> None:
+        """Just before a call reads its prompt: its cache, trimmed to what the prompt shares.
+
+        Not at admission: calls read their prompts one after another, so a call that arrived with
+        others finds the blocks of the prompts read before its own (a shared system prompt is
+        read once, even by agents asked at once)."""
+        started = time.perf_counter()
+        r.tier, cache, cached = self.caches.lookup(r.agent, r.prompt, r.warnings)
+        if r.agent.name in self._agents:
+            self._tiers[r.tier] += 1
+        r.reuse = min(common_prefix_len(cached, r.prompt), len(r.prompt) - 1)  # one token at least runs
+        if r.reuse < len(cached):
+            if can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, len(cached) - r.reuse)
+            else:
+                cache, r.reuse = make_prompt_cache(self.lm.model), 0
+        r.cache, r.pending = cache, r.prompt[r.reuse :]
+        r.cache_load = time.perf_counter() - started
+        self._tokens["prompt"] += len(r.prompt)
+        self._tokens["cached"] += r.reuse
+        if r.job.report:
+            r.job.report(0, len(r.pending) + r.max_new, f"prefill 0/{len(r.pending)} tokens")
 
     # The engine thread: one step of the batch
 
@@ -541,8 +550,11 @@ class Engine:
             self._decode_step()
         reading = next((r for r in self._running if r.uid is None), None)
         if reading is not None:
+            step = self.prefill_step_size
+            if decoding and self._s_per_token > 0:
+                step = max(16, min(step, int(PAUSE_TARGET_S / self._s_per_token)))
             try:
-                self._prefill_chunk(reading, INTERLEAVED_PREFILL_TOKENS if decoding else self.prefill_step_size)
+                self._prefill_chunk(reading, step, tail=0 if decoding else _TAIL)
             except BaseException as e:  # this call fails; the batch goes on
                 log.exception("prefill failed for agent %s", reading.agent.name)
                 self._running.remove(reading)
@@ -554,29 +566,35 @@ class Engine:
                     self._batch.remove([r.uid])
                 self._finish(r, "cancelled", None)
 
-    def _prefill_chunk(self, r: _Running, step: int) -> None:
+    def _prefill_chunk(self, r: _Running, step: int, tail: int) -> None:
         """Read up to `step` of the call's prompt tokens; with the last ones, sample its first token
         and move it to the batch.
 
         Why not the BatchGenerator's own prefill: it runs the last prompt token in a pass of its
         own and reports a token one step after sampling it, about a third of a short turn's time
-        to first token on a CPU. Here all but the last `_TAIL` tokens run in chunks whose logits
-        are never computed, the tail runs in one pass that gives the logits, and the first token
-        is sampled and reported at once.
+        to first token on a CPU. Here all but the last `tail` (up to step + tail) tokens run in
+        chunks whose logits are never computed, the last ones run in one pass that gives the
+        logits, and the first token is sampled and reported at once.
         """
+        if r.cache is None:
+            self._find_cache(r)
         model = self.lm.model
-        if len(r.pending) > step + _TAIL:
+        started = time.perf_counter()
+        if len(r.pending) > step + tail:
             model(mx.array(r.pending[:step])[None], cache=r.cache)
             mx.eval([c.state for c in r.cache])
             r.pending = r.pending[step:]
+            self._s_per_token = (time.perf_counter() - started) / step
             if r.job.report:
                 done, total = len(r.prompt) - r.reuse - len(r.pending), len(r.prompt) - r.reuse
                 r.job.report(done, total + r.max_new, f"prefill {done}/{total} tokens")
             return
         logits = model(mx.array(r.pending)[None], cache=r.cache)[:, -1, :]
-        r.pending = []
         token = r.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).item()
         r.first = r.last = time.perf_counter()
+        self._s_per_token = (r.first - started) / len(r.pending)
+        r.pending = []
+        self.caches.share_prompt(r.cache, r.prompt)  # later calls' prompts may start the same way
         if token in self.lm.tokenizer.eos_token_ids:
             return self._finish(r, "stop", r.prompt)
         r.generated.append(token)
@@ -602,6 +620,7 @@ class Engine:
         by_uid = {r.uid: r for r in self._running if r.uid is not None}
         for g in responses:
             r = by_uid[g.uid]
+            r.longest_pause = max(r.longest_pause, now - r.last)
             r.last = now
             if g.finish_reason != "stop":  # "stop": the token is an end-of-sequence token
                 r.generated.append(g.token)
@@ -645,6 +664,7 @@ class Engine:
                 prefill=round(ms(r.started, first) - r.cache_load * 1000, 2),  # with the chat template and tokenizing
                 ttft=ms(r.job.submitted, first),
                 total=ms(r.job.submitted, ended),
+                longest_pause=round(r.longest_pause * 1000, 2),
             ),
             decode_tokens_per_s=round((len(r.generated) - 1) / decode_s, 2) if len(r.generated) > 1 and decode_s > 0 else 0.0,
             warnings=r.warnings,

@@ -354,3 +354,15 @@ async def test_a_cancelled_call_leaves_its_agent_as_it_was_and_the_others_finish
     assert after.tokens.cached > 0
     assert after.reply == replay(engine.lm, before.messages + [{"role": "user", "content": "Next."}], 8)
     await engine.aclose()
+
+
+async def test_agents_asked_at_once_read_a_shared_system_prompt_once(settings: Settings, replay) -> None:
+    engine = open_engine(settings)
+    system = "You answer questions about the valley. " + "The river runs past the mill and the dam. " * 20
+    questions = ["Where is the mill?", "How old is the dam?", "Where does the river go?"]
+    results = await ask_all(engine, [AskRequest(f"a{i}", q, system=system, max_tokens=8) for i, q in enumerate(questions)])
+    assert results[0].tokens.cached == 0
+    assert all(r.tokens.cached >= results[0].tokens.context - 2 * settings.block_tokens - 16 for r in results[1:])
+    for q, r in zip(questions, results):
+        assert r.reply == replay(engine.lm, [{"role": "system", "content": system}, {"role": "user", "content": q}], 8)
+    await engine.aclose()

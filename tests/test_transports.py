@@ -117,3 +117,23 @@ def test_a_second_server_on_the_same_cache_dir_refuses(settings: Settings) -> No
         first.stdin.close()
         first.wait(timeout=30)
     assert first.returncode == 0
+
+
+def test_a_call_cancelled_by_the_host_leaves_its_agent_as_it_was(settings: Settings, stdio_server) -> None:
+    """MCP notifications/cancelled stops the call at the engine's next step; nothing is half appended."""
+    server = stdio_server(settings)
+    first = server.call("ask_agent", {"agent": "c", "message": "Hello.", "max_tokens": 4})
+    server._id += 1
+    long_call = server._id
+    server._send({"id": long_call, "method": "tools/call", "params": {
+        "name": "ask_agent", "arguments": {"agent": "c", "message": "Talk for a long time. " * 20, "max_tokens": 1500},
+    }})
+    time.sleep(0.5)  # it is generating
+    server._send({"method": "notifications/cancelled", "params": {"requestId": long_call, "reason": "the user pressed stop"}})
+    other = server.call("ask_agent", {"agent": "d", "message": "Hi.", "max_tokens": 4})  # the server goes on
+    assert other["finish_reason"] in ("stop", "length")
+    # c's next call runs after the cancelled one (calls to one agent keep their order)
+    again = server.call("ask_agent", {"agent": "c", "message": "Next.", "max_tokens": 4})
+    assert first["tokens"]["context"] <= again["tokens"]["cached"] < again["tokens"]["context"]
+    listed = server.call("list_agents", {})
+    assert {a["name"]: a["turns"] for a in listed["agents"]} == {"c": 2, "d": 1}  # the long turn is not there
