@@ -57,7 +57,8 @@ calls are not slowed by the writer, and an agent in a quick exchange is written 
 PAUSE_TARGET_S = 0.25
 """While other calls are generating, a prompt is read in chunks of about this much time, so
 that it holds their next token back by no more. The chunk's tokens follow the measured speed
-(fewer as the context grows: attention costs more per token)."""
+(fewer as the context grows: attention costs more per token). Shorter chunks cost the reading
+call time (each is a pass over the weights), longer ones the others' pauses."""
 
 _TAIL = 32
 """Prompt tokens run in the final prefill pass, the one whose logits are computed."""

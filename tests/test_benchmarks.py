@@ -89,3 +89,14 @@ def test_kv_bits_benchmark_on_a_generated_model(tmp_path: Path) -> None:
         assert m["memory_bytes_per_token"] == round(m["block_bytes"] / data["context_tokens"])
         assert m["working_cache_bytes_per_token"] == lossless["working_cache_bytes_per_token"]
         assert 0 <= m["top1_agreement"] <= 1 and m["kl_max"] >= m["kl_mean"] >= 0
+
+
+def test_concurrency_benchmark_quick(tiny_model_dir: Path, tmp_path: Path) -> None:
+    args = ["--model", str(tiny_model_dir), "--quick", "--max-tokens", "12", "--stall-prompt", "300"]
+    data = run_benchmark("bench_concurrency.py", tmp_path, *args)
+    assert [r["agents"] for r in data["levels"]] == [1, 2, 4]
+    assert all(len(r["generated"]) == r["agents"] and r["ttft_ms_p50"] <= r["ttft_ms_p95"] for r in data["levels"])
+    assert data["batched_replies_equal_sequential"] is True  # greedy: batched = alone, token for token
+    assert data["stall"]["reader_prompt_tokens"] > 250 and data["stall"]["decoder_generated"] > 0
+    assert set(data["targets"]) == {"4_agents_at_least_2.5x_sequential", "longest_pause_under_1s"}
+    assert data["short_replies"]["max_tokens"] == 64

@@ -366,3 +366,16 @@ async def test_agents_asked_at_once_read_a_shared_system_prompt_once(settings: S
     for q, r in zip(questions, results):
         assert r.reply == replay(engine.lm, [{"role": "system", "content": system}, {"role": "user", "content": q}], 8)
     await engine.aclose()
+
+
+async def test_seeded_sampling_is_the_same_alone_and_in_a_batch(settings: Settings, tmp_path) -> None:
+    sampled = AskRequest("s", "Tell me a story.", temperature=0.9, top_p=0.95, seed=7, max_tokens=16)
+    alone = open_engine(settings.model_copy(update={"cache_dir": tmp_path / "alone"}))
+    reply = (await alone.ask(sampled)).reply
+    assert (await alone.ask(AskRequest("s2", "Tell me a story.", temperature=0.9, top_p=0.95, seed=8, max_tokens=16))).reply != reply
+    await alone.aclose()
+    engine = open_engine(settings)
+    others = [AskRequest(f"o{i}", "Count to ten.", temperature=0.7, max_tokens=16) for i in range(2)]
+    results = await ask_all(engine, [others[0], sampled, others[1]])
+    assert engine.peak_batch == 3 and results[1].reply == reply
+    await engine.aclose()
