@@ -4,9 +4,9 @@ Measures, in one process and one run:
   * cold prefill tokens/s (a 512-token prompt, and the whole conversation);
   * for a conversation of about 2,000 tokens, the time to first token (TTFT) of
       new   - a new agent reading the whole conversation (cold prefill),
-      hot   - the agent's next turn with its working cache kept in memory,
-      blocks in memory - the next turn of a fork of the agent just resumed: its cache is
-              built from the blocks it shares with it, in memory, not read from disk,
+      hot   - the agent's next turn, its blocks in memory,
+      fork  - the next turn of a fork of the agent just resumed: its cache is built from the
+              blocks it shares with it, in memory, not read from disk,
       disk  - the same turn after a server restart (cache loaded from safetensors);
     each follow-up question is about 20 tokens.
 Targets (issue 4): disk resume >= 25x faster than the cold prefill of the same context,
@@ -129,7 +129,7 @@ def plot(result: dict, path: Path) -> None:
     tiers = ["cold", "disk", "blocks_in_memory", "hot"]
     values = [result[t]["ttft_ms"] for t in tiers]
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    labels = ["new agent\n(cold prefill)", "after restart\n(blocks from disk)", "fork\n(blocks in memory)", "hot\n(kept cache)"]
+    labels = ["new agent\n(cold prefill)", "after restart\n(blocks from disk)", "fork\n(source's blocks in memory)", "hot\n(blocks in memory)"]
     bars = ax.bar(labels, values, color=["#c44", "#48c", "#7ab", "#4a4"])
     ax.set_yscale("log")
     ax.set_ylim(top=max(values) * 4)  # room for the labels
