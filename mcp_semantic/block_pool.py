@@ -117,11 +117,19 @@ class Block:
 
 
 def cut_blocks(
-    cache: list[Any], tokens: list[int], storage: Storage, block_tokens: int, skip: Iterable[str] = ()
+    cache: list[Any],
+    tokens: list[int],
+    storage: Storage,
+    block_tokens: int,
+    skip: Iterable[str] = (),
+    evaluate: bool = True,
 ) -> list[Block]:
-    """The blocks of a cache holding `tokens`, copied out of it (evaluated), except the ids in `skip`.
+    """The blocks of a cache holding `tokens`, copied out of it, except the ids in `skip`.
 
     The engine passes the blocks it already holds as `skip`: a turn copies only its new tokens.
+    With `evaluate` False the copies are left to MLX's lazy evaluation: they are made when the
+    blocks are first used (saved, or built into a cache), not while other calls wait for their
+    next token; the cache's arrays must not change until then.
     """
     skip = set(skip)
     ids = chain_ids(tokens, storage.key, block_tokens)
@@ -136,7 +144,8 @@ def cut_blocks(
                 for suffix, part in storage.encode(a[..., start:end, :]).items():
                     arrays[f"layers.{layer}.{kind}{suffix}"] = part
         blocks.append(Block(bid, ids[i - 1] if i else "", tokens[start:end], arrays))
-    mx.eval([a for b in blocks for a in b.arrays.values()])
+    if evaluate:
+        mx.eval([a for b in blocks for a in b.arrays.values()])
     return blocks
 
 

@@ -27,6 +27,7 @@ from collections import Counter
 from functools import partial
 from typing import Any, Literal
 
+import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.utils import common_prefix_len
 
@@ -81,9 +82,9 @@ class Caches:
         record = self.records.get(name)
         if record is None:
             return
-        blocks = [
-            host_block(b) for bid in record.blocks if not self.store.has_block(bid) and (b := self.pool.peek(bid)) is not None
-        ]
+        new = [b for bid in record.blocks if not self.store.has_block(bid) and (b := self.pool.peek(bid)) is not None]
+        mx.eval([a for b in new for a in b.arrays.values()])  # blocks cut lazily are copied now
+        blocks = [host_block(b) for b in new]
         self.writer.put(name, partial(self.store.commit_kv, name, record, blocks, self.storage))
 
     # memory
@@ -117,7 +118,9 @@ class Caches:
         """After a call: the agent's blocks are those of `tokens`; copy the new ones into the pool."""
         if self.blocks_ok:
             ids = chain_ids(tokens, self.storage.key, self.block_tokens)
-            for block in cut_blocks(cache, tokens, self.storage, self.block_tokens, skip=[b for b in ids if b in self.pool]):
+            # lazily: the copies are made when the blocks are saved or used, not in a decode step's time
+            skip = [b for b in ids if b in self.pool]
+            for block in cut_blocks(cache, tokens, self.storage, self.block_tokens, skip=skip, evaluate=False):
                 self.pool.add(block)
             old = self.records.get(name)
             self.pool.hold(old.blocks if old else [], ids)
@@ -131,7 +134,8 @@ class Caches:
             return
         ids = block_ids(prompt, self.storage.key, self.block_tokens)
         full = prompt[: len(ids) * self.block_tokens]
-        for block in cut_blocks(cache, full, self.storage, self.block_tokens, skip=[b for b in ids if b in self.pool]):
+        skip = [b for b in ids if b in self.pool]
+        for block in cut_blocks(cache, full, self.storage, self.block_tokens, skip=skip, evaluate=False):
             self.pool.add(block)
         self.enforce_budget()
 
@@ -159,9 +163,10 @@ class Caches:
         self.writer.wait()  # nothing half written is deleted; GC sees every saved list
         return self.store.delete_agent(name) if agent_too else self.store.delete_kv(name)
 
-    def lookup(self, agent: Agent, prompt: list[int], warnings: list[str]) -> tuple[Tier, list[Any], list[int]]:
+    def lookup(self, agent: Agent, prompt: list[int], room: int, warnings: list[str]) -> tuple[Tier, list[Any], list[int]]:
         """The longest cache for `prompt` there is, and the tokens it holds: built from the
-        agent's own blocks or from blocks any agent shares with the prompt, from memory or disk."""
+        agent's own blocks or from blocks any agent shares with the prompt, from memory or disk,
+        with `room` slots beyond the prompt (for the reply: the model writes in place)."""
         B = self.block_tokens
         ids: list[str] = []
         tokens: list[int] = []
@@ -197,8 +202,7 @@ class Caches:
         if not blocks:
             return "new", make_prompt_cache(self.model), []
         n = sum(len(b.tokens) for b in blocks)
-        room = -(-max(0, len(prompt) - n) // 32) * 32  # the prompt is read into the cache in place
-        cache = reconstruct(blocks, self.storage, self.n_layers, room)
+        cache = reconstruct(blocks, self.storage, self.n_layers, -(-(max(0, len(prompt) - n) + room) // 32) * 32)
         self.enforce_budget()  # blocks read for this call count at once; the working cache is aside
         return tier, cache, tokens[:n]
 

@@ -5,8 +5,8 @@ transcript's tokens, kept as content-addressed blocks (caches.py). On every call
 rebuilt from the messages with the chat template, the longest cached prefix is found, and only
 the new tokens are prefilled.
 
-Calls are scheduled continuously with mlx-lm's BatchGenerator: a call joins the running batch at
-the next step (its cache inserted with it) and leaves when it finishes, so one agent's long
+Calls are scheduled continuously: a call reads its prompt, then joins the decode batch
+(batch.py) at the next step, its cache with it, and leaves when it finishes, so one agent's long
 prefill is read in chunks between the decode steps of the others, and the decode steps of
 several agents share one pass over the weights. Calls to one agent run one at a time, in
 arrival order; so do the other calls that name it (fork, evict), and calls that name every
@@ -33,12 +33,12 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_top_p, make_sampler
 from mlx_lm.utils import common_prefix_len
 from pydantic import BaseModel, ConfigDict
 
+from mcp_semantic.batch import DecodeBatch, Row
 from mcp_semantic.block_pool import BLOCK_TOKENS, Storage, kv_bits_supported
 from mcp_semantic.caches import Caches, Tier
 from mcp_semantic.models import LoadedModel
@@ -204,7 +204,7 @@ class _Job:
 @dataclass
 class _Running:
     """An ask call the engine has started: reading its prompt (`pending`, into `cache`), then
-    decoding in the batch (`uid`)."""
+    decoding in the batch (`row`)."""
 
     job: _Job
     agent: Agent
@@ -219,7 +219,7 @@ class _Running:
     cache: list[Any] | None = None
     pending: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    uid: int | None = None
+    row: Row | None = None  # set once it decodes in the batch
     generated: list[int] = field(default_factory=list)
     first: float | None = None
     last: float | None = None
@@ -304,7 +304,8 @@ class Engine:
         self._tiers: Counter[str] = Counter()  # where the caches of calls to existing agents came from
         self._tokens: Counter[str] = Counter()  # prompt tokens of all calls: "prompt", "cached"
         self._greedy = make_sampler(temp=0.0)  # one object: greedy rows are sampled in one call
-        self._batch = self._new_batch()
+        self._batch = DecodeBatch(lm.model)
+        self._eos = set(lm.tokenizer.eos_token_ids)
         self._running: list[_Running] = []  # started calls, in the order they started
         self._s_per_token = 0.0  # the last prefill chunk's seconds per token
         self.peak_batch = 0  # the most calls that ran together
@@ -320,15 +321,6 @@ class Engine:
     @memory_budget.setter
     def memory_budget(self, value: int) -> None:
         self.caches.memory_budget = value
-
-    def _new_batch(self) -> BatchGenerator:
-        return BatchGenerator(
-            self.lm.model,
-            stop_tokens=[[t] for t in self.lm.tokenizer.eos_token_ids],
-            completion_batch_size=self.max_batch,
-            prefill_batch_size=self.max_batch,
-            prefill_step_size=self.prefill_step_size,
-        )
 
     # The async side: called from the event loop
 
@@ -525,7 +517,7 @@ class Engine:
         others finds the blocks of the prompts read before its own (a shared system prompt is
         read once, even by agents asked at once)."""
         started = time.perf_counter()
-        r.tier, cache, cached = self.caches.lookup(r.agent, r.prompt, r.warnings)
+        r.tier, cache, cached = self.caches.lookup(r.agent, r.prompt, r.max_new, r.warnings)
         if r.agent.name in self._agents:
             self._tiers[r.tier] += 1
         r.reuse = min(common_prefix_len(cached, r.prompt), len(r.prompt) - 1)  # one token at least runs
@@ -546,10 +538,10 @@ class Engine:
     def _step(self) -> None:
         """One decode step for the calls in the batch, then one prefill chunk for the first call
         still reading its prompt: a long prompt never holds the others' next token for long."""
-        decoding = any(r.uid is not None for r in self._running)
+        decoding = any(r.row is not None for r in self._running)
         if decoding:
             self._decode_step()
-        reading = next((r for r in self._running if r.uid is None), None)
+        reading = next((r for r in self._running if r.row is None), None)
         if reading is not None:
             step = self.prefill_step_size
             if decoding and self._s_per_token > 0:
@@ -563,19 +555,20 @@ class Engine:
                 _post(reading.job.token, reading.job.done.set)
         for r in list(self._running):
             if r.job.cancelled.is_set():
-                if r.uid is not None:
-                    self._batch.remove([r.uid])
+                if r.row is not None:
+                    self._batch.remove([r.row])
                 self._finish(r, "cancelled", None)
 
     def _prefill_chunk(self, r: _Running, step: int, tail: int) -> None:
         """Read up to `step` of the call's prompt tokens; with the last ones, sample its first token
         and move it to the batch.
 
-        Why not the BatchGenerator's own prefill: it runs the last prompt token in a pass of its
-        own and reports a token one step after sampling it, about a third of a short turn's time
-        to first token on a CPU. Here all but the last `tail` (up to step + tail) tokens run in
-        chunks whose logits are never computed, the last ones run in one pass that gives the
-        logits, and the first token is sampled and reported at once.
+        Why not mlx-lm's prefill (generate_step, BatchGenerator): it runs the last prompt token
+        in a pass of its own (BatchGenerator also reports a token one step after sampling it),
+        about a third of a short turn's time to first token on a CPU. Here all but the last
+        `tail` (up to step + tail) tokens run in chunks whose logits are never computed, the
+        last ones run in one pass that gives the logits, and the first token is sampled and
+        reported at once.
         """
         if r.cache is None:
             self._find_cache(r)
@@ -595,39 +588,39 @@ class Engine:
         r.first = r.last = time.perf_counter()
         self._s_per_token = (r.first - started) / len(r.pending)
         r.pending = []
-        self.caches.share_prompt(r.cache, r.prompt)  # later calls' prompts may start the same way
+        B = self.caches.block_tokens
+        if any(o.cache is None and o.prompt[:B] == r.prompt[:B] for o in self._running if o is not r):
+            self.caches.share_prompt(r.cache, r.prompt)  # a call still to read starts the same way
         if token in self.lm.tokenizer.eos_token_ids:
             return self._finish(r, "stop", r.prompt)
         r.generated.append(token)
         if r.max_new == 1:
             return self._finish(r, "length", r.prompt)
-        (r.uid,) = self._batch.insert(
-            [[token]], max_tokens=[r.max_new - 1], caches=[r.cache], all_tokens=[list(r.prompt)], samplers=[r.sampler]
-        )
-        r.cache = None  # the batch has its own copy now
+        r.row = Row(r, token, r.sampler, r.max_new, self._eos, list(r.prompt))
+        self._batch.add(r.row, r.cache)
+        r.cache = None  # the batch holds it now
 
     def _decode_step(self) -> None:
         try:
-            _, responses = self._batch.next()
+            stepped = self._batch.step()
         except BaseException as e:  # the batch is in no known state: fail its calls, start anew
             log.exception("a batch step failed")
-            for r in [r for r in self._running if r.uid is not None]:
+            for r in [r for r in self._running if r.row is not None]:
                 self._running.remove(r)
                 r.job.error = e
                 _post(r.job.token, r.job.done.set)
-            self._batch = self._new_batch()
+            self._batch = DecodeBatch(self.lm.model)
             return
         now = time.perf_counter()
-        by_uid = {r.uid: r for r in self._running if r.uid is not None}
-        for g in responses:
-            r = by_uid[g.uid]
+        for row, token in stepped:
+            r = row.key
             r.longest_pause = max(r.longest_pause, now - r.last)
             r.last = now
-            if g.finish_reason != "stop":  # "stop": the token is an end-of-sequence token
-                r.generated.append(g.token)
-            if g.finish_reason is not None:
-                r.cache = g.prompt_cache
-                self._finish(r, g.finish_reason, list(g.all_tokens))
+            if row.finish != "stop":  # "stop": the token is an end-of-sequence token
+                r.generated.append(token)
+            if row.finish is not None:
+                r.cache = row.cache
+                self._finish(r, row.finish, row.tokens)
             elif r.job.report and len(r.generated) % 8 == 0:
                 new = len(r.prompt) - r.reuse
                 r.job.report(new + len(r.generated), new + r.max_new, f"generated {len(r.generated)} tokens")
