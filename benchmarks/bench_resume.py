@@ -76,6 +76,7 @@ async def run(args: argparse.Namespace) -> dict:
     cold = await engine.ask(AskRequest("doc", "Summarise the document in one sentence.", system=system, max_tokens=32))
     for i in range(args.repeats):
         await engine.fork("doc", f"doc-{i}")
+    await engine.flush()  # the forks' lists and the source's blocks on disk: the writer is quiet below
     hot = [await engine.ask(AskRequest("doc", q, max_tokens=16)) for q in FOLLOW_UPS[: args.repeats]]
     await engine.aclose()
 

@@ -31,7 +31,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.utils import common_prefix_len
 
-from mcp_semantic.block_pool import BlockPool, Storage, block_ids, chain_ids, cut_blocks, reconstruct
+from mcp_semantic.block_pool import Block, BlockPool, Storage, block_ids, chain_ids, cut_blocks, reconstruct
 from mcp_semantic.store import Agent, KVRecord, Store, Writer, host_block
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class Caches:
             self.records[name] = record
             self.pool.hold([], record.blocks)
         self.unsaved: set[str] = set()
+        self.unsettled: list[Block] = []  # blocks cut lazily, not copied yet: see settle
         template = make_prompt_cache(model)
         self.n_layers = len(template)
         self.blocks_ok = all(type(c) is KVCache for c in template)  # other kinds are not cut into blocks yet
@@ -122,10 +123,18 @@ class Caches:
             skip = [b for b in ids if b in self.pool]
             for block in cut_blocks(cache, tokens, self.storage, self.block_tokens, skip=skip, evaluate=False):
                 self.pool.add(block)
+                self.unsettled.append(block)
             old = self.records.get(name)
             self.pool.hold(old.blocks if old else [], ids)
             self.records[name] = KVRecord(ids, tokens)
             self.unsaved.add(name)
+
+    def settle(self) -> None:
+        """Make the copies of the blocks cut lazily: the engine calls this when no call is
+        running, so the copies never sit between a generating call and its next token."""
+        if self.unsettled:
+            mx.eval([a for b in self.unsettled for a in b.arrays.values()])
+            self.unsettled.clear()
 
     def share_prompt(self, cache: list[Any], prompt: list[int]) -> None:
         """Once a prompt is read, its full blocks go into the pool (held by no agent yet, so the
@@ -137,6 +146,7 @@ class Caches:
         skip = [b for b in ids if b in self.pool]
         for block in cut_blocks(cache, full, self.storage, self.block_tokens, skip=skip, evaluate=False):
             self.pool.add(block)
+            self.unsettled.append(block)
         self.enforce_budget()
 
     def forget(self, name: str) -> None:
@@ -202,7 +212,10 @@ class Caches:
         if not blocks:
             return "new", make_prompt_cache(self.model), []
         n = sum(len(b.tokens) for b in blocks)
-        cache = reconstruct(blocks, self.storage, self.n_layers, -(-(max(0, len(prompt) - n) + room) // 32) * 32)
+        # Buffers sized in whole blocks: an agent's next turns get the same size, which MLX's
+        # allocator hands back from its cache instead of filling fresh memory (slow on some hosts).
+        size = -(-(max(len(prompt), n) + room) // self.block_tokens) * self.block_tokens
+        cache = reconstruct(blocks, self.storage, self.n_layers, size - n)
         self.enforce_budget()  # blocks read for this call count at once; the working cache is aside
         return tier, cache, tokens[:n]
 

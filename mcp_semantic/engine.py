@@ -431,6 +431,8 @@ class Engine:
             except queue.Empty:
                 if not busy and not self._waiting:  # idle for a while: hand unsaved caches to the writer
                     self.caches.save_all()
+            if not self._running:
+                self.caches.settle()  # before a new call starts, not between anyone's tokens
             self._schedule()
             if self._running:
                 self._step()
@@ -640,6 +642,9 @@ class Engine:
             self._agents[agent.name] = agent
             self.caches.remember(agent.name, r.cache, tokens)
             self.caches.enforce_budget()
+        if r.row is not None:  # let the cache's memory go now (the row and the call refer to each other)
+            r.row.cache = r.row.key = None
+        r.cache = r.row = None
         ended = time.perf_counter()
         first = r.first or ended
         ms = lambda a, b: round((b - a) * 1000, 2)  # noqa: E731
