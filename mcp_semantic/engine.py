@@ -26,7 +26,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import partial
 from typing import Any, Awaitable, Callable, Literal
 
 import anyio

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -11,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mlx_lm.models.cache import KVCache
 
-from mcp_semantic.block_pool import Storage, chain_ids, cut_blocks, reconstruct
+from mcp_semantic.block_pool import Storage, cut_blocks, reconstruct
 from mcp_semantic.store import NAME_RULE, Agent, InvalidName, KVRecord, Store, Writer, check_name, host_block
 
 EXACT = Storage("fp", "float32")
