@@ -270,6 +270,8 @@ class Engine:
         max_tokens_limit: int = 4096,
         max_queue: int = 32,
         max_batch: int = 8,
+        max_message_bytes: int = 256 * 1024,
+        max_agents: int = 1000,
         kv_bits: int | None = None,
         block_tokens: int = BLOCK_TOKENS,
     ):
@@ -280,6 +282,8 @@ class Engine:
         self.max_tokens_limit = max_tokens_limit
         self.max_queue = max_queue
         self.max_batch = max_batch
+        self.max_message_bytes = max_message_bytes
+        self.max_agents = max_agents
         self._asks = 0  # ask calls queued or running
         self._asks_lock = threading.Lock()
         self._agents: dict[str, Agent] = {}
@@ -340,6 +344,12 @@ class Engine:
     async def ask(self, req: AskRequest, on_progress: ProgressFn | None = None) -> AskResult:
         """Queue a call; refused at once, changing nothing, when --max-queue calls are waiting."""
         check_name(req.agent)
+        for what, text in (("message", req.message), ("system prompt", req.system or "")):
+            if len(text.encode()) > self.max_message_bytes:
+                raise RequestError(
+                    f"the {what} is {len(text.encode()):,} bytes, over --max-message-bytes "
+                    f"({self.max_message_bytes:,}); nothing was changed"
+                )
         with self._asks_lock:
             if self._asks >= self.max_queue:
                 raise RequestError(
@@ -480,6 +490,7 @@ class Engine:
                 raise RequestError("temperature must be >= 0 and top_p in (0, 1]")
             agent = self._agents.get(req.agent)
             if agent is None:
+                self._check_room_for_an_agent()
                 agent = Agent(name=req.agent, system=req.system)
                 if req.system is not None:
                     agent.messages.append({"role": "system", "content": req.system})
@@ -680,6 +691,13 @@ class Engine:
 
     # The engine thread: the other calls
 
+    def _check_room_for_an_agent(self) -> None:
+        if len(self._agents) >= self.max_agents:
+            raise RequestError(
+                f"the server keeps {len(self._agents)} agents, its --max-agents; forget some with "
+                "evict_cache(level='agent') first; nothing was changed"
+            )
+
     def _get(self, name: str) -> Agent:
         agent = self._agents.get(name)
         if agent is None:
@@ -692,6 +710,7 @@ class Engine:
         src = self._get(source)
         if name in self._agents or self.store.exists(name):
             raise RequestError(f"agent {name!r} already exists; fork onto a new name")
+        self._check_room_for_an_agent()
         agent = Agent(
             name=name,
             system=src.system,

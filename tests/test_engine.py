@@ -379,3 +379,22 @@ async def test_seeded_sampling_is_the_same_alone_and_in_a_batch(settings: Settin
     results = await ask_all(engine, [others[0], sampled, others[1]])
     assert engine.peak_batch == 3 and results[1].reply == reply
     await engine.aclose()
+
+
+async def test_size_limits_refuse_and_keep_what_is_stored(settings: Settings) -> None:
+    engine = open_engine(settings.model_copy(update={"max_message_bytes": 1000, "max_agents": 2}))
+    await engine.ask(AskRequest("a", "Hello.", max_tokens=4))
+    before = engine.store.load_agent("a")
+    with pytest.raises(RequestError, match=r"message is 1,001 bytes, over --max-message-bytes \(1,000\)"):
+        await engine.ask(AskRequest("a", "x" * 1001, max_tokens=4))
+    with pytest.raises(RequestError, match="system prompt is"):
+        await engine.ask(AskRequest("new", "Hi.", system="\u00e9" * 501, max_tokens=4))  # 1,002 bytes in UTF-8
+    await engine.ask(AskRequest("b", "Hello.", max_tokens=4))
+    with pytest.raises(RequestError, match="--max-agents"):
+        await engine.ask(AskRequest("c", "Hello.", max_tokens=4))
+    with pytest.raises(RequestError, match="--max-agents"):
+        await engine.fork("a", "a2")
+    assert engine.store.names() == ["a", "b"] and engine.store.load_agent("a") == before
+    await engine.evict("b", "agent")
+    assert (await engine.ask(AskRequest("c", "Hello.", max_tokens=4))).tokens.generated >= 1  # room again
+    await engine.aclose()
