@@ -136,6 +136,10 @@ async def test_corrupt_cache_file_costs_a_reprefill_not_an_answer(settings: Sett
     ]
     assert second.reply == replay(engine.lm, messages, 12)
     await engine.aclose()
+    engine = open_engine(settings)  # the damaged block was rebuilt when the agent was saved
+    third = await engine.ask(AskRequest("a", "And the cliffs?", max_tokens=12))
+    assert third.tier == "disk" and third.tokens.cached >= second.tokens.context and not third.warnings
+    await engine.aclose()
 
 
 async def test_cancel_leaves_the_agent_as_it_was(settings: Settings) -> None:

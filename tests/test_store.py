@@ -189,6 +189,7 @@ def test_unreferenced_blocks_and_temporaries_are_removed_at_start(tmp_path: Path
         (lambda b: b"\x00" * len(b), "unreadable"),
         (lambda b: b.replace(b'"tokens":"[4,5', b'"tokens":"[9,5'), "does not hold the tokens"),
         (lambda b: b.replace(b"mcp-semantic-block/1", b"mcp-semantic-block/9"), "format"),
+        (lambda b: b[:-5] + bytes([b[-5] ^ 0x10]) + b[-4:], "checksum"),  # one flipped bit in the data
     ],
 )
 def test_damaged_blocks_are_misses(tmp_path: Path, damage, why: str) -> None:
@@ -201,15 +202,22 @@ def test_damaged_blocks_are_misses(tmp_path: Path, damage, why: str) -> None:
     path.write_bytes(damaged)
     block, problem = store.read_block(bid, EXACT, 2)
     assert block is None and why in problem and path.name in problem
+    assert not path.exists()  # deleted: the next save of an agent holding it writes it again
+    assert save(store, "a", make_cache(6), list(range(6))) > 0 and store.read_block(bid, EXACT, 2)[0] is not None
 
 
-def test_foreign_blocks_are_misses(tmp_path: Path) -> None:
+def test_foreign_blocks_are_misses_and_go(tmp_path: Path) -> None:
     store = Store(tmp_path)
-    save(store, "a", make_cache(5, layers=3), list(range(5)), Storage("fp", "float32"))
-    bid = store.kv_record("a").blocks[0]
-    assert "another model or precision" in store.read_block(bid, Storage("another", "float32"), 3)[1]
-    assert "another model or precision" in store.read_block(bid, Storage("fp", "float32", 16), 3)[1]
-    assert "3 layers, the model 2" in store.read_block(bid, EXACT, 2)[1]
+    for storage, n_layers, why in [
+        (Storage("another", "float32"), 3, "another model or precision"),
+        (Storage("fp", "float32", 16), 3, "another model or precision"),
+        (EXACT, 2, "3 layers, the model 2"),
+    ]:
+        save(store, "a", make_cache(5, layers=3), list(range(5)))
+        bid = store.kv_record("a").blocks[0]
+        assert why in store.read_block(bid, storage, n_layers)[1]
+        assert not store.block_path(bid).exists()  # gone: the next save writes it anew
+        store.delete_kv("a")
     assert "missing" in store.read_block("0" * 32, EXACT, 3)[1]
     with pytest.raises(ValueError, match="invalid block id"):
         store.block_path("../../etc/passwd")
