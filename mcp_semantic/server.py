@@ -6,11 +6,12 @@ among them and closes it when the last connection ends.
 """
 
 # No `from __future__ import annotations`: the SDK evaluates tool signatures, which use `settings`.
+import hmac
 import logging
 import signal
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Literal
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
@@ -234,7 +235,50 @@ def serve(settings: Settings) -> None:
     server = create_server(settings, lm)
     if settings.transport == "stdio":
         anyio.run(_serve_stdio, server)
-    elif settings.transport == "sse":
-        server.run("sse", host=settings.host, port=settings.port)
     else:
-        server.run("streamable-http", host=settings.host, port=settings.port)
+        _serve_http(server, settings)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _serve_http(server: MCPServer, settings: Settings) -> None:
+    """SSE or Streamable HTTP through uvicorn. On loopback the SDK checks Host and Origin
+    (DNS rebinding); any other address needs --auth-token, checked on every request."""
+    import uvicorn
+
+    token = settings.auth_token.get_secret_value() if settings.auth_token else None
+    if settings.host not in LOOPBACK and not token:
+        raise SystemExit(
+            f"mcp-semantic: binding {settings.host} would let anyone on the network use your agents; "
+            "set --auth-token (or MCP_SEMANTIC_AUTH_TOKEN), or bind 127.0.0.1"
+        )
+    if settings.transport == "sse":
+        app = server.sse_app(host=settings.host)
+    else:
+        app = server.streamable_http_app(host=settings.host)
+    if token:
+        app = BearerToken(app, token)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+
+
+class BearerToken:
+    """ASGI middleware: HTTP requests without `Authorization: Bearer <token>` get 401.
+
+    Why not the SDK's auth: it is an OAuth 2.1 resource server (an issuer, token introspection);
+    a local server shared on a LAN needs one shared secret. Compared in constant time."""
+
+    def __init__(self, app: Any, token: str):
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                body = b'{"error": "unauthorized: send Authorization: Bearer <the server\'s --auth-token>"}'
+                headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
+                await send({"type": "http.response.start", "status": 401, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ByteSize, Field
+from pydantic import ByteSize, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     model: str = Field(DEFAULT_MODEL, description="default name, mlx-lm directory, Hugging Face repo id or .gguf path")
     transport: Transport = Field("stdio", description="MCP transport")
     host: str = Field("127.0.0.1", description="address to bind for sse and streamable-http")
+    auth_token: SecretStr | None = Field(
+        None, description="bearer token every HTTP request must carry; required to bind an address other than loopback"
+    )
     port: int = Field(8765, ge=1, le=65535, description="port for sse and streamable-http")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="where models, transcripts and KV caches live")
     memory_budget: ByteSize = Field(

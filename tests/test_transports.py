@@ -137,3 +137,69 @@ def test_a_call_cancelled_by_the_host_leaves_its_agent_as_it_was(settings: Setti
     assert first["tokens"]["context"] <= again["tokens"]["cached"] < again["tokens"]["context"]
     listed = server.call("list_agents", {})
     assert {a["name"]: a["turns"] for a in listed["agents"]} == {"c": 2, "d": 1}  # the long turn is not there
+
+
+def test_binding_beyond_loopback_needs_a_token(settings: Settings) -> None:
+    args = serve_args(settings, "--transport", "streamable-http", "--host", "0.0.0.0", "--port", str(free_port()))
+    out = subprocess.run([sys.executable, *args], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "--auth-token" in out.stderr and "0.0.0.0" in out.stderr
+
+
+def post(port: int, headers: dict[str, str]) -> int:
+    """An MCP initialize request over Streamable HTTP; its HTTP status."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/mcp", data=json.dumps(body).encode(), method="POST",
+        headers={"content-type": "application/json", "accept": "application/json, text/event-stream", **headers},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_with_a_token_every_request_must_carry_it(settings: Settings) -> None:
+    port = free_port()
+    args = serve_args(settings, "--transport", "streamable-http", "--host", "0.0.0.0", "--port", str(port))
+    env = {**os.environ, "MCP_SEMANTIC_AUTH_TOKEN": "s3cret-token"}
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        wait_for_port(port, proc)
+        assert post(port, {}) == 401
+        assert post(port, {"authorization": "Bearer wrong"}) == 401
+        assert post(port, {"authorization": "s3cret-token"}) == 401  # the scheme is part of it
+        assert post(port, {"authorization": "Bearer s3cret-token"}) == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_loopback_refuses_a_foreign_origin(settings: Settings) -> None:
+    """DNS rebinding: a page from another site that reaches 127.0.0.1 is refused (the SDK's check)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, *serve_args(settings, "--transport", "streamable-http", "--port", str(port))],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_port(port, proc)
+        assert post(port, {"origin": "http://evil.example"}) in (400, 403)
+        assert post(port, {"host": "evil.example"}) in (400, 421, 403)
+        assert post(port, {"origin": f"http://127.0.0.1:{port}"}) == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
