@@ -147,11 +147,16 @@ def create_server(settings: Settings, lm: LoadedModel | None = None) -> MCPServe
             raise ToolError("the server is shutting down; try again")
         return engine
 
-    async def call(coro):  # the engine's refusals become tool errors a user can act on
+    async def call(coro):
+        """The engine's refusals become tool errors a user can act on; anything else is logged
+        here, and the client gets no traceback, path or internal detail."""
         try:
             return await coro
         except (RequestError, InvalidName) as e:
             raise ToolError(str(e)) from None
+        except Exception:
+            log.exception("a tool call failed")
+            raise ToolError("the call failed on an internal error; the server's log has the details") from None
 
     @server.tool(title="Ask an agent")
     async def ask_agent(

@@ -175,3 +175,23 @@ async def test_stress_many_clients_many_agents_under_a_small_budget(settings: Se
             mine = [m for m in order if m.startswith(f"client {c} ")]
             assert mine == [m for m, _ in turns if m.startswith(f"client {c} ")]
     store.close()
+
+
+async def test_an_internal_error_reaches_the_client_without_details(settings: Settings, caplog) -> None:
+    from mcp_semantic.engine import Engine
+
+    async def broken(self, *args, **kwargs):
+        raise RuntimeError(f"boom in {settings.cache_dir}/blocks/secret.safetensors")
+
+    server = create_server(settings)
+    async with Client(server) as client:
+        original = Engine.list_agents
+        Engine.list_agents = broken
+        try:
+            text = await error_of(client, "list_agents")
+        finally:
+            Engine.list_agents = original
+        assert "internal error" in text and "server's log" in text
+        assert str(settings.cache_dir) not in text and "Traceback" not in text and "boom" not in text
+        assert "boom in" in caplog.text  # the details went to the log
+        assert (await call(client, "list_agents"))["agents"] == []  # and the server goes on
