@@ -195,3 +195,40 @@ async def test_an_internal_error_reaches_the_client_without_details(settings: Se
         assert str(settings.cache_dir) not in text and "Traceback" not in text and "boom" not in text
         assert "boom in" in caplog.text  # the details went to the log
         assert (await call(client, "list_agents"))["agents"] == []  # and the server goes on
+
+
+def test_wrong_tool_arguments_get_errors_never_tracebacks(settings: Settings) -> None:
+    """Property test: arguments of any type, missing or extra, are refused with a message (the
+    schema's or the engine's) or answered; never a traceback, and the server goes on."""
+    import anyio
+    from hypothesis import HealthCheck, given
+    from hypothesis import settings as hypothesis_settings
+    from hypothesis import strategies as st
+
+    value = st.one_of(st.none(), st.booleans(), st.integers(-10, 10**12), st.floats(allow_nan=True),
+                      st.text(max_size=80), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+    arguments = st.dictionaries(
+        st.sampled_from(["agent", "message", "system", "max_tokens", "temperature", "top_p", "seed", "source", "level", "extra"]),
+        value,
+        max_size=6,
+    )
+    calls = st.lists(st.tuples(st.sampled_from(["ask_agent", "fork_agent", "evict_cache", "list_agents"]), arguments), min_size=20, max_size=20)
+
+    @hypothesis_settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(calls)
+    def run(batch) -> None:
+        async def main() -> None:
+            async with Client(create_server(settings)) as client:
+                for tool, args in batch:
+                    if tool == "ask_agent" and isinstance(args.get("max_tokens"), int):
+                        args["max_tokens"] = min(args["max_tokens"], 4)  # valid calls stay short
+                    result = await client.call_tool(tool, args)
+                    text = " ".join(c.text for c in result.content if hasattr(c, "text"))
+                    assert "Traceback" not in text and str(settings.cache_dir) not in text
+                    if result.is_error:
+                        assert text.strip()
+                assert "agents" in (await client.call_tool("list_agents", {})).structured_content
+
+        anyio.run(main)
+
+    run()
