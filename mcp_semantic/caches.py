@@ -177,6 +177,9 @@ class Caches:
         """The longest cache for `prompt` there is, and the tokens it holds: built from the
         agent's own blocks or from blocks any agent shares with the prompt, from memory or disk,
         with `room` slots beyond the prompt (for the reply: the model writes in place)."""
+        failed = self.writer.take_error(agent.name)
+        if failed:
+            warnings.append(f"agent {agent.name}: saving its KV cache failed ({failed}); it is saved again after this call")
         B = self.block_tokens
         ids: list[str] = []
         tokens: list[int] = []

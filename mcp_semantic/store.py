@@ -121,6 +121,7 @@ class Writer:
     def __init__(self) -> None:
         self._jobs: deque[tuple[str, Callable[[], object]] | None] = deque()
         self._pending: Counter[str] = Counter()
+        self.errors: dict[str, str] = {}  # agent -> why its last save failed (until it is read)
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="mcp-semantic-writer", daemon=True)
         self._thread.start()
@@ -134,6 +135,11 @@ class Writer:
             self._jobs.append((name, job))
             self._pending[name] += 1
             self._cond.notify_all()
+
+    def take_error(self, name: str) -> str | None:
+        """Why the agent's last save failed, once; None if it did not."""
+        with self._cond:
+            return self.errors.pop(name, None)
 
     def pending(self, name: str) -> bool:
         with self._cond:
@@ -165,6 +171,8 @@ class Writer:
                 job()
             except Exception as e:  # noqa: BLE001 - e.g. a full disk: the transcript stays the truth
                 log.error("could not save the KV cache of agent %s: %s", name, e)
+                with self._cond:
+                    self.errors[name] = str(e)
             with self._cond:
                 self._jobs.popleft()
                 self._pending[name] -= 1

@@ -402,3 +402,41 @@ async def test_size_limits_refuse_and_keep_what_is_stored(settings: Settings) ->
     await engine.evict("b", "agent")
     assert (await engine.ask(AskRequest("c", "Hello.", max_tokens=4))).tokens.generated >= 1  # room again
     await engine.aclose()
+
+
+async def test_a_full_disk_loses_no_answer_and_damages_nothing_stored(settings: Settings, replay, caplog, monkeypatch) -> None:
+    import errno
+
+    import mcp_semantic.store as store_module
+
+    engine = open_engine(settings)
+    kept = await engine.ask(AskRequest("kept", "Tell me about the river.", max_tokens=8))
+    await engine.flush()
+    saved = {p.name: p.read_bytes() for p in engine.store.blocks_dir.iterdir()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module, "_write_block", full)
+    out = await engine.ask(AskRequest("new", "Tell me about the mill.", max_tokens=8))
+    assert out.finish_reason in ("stop", "length") and out.reply  # the call still answers
+    await engine.flush()
+    assert "could not save the KV cache of agent new" in caplog.text and "No space left" in caplog.text
+    assert {p.name: p.read_bytes() for p in engine.store.blocks_dir.iterdir() if p.name in saved} == saved
+    assert not [p for p in engine.store.blocks_dir.iterdir() if p.name.startswith(".")]  # no temporaries left
+    monkeypatch.undo()
+    told = await engine.ask(AskRequest("new", "And the wheel?", max_tokens=8))  # the host hears of it
+    assert any("saving its KV cache failed" in w and "No space left" in w for w in told.warnings)
+    await engine.aclose()
+
+    engine = open_engine(settings)  # the disk has room again
+    again = await engine.ask(AskRequest("kept", "And the mill?", max_tokens=8))
+    assert again.tier == "disk" and again.tokens.cached >= kept.tokens.context
+    new = await engine.ask(AskRequest("new", "And the dam?", max_tokens=8))  # saved again, and whole
+    assert new.tier == "disk" and not new.warnings
+    history = [
+        {"role": "user", "content": "Tell me about the mill."}, {"role": "assistant", "content": out.reply},
+        {"role": "user", "content": "And the wheel?"}, {"role": "assistant", "content": told.reply},
+    ]
+    assert new.reply == replay(engine.lm, history + [{"role": "user", "content": "And the dam?"}], 8)
+    await engine.aclose()
