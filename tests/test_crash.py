@@ -78,3 +78,53 @@ async def test_crash_between_block_files_and_commit(settings: Settings, replay) 
     assert out.tier == "disk" and 0 < out.tokens.cached < out.tokens.context and not out.warnings
     assert out.reply == replay(engine.lm, agent.messages + [{"role": "user", "content": "And the town?"}], 8)
     await engine.aclose()
+
+
+INTERRUPTED = """
+import os, signal, sys, anyio
+import mcp_semantic
+from mcp_semantic.caches import Caches
+from mcp_semantic.engine import AskRequest
+from mcp_semantic.server import open_engine
+from mcp_semantic.settings import Settings
+from mcp_semantic.store import Store
+
+async def main():
+    engine = open_engine(Settings(model=sys.argv[1], cache_dir=sys.argv[2], block_tokens=16))
+    await engine.ask(AskRequest("src", "Tell me about the river.", max_tokens=8))
+    await engine.ask(AskRequest("gone", "Tell me about the dam.", system="Be brief.", max_tokens=8))
+    await engine.flush()
+    die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    if sys.argv[3] == "fork":
+        Caches.fork = die  # after the fork's transcript row, before its block list
+        await engine.fork("src", "copy")
+    else:
+        Store._release = die  # after the rows are deleted, before the block files are
+        await engine.evict("gone", "agent")
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.parametrize("what", ["fork", "evict"])
+async def test_an_interrupted_fork_or_eviction_is_done_or_not(settings: Settings, replay, what: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED, settings.model, str(settings.cache_dir), what],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    engine = open_engine(settings)
+    names = engine.store.names()
+    if what == "fork":  # done: the fork has its transcript; its cache comes from the source's blocks
+        assert names == ["copy", "gone", "src"]
+        copy, src = engine.store.load_agent("copy"), engine.store.load_agent("src")
+        assert copy.messages == src.messages and copy.parent == "src"
+        answer = await engine.ask(AskRequest("copy", "And then?", max_tokens=8))
+        assert answer.tokens.cached > 0
+        assert answer.reply == replay(engine.lm, src.messages + [{"role": "user", "content": "And then?"}], 8)
+    else:  # done: the agent is gone, and the blocks only it held were collected at start
+        assert names == ["src"]
+        held = set(engine.store.kv_record("src").blocks)
+        assert {p.stem for p in engine.store.blocks_dir.iterdir()} == held
+        assert (await engine.ask(AskRequest("src", "And then?", max_tokens=8))).tier == "disk"
+    await engine.aclose()
