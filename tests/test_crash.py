@@ -18,10 +18,10 @@ from mcp_semantic.settings import Settings
 pytestmark = pytest.mark.anyio
 
 
-async def test_sigkill_around_saves_loses_no_answered_turn(settings: Settings, stdio_server, replay) -> None:
-    rng = random.Random(7)
+async def sigkill_trials(settings: Settings, stdio_server, replay, trials: int, seed: int) -> None:
+    rng = random.Random(seed)
     answered = []
-    for trial in range(4):
+    for trial in range(trials):
         server = stdio_server(settings)
         for turn in range(2):
             question = f"Question {trial}.{turn}: tell me about the river."
@@ -39,6 +39,17 @@ async def test_sigkill_around_saves_loses_no_answered_turn(settings: Settings, s
     assert out.tokens.cached > 0 or out.warnings  # its cache was used, or its loss was reported
     assert out.reply == replay(engine.lm, agent.messages + [{"role": "user", "content": "And now?"}], 8)
     await engine.aclose()
+
+
+async def test_sigkill_around_saves_loses_no_answered_turn(settings: Settings, stdio_server, replay) -> None:
+    await sigkill_trials(settings, stdio_server, replay, trials=4, seed=7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(5))
+async def test_sigkill_many_times(settings: Settings, stdio_server, replay, seed: int) -> None:
+    """The long version: 5 x 12 kills at random moments (`pytest -m slow`)."""
+    await sigkill_trials(settings, stdio_server, replay, trials=12, seed=seed)
 
 
 CRASH_BETWEEN_BLOCKS_AND_COMMIT = """
