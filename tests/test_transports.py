@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
@@ -203,3 +204,91 @@ def test_loopback_refuses_a_foreign_origin(settings: Settings) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+async def soak(settings: Settings, calls: int, agents: int = 50, clients: int = 8) -> None:
+    """`calls` calls over `agents` agents from `clients` clients through Streamable HTTP, with
+    random forks and evictions and two server restarts; then every agent holds exactly the turns
+    answered to it (a fork: its source's turns before its own), and memory stayed under budget."""
+    import random
+
+    from mcp_semantic.store import Store
+
+    budget = 4 * 1024**2
+    answered: dict[str, list[str]] = {f"a{i}": [] for i in range(agents)}
+    forks: dict[str, str] = {}
+    per_phase = calls // 3
+    for phase in range(3):  # two restarts between the phases
+        port = free_port()
+        args = serve_args(settings, "--transport", "streamable-http", "--port", str(port), "--memory-budget", str(budget))
+        proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_for_port(port, proc)
+
+            async def client_run(c: int) -> None:
+                rng = random.Random(phase * 100 + c)
+                async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+                    for n in range(per_phase // clients):
+                        name = rng.choice(sorted(answered))
+                        roll = rng.random()
+                        if roll < 0.03 and answered[name]:
+                            fork = f"f{phase}-{c}-{n}"
+                            result = await client.call_tool("fork_agent", {"source": name, "agent": fork})
+                            assert not result.is_error, result.content
+                            forks[fork] = name
+                            answered[fork] = []
+                            continue
+                        if roll < 0.08:
+                            level = rng.choice(["memory", "disk"])
+                            result = await client.call_tool("evict_cache", {"agent": name, "level": level})
+                            assert not result.is_error or "unknown agent" in result.content[0].text, result.content
+                            continue
+                        message = f"phase {phase} client {c} call {n}"
+                        result = await client.call_tool("ask_agent", {"agent": name, "message": message, "max_tokens": 3})
+                        assert not result.is_error, result.content
+                        answered[name].append(message)
+                        if n % 10 == 0:
+                            memory = (await client.call_tool("list_agents", {})).structured_content["memory"]
+                            assert memory["used_bytes"] <= memory["budget_bytes"] == budget
+
+            async with anyio.create_task_group() as tg:
+                for c in range(clients):
+                    tg.start_soon(client_run, c)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+
+    store = Store(settings.cache_dir)
+    try:
+        for name, mine in answered.items():
+            agent = store.load_agent(name)
+            if agent is None:
+                assert not mine and name not in forks
+                continue
+            users = [m["content"] for m in agent.messages if m["role"] == "user"]
+            own = [u for u in users if u in set(mine)]
+            assert sorted(own) == sorted(mine) and len(set(own)) == len(own)  # each answered turn, once
+            inherited = users[: len(users) - len(mine)]
+            assert users[len(inherited):] == own  # its own turns come after what it inherited
+            if name not in forks:
+                assert not inherited
+            else:  # a fork starts with a prefix of its source's turns
+                source = [m["content"] for m in store.load_agent(forks[name]).messages if m["role"] == "user"]
+                assert source[: len(inherited)] == inherited
+            assert len(agent.messages) == 2 * len(users)  # every turn is a question and its answer
+    finally:
+        store.close()
+
+
+async def test_soak_short(settings: Settings) -> None:
+    await soak(settings, calls=240)
+
+
+@pytest.mark.slow
+async def test_soak(settings: Settings) -> None:
+    await soak(settings, calls=2000)
