@@ -218,7 +218,14 @@ class Caches:
         # Buffers sized in whole blocks: an agent's next turns get the same size, which MLX's
         # allocator hands back from its cache instead of filling fresh memory (slow on some hosts).
         size = -(-(max(len(prompt), n) + room) // self.block_tokens) * self.block_tokens
-        cache = reconstruct(blocks, self.storage, self.n_layers, size - n)
+        try:
+            cache = reconstruct(blocks, self.storage, self.n_layers, size - n)
+        except Exception as e:  # noqa: BLE001 - blocks that do not fit together: a miss, never a failed call
+            log.warning("agent %s: its KV blocks do not fit together (%s); re-prefilling", agent.name, e)
+            warnings.append(f"agent {agent.name}: its saved KV blocks do not fit the model; re-prefilling its history")
+            for block in blocks:
+                self.pool.drop(block.id)
+            return "new", make_prompt_cache(self.model), []
         self.enforce_budget()  # blocks read for this call count at once; the working cache is aside
         return tier, cache, tokens[:n]
 

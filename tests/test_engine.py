@@ -440,3 +440,29 @@ async def test_a_full_disk_loses_no_answer_and_damages_nothing_stored(settings: 
     ]
     assert new.reply == replay(engine.lm, history + [{"role": "user", "content": "And the dam?"}], 8)
     await engine.aclose()
+
+
+async def test_blocks_of_the_wrong_shape_cost_a_reprefill(settings: Settings, replay) -> None:
+    """A block whose header gives its bytes another shape (its checksum, over the bytes, still
+    holds) is a miss, not a failed call."""
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    engine = open_engine(settings)
+    first = await engine.ask(AskRequest("a", "Tell me about the sea.", max_tokens=8))
+    await engine.flush()
+    path = engine.store.block_path(engine.store.kv_record("a").blocks[1])
+    await engine.aclose()
+    with safe_open(str(path), "numpy") as f:
+        metadata = f.metadata()
+    arrays = load_file(str(path))
+    for name, a in arrays.items():  # (1, heads, tokens, dim) -> (1, dim, tokens, heads): same bytes
+        arrays[name] = a.reshape(a.shape[0], a.shape[3], a.shape[2], a.shape[1])
+    save_file(arrays, str(path), metadata=metadata)
+
+    engine = open_engine(settings)
+    out = await engine.ask(AskRequest("a", "And the shore?", max_tokens=8))
+    assert any("do not fit" in w for w in out.warnings)
+    messages = [{"role": "user", "content": "Tell me about the sea."}, {"role": "assistant", "content": first.reply}]
+    assert out.reply == replay(engine.lm, messages + [{"role": "user", "content": "And the shore?"}], 8)
+    await engine.aclose()

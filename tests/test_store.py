@@ -212,6 +212,7 @@ def test_foreign_blocks_are_misses_and_go(tmp_path: Path) -> None:
     for storage, n_layers, why in [
         (Storage("another", "float32"), 3, "another model or precision"),
         (Storage("fp", "float32", 16), 3, "another model or precision"),
+        (Storage("fp", "bfloat16"), 3, "another model or precision"),  # another dtype
         (EXACT, 2, "3 layers, the model 2"),
     ]:
         save(store, "a", make_cache(5, layers=3), list(range(5)))
