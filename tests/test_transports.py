@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
@@ -51,34 +53,39 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> Non
     raise TimeoutError(f"server did not listen on {port}")
 
 
-async def test_streamable_http_on_loopback(settings: Settings, tmp_path: Path) -> None:
+@contextmanager
+def http_server(settings: Settings, transport: str, *extra: str, env: dict[str, str] | None = None) -> Iterator[int]:
+    """`mcp-semantic serve` over an HTTP transport on a free port: yields the port once it listens;
+    stops it with SIGINT (as a user's Ctrl-C) afterwards, and checks it exited cleanly."""
     port = free_port()
-    args = serve_args(settings, "--transport", "streamable-http", "--port", str(port))
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = serve_args(settings, "--transport", transport, "--port", str(port), *extra)
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         wait_for_port(port, proc)
+        yield port
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+
+
+async def test_streamable_http_on_loopback(settings: Settings, tmp_path: Path) -> None:
+    with http_server(settings, "streamable-http") as port:
         async with Client(f"http://127.0.0.1:{port}/mcp") as client:
             result = await client.call_tool("ask_agent", {"agent": "h", "message": "Hello.", "max_tokens": 8})
             assert not result.is_error, result.content
             listed = await client.call_tool("list_agents", {})
             assert [a["name"] for a in listed.structured_content["agents"]] == ["h"]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     # a clean stop writes every cache
     assert saved_blocks(settings.cache_dir, "h") and all(p.exists() for p in saved_blocks(settings.cache_dir, "h"))
 
 
 async def test_sse_sessions_share_one_engine(settings: Settings) -> None:
-    port = free_port()
-    args = serve_args(settings, "--transport", "sse", "--port", str(port))
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_for_port(port, proc)
+    with http_server(settings, "sse") as port:
         async with Client(sse_client(f"http://127.0.0.1:{port}/sse")) as one, Client(
             sse_client(f"http://127.0.0.1:{port}/sse")
         ) as two:
@@ -86,9 +93,6 @@ async def test_sse_sessions_share_one_engine(settings: Settings) -> None:
             assert not result.is_error, result.content
             listed = await two.call_tool("list_agents", {})
             assert [(a["name"], a["tier"]) for a in listed.structured_content["agents"]] == [("e", "hot")]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
 
 
 def test_sigterm_on_stdio_saves_every_cache(settings: Settings, stdio_server) -> None:
@@ -166,44 +170,20 @@ def post(port: int, headers: dict[str, str]) -> int:
 
 
 def test_with_a_token_every_request_must_carry_it(settings: Settings) -> None:
-    port = free_port()
-    args = serve_args(settings, "--transport", "streamable-http", "--host", "0.0.0.0", "--port", str(port))
     env = {**os.environ, "MCP_SEMANTIC_AUTH_TOKEN": "s3cret-token"}
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    try:
-        wait_for_port(port, proc)
+    with http_server(settings, "streamable-http", "--host", "0.0.0.0", env=env) as port:
         assert post(port, {}) == 401
         assert post(port, {"authorization": "Bearer wrong"}) == 401
         assert post(port, {"authorization": "s3cret-token"}) == 401  # the scheme is part of it
         assert post(port, {"authorization": "Bearer s3cret-token"}) == 200
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_loopback_refuses_a_foreign_origin(settings: Settings) -> None:
     """DNS rebinding: a page from another site that reaches 127.0.0.1 is refused (the SDK's check)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, *serve_args(settings, "--transport", "streamable-http", "--port", str(port))],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    try:
-        wait_for_port(port, proc)
+    with http_server(settings, "streamable-http") as port:
         assert post(port, {"origin": "http://evil.example"}) in (400, 403)
         assert post(port, {"host": "evil.example"}) in (400, 421, 403)
         assert post(port, {"origin": f"http://127.0.0.1:{port}"}) == 200
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 async def soak(settings: Settings, calls: int, agents: int = 50, clients: int = 8) -> None:
@@ -219,11 +199,7 @@ async def soak(settings: Settings, calls: int, agents: int = 50, clients: int = 
     forks: dict[str, str] = {}
     per_phase = calls // 3
     for phase in range(3):  # two restarts between the phases
-        port = free_port()
-        args = serve_args(settings, "--transport", "streamable-http", "--port", str(port), "--memory-budget", str(budget))
-        proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            wait_for_port(port, proc)
+        with http_server(settings, "streamable-http", "--memory-budget", str(budget)) as port:
 
             async def client_run(c: int) -> None:
                 rng = random.Random(phase * 100 + c)
@@ -254,14 +230,6 @@ async def soak(settings: Settings, calls: int, agents: int = 50, clients: int = 
             async with anyio.create_task_group() as tg:
                 for c in range(clients):
                     tg.start_soon(client_run, c)
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
 
     store = Store(settings.cache_dir)
     try:
