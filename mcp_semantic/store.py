@@ -114,13 +114,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 class Writer:
     """Runs the store's writes on its own thread, in the order given (saves, forks' lists).
 
-    `wait(name)` returns once nothing is pending for that agent, `wait()` once nothing is
-    pending at all: callers use them before they read or delete what a job writes.
+    `wait()` returns once nothing is pending: callers use it before they read or delete what a
+    job writes.
     """
 
     def __init__(self) -> None:
         self._jobs: deque[tuple[str, Callable[[], object]] | None] = deque()
-        self._pending: Counter[str] = Counter()
         self.errors: dict[str, str] = {}  # agent -> why its last save failed (until it is read)
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="mcp-semantic-writer", daemon=True)
@@ -128,12 +127,8 @@ class Writer:
 
     def put(self, name: str, job: Callable[[], object]) -> None:
         """Run `job` (a write for agent `name`) after every job put before it."""
-        self._add(name, job)
-
-    def _add(self, name: str, job: Callable[[], object]) -> None:
         with self._cond:
             self._jobs.append((name, job))
-            self._pending[name] += 1
             self._cond.notify_all()
 
     def take_error(self, name: str) -> str | None:
@@ -141,13 +136,10 @@ class Writer:
         with self._cond:
             return self.errors.pop(name, None)
 
-    def pending(self, name: str) -> bool:
+    def wait(self) -> None:
+        """Return once every job put so far is done."""
         with self._cond:
-            return self._pending[name] > 0
-
-    def wait(self, name: str | None = None) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: (self._pending[name] == 0) if name else not self._jobs)
+            self._cond.wait_for(lambda: not self._jobs)
 
     def close(self) -> None:
         with self._cond:
@@ -175,7 +167,6 @@ class Writer:
                     self.errors[name] = str(e)
             with self._cond:
                 self._jobs.popleft()
-                self._pending[name] -= 1
                 self._cond.notify_all()
 
 
