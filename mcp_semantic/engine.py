@@ -37,6 +37,7 @@ from mlx_lm.sample_utils import apply_top_p, make_sampler
 from mlx_lm.utils import common_prefix_len
 from pydantic import BaseModel, ConfigDict
 
+from mcp_semantic import attention
 from mcp_semantic.batch import DecodeBatch, Row
 from mcp_semantic.block_pool import BLOCK_TOKENS, Storage, kv_bits_supported
 from mcp_semantic.caches import Caches, Tier
@@ -308,6 +309,7 @@ class Engine:
         self._tokens: Counter[str] = Counter()  # prompt tokens of all calls: "prompt", "cached"
         self._greedy = make_sampler(temp=0.0)  # one object: greedy rows are sampled in one call
         self._batch = DecodeBatch(lm.model)
+        attention.install(lm.model)  # on the CPU: prompts' softmax in numpy (attention.py says why)
         self._eos = set(lm.tokenizer.eos_token_ids)
         self._running: list[_Running] = []  # started calls, in the order they started
         self._s_per_token = 0.0  # the last prefill chunk's seconds per token
@@ -423,6 +425,7 @@ class Engine:
     # The engine thread: scheduling
 
     def _run(self) -> None:
+        attention.enable()
         stopping = False
         while not stopping or self._waiting or self._running:
             busy = bool(self._waiting or self._running)

@@ -42,3 +42,23 @@ async def test_default_model_resumes_from_disk_token_for_token(tmp_path: Path, r
         messages.append({"role": "assistant", "content": out.reply})
     assert "Paris" in messages[2]["content"]
     await engine.aclose()
+
+
+async def test_default_model_long_context_equals_plain_mlx_lm(tmp_path: Path, replay) -> None:
+    """A 1K-token context read in chunks by the engine's attention (attention.py) and resumed
+    from disk: the greedy replies equal plain mlx-lm's, which reads it whole with mlx's kernel."""
+    settings = Settings(cache_dir=tmp_path, prefill_step_size=256)
+    facts = [f"Station {i} is {3 * i + 7} km north of the river and opened in {1850 + i}." for i in range(60)]
+    system = "Answer from these notes.\n" + "\n".join(facts)
+    engine = open_engine(settings)
+    messages = [{"role": "system", "content": system}]
+    for i, question in enumerate(["How far north is station 12?", "When did station 40 open?"]):
+        if i:
+            await engine.aclose()
+            engine = open_engine(settings)
+        out = await engine.ask(AskRequest("notes", question, system=system if i == 0 else None, max_tokens=16))
+        assert out.tier == ("new", "disk")[i] and out.tokens.context > 1000
+        messages.append({"role": "user", "content": question})
+        assert out.reply == replay(engine.lm, messages, 16)
+        messages.append({"role": "assistant", "content": out.reply})
+    await engine.aclose()
