@@ -153,15 +153,24 @@ def reconstruct(blocks: list[Block], storage: Storage, n_layers: int, room: int 
     """One contiguous KVCache per layer from `blocks`, with `room` spare slots for the new tokens.
 
     Why not KVCache.update_and_fetch block by block: it grows its buffer in steps and copies the
-    whole prefix each time; one concatenation per layer writes every byte once, and the room
-    lets the call's prompt and reply go in place.
+    whole prefix each time; one copy per layer writes every byte once, and the room lets the
+    call's prompt and reply go in place. On the CPU, blocks stored at the model's dtype are
+    copied by numpy into the new buffers (about twice as fast as MLX's strided copy here).
     """
-    caches = []
+    dtype = getattr(mx, storage.dtype)
+    on_host = mx.default_device() == mx.cpu
+    caches, host = [], []
     for layer in range(n_layers):
         c = KVCache()
         parts = {}
         for kind in ("keys", "values"):
-            arrays = [storage.decode(b.arrays, f"layers.{layer}.{kind}") for b in blocks]
+            name = f"layers.{layer}.{kind}"
+            stored = [b.arrays.get(name) for b in blocks]
+            if on_host and (len(blocks) > 1 or room) and all(a is not None and a.dtype == dtype for a in stored):
+                parts[kind] = _empty_like_joined(stored, room)
+                host.append((parts[kind], stored))
+                continue
+            arrays = [storage.decode(b.arrays, name) for b in blocks]
             if room:
                 shape = list(arrays[-1].shape)
                 shape[2] = room
@@ -172,7 +181,35 @@ def reconstruct(blocks: list[Block], storage: Storage, n_layers: int, room: int 
         c.keys, c.values, c.offset = parts["keys"], parts["values"], sum(len(b.tokens) for b in blocks)
         caches.append(c)
     mx.eval([(c.keys, c.values) for c in caches])
+    for out, stored in host:
+        _copy_on_host(out, stored)
     return caches
+
+
+def _empty_like_joined(arrays: list[mx.array], room: int) -> mx.array:
+    """A zeroed buffer for `arrays` joined along the token axis, plus `room`; checks they fit,
+    as mx.concatenate would (numpy below would broadcast instead)."""
+    first = arrays[0]
+    for a in arrays:
+        if a.ndim != 4 or a.shape[:2] != first.shape[:2] or a.shape[3] != first.shape[3]:
+            raise ValueError(f"blocks of shapes {first.shape} and {a.shape} do not join")
+    n = sum(a.shape[2] for a in arrays)
+    return mx.zeros((first.shape[0], first.shape[1], n + room, first.shape[3]), first.dtype)
+
+
+def _host_view(a: mx.array) -> np.ndarray:
+    """numpy's view of an evaluated CPU array's memory (bfloat16, which numpy lacks, as uint16)."""
+    return np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a, copy=False)
+
+
+def _copy_on_host(out: mx.array, arrays: list[mx.array]) -> None:
+    """Copy `arrays` one after another along the token axis into `out` (evaluated, unshared)."""
+    target = _host_view(out)
+    at = 0
+    for a in arrays:
+        n = a.shape[2]
+        target[:, :, at : at + n, :] = _host_view(a)
+        at += n
 
 
 class BlockPool:

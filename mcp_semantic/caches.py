@@ -194,14 +194,17 @@ class Caches:
             shared += 1
         if shared * B > min(len(tokens), common_prefix_len(tokens, prompt)):
             ids, tokens = block_ids(prompt, self.storage.key, B)[:shared], prompt[: shared * B]
-        blocks, tier, waited = [], "hot", False
+        # The blocks not in memory are read from disk together, several files at once.
+        missing = [bid for bid in ids if bid not in self.pool]
+        read = {}
+        if missing:
+            self.writer.wait()  # a block may be in a write not done yet
+            read = dict(zip(missing, self.store.read_blocks(missing, self.storage, self.n_layers)))
+        blocks, tier = [], "hot"
         for bid in ids:
             block = self.pool.get(bid)
             if block is None:
-                if not waited:  # the block may be in a write not done yet
-                    self.writer.wait()
-                    waited = True
-                block, problem = self.store.read_block(bid, self.storage, self.n_layers)
+                block, problem = read[bid]
                 if block is None:
                     log.warning("agent %s: %s", agent.name, problem)
                     warnings.append(f"agent {agent.name}: {problem}; re-prefilling from there")

@@ -18,8 +18,15 @@ A crash at any point leaves the old list with its blocks, or the new one with it
 files that no list names are removed at the next start.
 
 Every block file is checked when read: its id is recomputed from the parent, tokens and storage
-key in its metadata, and its arrays must have the model's layers and the block's length. Any
-mismatch is a cache miss (the engine re-prefills), never a crash or a wrong answer.
+key in its metadata, its arrays must have the model's layers and the block's length, and its data
+must match the xxh3_64 checksum in its metadata. Any mismatch is a cache miss (the engine
+re-prefills), never a crash or a wrong answer.
+
+Why blocks are written and read here rather than with `safetensors`/`mx.load`: loading is on the
+way to a resumed agent's first token, so a block file is read once, in large chunks, straight
+into the MLX buffer its arrays then view, and checksummed chunk by chunk while the chunk is still
+in the CPU's cache; `read_blocks` reads several files at once on threads (the reads and the
+checksum release the GIL). The files stay plain safetensors, readable by any safetensors tool.
 
 Why not mlx-lm's `save_prompt_cache`: it writes one file per cache, so nothing is shared
 between agents, and it must run on the thread that owns MLX. Here the engine thread hands
@@ -39,8 +46,8 @@ import sqlite3
 import tempfile
 import threading
 import time
-import zlib
 from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +55,7 @@ from typing import Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
-from safetensors import TensorSpec, serialize_file
+import xxhash
 
 from mcp_semantic.block_pool import Block, Storage, block_id
 
@@ -56,7 +63,9 @@ log = logging.getLogger(__name__)
 
 NAME_RULE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _NAME_RE = re.compile(NAME_RULE)
-BLOCK_FORMAT = "mcp-semantic-block/1"
+# /2: one xxh3_64 checksum over the data region, tensors in the order they are written
+# (/1 had a CRC-32 per array and is read as a miss: the agent re-prefills once)
+BLOCK_FORMAT = "mcp-semantic-block/2"
 _BLOCK_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -264,13 +273,15 @@ def _host(a: mx.array) -> np.ndarray:
     return np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a, copy=False)
 
 
-def _crc32(arrays: dict[str, np.ndarray]) -> str:
-    """A checksum of a block's data, to tell a damaged file (a flipped bit) from a good one.
-    CRC-32 from zlib: about 2 GB/s here, a few ms a block."""
-    crc = 0
-    for name in sorted(arrays):
-        crc = zlib.crc32(memoryview(np.ascontiguousarray(arrays[name])).cast("B"), crc)
-    return f"{crc:08x}"
+# safetensors' names for MLX's dtypes (bfloat16 travels as uint16 to the writer, see HostBlock)
+_ST_DTYPES = {
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16", "uint32": "U32",
+    "int32": "I32", "uint64": "U64", "int64": "I64", "float16": "F16", "bfloat16": "BF16",
+    "float32": "F32", "float64": "F64",
+}
+_MX_DTYPES = {code: getattr(mx, "bool_" if name == "bool" else name) for name, code in _ST_DTYPES.items()}
+_CHUNK = 1 << 20  # read and checksum in 1 MiB steps: the checksum reads each chunk from the CPU's cache
+_MAX_HEADER = 1 << 24
 
 
 def host_block(block: Block) -> HostBlock:
@@ -280,11 +291,22 @@ def host_block(block: Block) -> HostBlock:
 
 
 def _write_block(block: HostBlock, storage: Storage, path: Path) -> None:
-    specs = {
-        name: TensorSpec(dtype=dtype, shape=list(a.shape), data_ptr=a.ctypes.data, data_len=a.nbytes)
-        for name, (dtype, a) in block.arrays.items()
-    }
-    metadata = {
+    """Write a safetensors file: an 8-byte header length, the JSON header, then the arrays.
+
+    The arrays go in order of item size, then name (as the safetensors library orders them), so
+    each starts aligned; the checksum covers the data region in that order, which is what a
+    reader checks in one pass while it reads."""
+    names = sorted(block.arrays, key=lambda n: (-block.arrays[n][1].itemsize, n))
+    header: dict[str, object] = {}
+    chunks, offset, checksum = [], 0, xxhash.xxh3_64()
+    for name in names:
+        dtype, a = block.arrays[name]
+        data = memoryview(np.ascontiguousarray(a)).cast("B")
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        checksum.update(data)
+        chunks.append(data)
+    header["__metadata__"] = {
         "format": BLOCK_FORMAT,
         "storage": storage.key,  # checked on read; the three below are for people and tools
         "fingerprint": storage.fingerprint,
@@ -293,9 +315,98 @@ def _write_block(block: HostBlock, storage: Storage, path: Path) -> None:
         "parent": block.parent,
         "n_tokens": str(len(block.tokens)),
         "tokens": json.dumps(block.tokens, separators=(",", ":")),
-        "crc32": _crc32({name: a for name, (_, a) in block.arrays.items()}),
+        "xxh3_64": checksum.hexdigest(),
     }
-    serialize_file(specs, str(path), metadata=metadata)  # block.arrays keeps the data alive
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for data in chunks:  # block.arrays keeps the data alive
+            f.write(data)
+
+
+@dataclass
+class _Pending:
+    """A block file whose header passed every check, and the buffer its data is read into."""
+
+    path: Path
+    bid: str
+    parent: str
+    tokens: list[int]
+    start: int  # where the data region starts in the file
+    checksum: str
+    layout: dict[str, tuple[mx.Dtype, list[int], int, int]]  # name -> (dtype, shape, begin, end)
+    buffer: mx.array  # uint8, the data region's size
+    view: memoryview | None = None
+
+
+class _Unusable(Exception):
+    """A block file that must not be used; the message says why."""
+
+
+def _parse_header(path: Path, f, size: int, bid: str, storage: Storage, n_layers: int) -> _Pending:
+    """Check everything the header says before any data is read."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise _Unusable("is unreadable (too short for a safetensors header)")
+    n = int.from_bytes(head, "little")
+    if not 2 <= n <= min(_MAX_HEADER, size - 8):
+        raise _Unusable(f"is unreadable (a header of {n} bytes in a file of {size})")
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _Unusable(f"is unreadable (its header is not JSON: {e})") from None
+    if not isinstance(header, dict) or not isinstance(meta := header.pop("__metadata__", None), dict):
+        raise _Unusable("is unreadable (its header has no metadata)")
+    if meta.get("format") != BLOCK_FORMAT:
+        raise _Unusable(f"has format {meta.get('format')!r}, expected {BLOCK_FORMAT}")
+    if meta.get("storage") != storage.key:
+        raise _Unusable("was stored for another model or precision")
+    tokens, parent = json.loads(meta["tokens"]), meta["parent"]
+    if not isinstance(tokens, list) or not all(type(t) is int for t in tokens) or len(tokens) != int(meta["n_tokens"]):
+        raise _Unusable("has an inconsistent token list")
+    if not isinstance(parent, str) or block_id(parent, tokens, storage.key) != bid:
+        raise _Unusable("does not hold the tokens its name says")
+    layers = {k.split(".")[1] if k.count(".") >= 2 else k for k in header}
+    if layers != {str(i) for i in range(n_layers)}:
+        raise _Unusable(f"has {len(layers)} layers, the model {n_layers}")
+    layout, end = {}, 0
+    for name, t in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        dtype, shape, (begin, stop) = _MX_DTYPES[t["dtype"]], t["shape"], t["data_offsets"]
+        if len(shape) != 4 or shape[2] != len(tokens) or not all(type(d) is int and d >= 0 for d in shape):
+            raise _Unusable(f"{name} has shape {tuple(shape)} for {len(tokens)} tokens")
+        if begin != end or stop - begin != int(np.prod(shape)) * dtype.size or begin % dtype.size:
+            raise _Unusable(f"is unreadable ({name} has data offsets {[begin, stop]})")
+        layout[name], end = (dtype, shape, begin, stop), stop
+    if 8 + n + end != size:
+        raise _Unusable(f"is unreadable ({size} bytes, its header says {8 + n + end})")
+    if not isinstance(meta.get("xxh3_64"), str):
+        raise _Unusable("has no checksum")
+    return _Pending(path, bid, parent, tokens, 8 + n, meta["xxh3_64"], layout, mx.zeros((end,), mx.uint8, stream=mx.cpu))
+
+
+def _fill(p: _Pending) -> None:
+    """Read the data region into the block's buffer, checksumming each chunk as it comes.
+    No MLX call: this runs on the reading threads."""
+    checksum, view, at = xxhash.xxh3_64(), p.view, 0
+    with open(p.path, "rb", buffering=0) as f:
+        f.seek(p.start)
+        while at < len(view):
+            got = f.readinto(view[at : at + _CHUNK])
+            if not got:
+                raise _Unusable("is unreadable (shorter than when it was opened)")
+            checksum.update(view[at : at + got])
+            at += got
+    if checksum.hexdigest() != p.checksum:
+        raise _Unusable("fails its checksum: its data was damaged on disk")
+
+
+def _arrays(p: _Pending) -> dict[str, mx.array]:
+    """The block's arrays: views into its one buffer, no copy."""
+    arrays = {name: p.buffer[begin:end].view(dtype).reshape(shape) for name, (dtype, shape, begin, end) in p.layout.items()}
+    mx.eval(list(arrays.values()))
+    return arrays
 
 
 class Store:
@@ -319,6 +430,8 @@ class Store:
             self.refs.update(record.blocks)
         self._sizes: dict[str, int] = {}
         self._collect_garbage()
+        # Block files are read on these threads, several at once (read_blocks).
+        self._readers = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="mcp-semantic-read")
 
     def _open_db(self, path: Path) -> sqlite3.Connection:
         """Open the database; one that is not a database is moved aside, and the loss said."""
@@ -346,6 +459,7 @@ class Store:
             return self._open_db(path)
 
     def close(self) -> None:
+        self._readers.shutdown()
         self.db.close()
         unlock_cache_dir(self._lock_key)
 
@@ -556,43 +670,53 @@ class Store:
 
         An unusable file is deleted (and logged), so that the next save of an agent holding the
         block writes it anew rather than finding its name taken by the damaged one."""
-        path = self.block_path(bid)
-        if not path.exists():
-            return None, f"KV block {path.name} is missing"
-        block, problem = self._load_block(path, bid, storage, n_layers)
-        if problem is not None:
-            log.warning("%s: deleting it, it is rebuilt when an agent holding it is saved", problem)
-            with self._lock:
-                path.unlink(missing_ok=True)
-                self._sizes.pop(bid, None)
-        return block, problem
+        return self.read_blocks([bid], storage, n_layers)[0]
 
-    def _load_block(self, path: Path, bid: str, storage: Storage, n_layers: int) -> tuple[Block | None, str | None]:
+    def read_blocks(self, bids: list[str], storage: Storage, n_layers: int) -> list[tuple[Block | None, str | None]]:
+        """`read_block` for several blocks, their files read at once on the reading threads.
+
+        MLX is called on this thread only: the buffers are made here, the threads only read
+        files into them and checksum the bytes."""
+        results: list[tuple[Block | None, str | None]] = [(None, None)] * len(bids)
+        pending: list[tuple[int, _Pending]] = []
+        for i, bid in enumerate(bids):
+            path = self.block_path(bid)
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    pending.append((i, _parse_header(path, f, os.fstat(f.fileno()).st_size, bid, storage, n_layers)))
+            except FileNotFoundError:
+                results[i] = (None, f"KV block {path.name} is missing")
+            except Exception as e:  # noqa: BLE001 - any unreadable file is a cache miss, never a crash
+                results[i] = (None, self._unusable(path, bid, e))
+        mx.eval([p.buffer for _, p in pending])
+        for _, p in pending:
+            p.view = memoryview(p.buffer)
+        filled = self._readers.map(self._try_fill, [p for _, p in pending])
+        for (i, p), error in zip(pending, filled):
+            p.view = None
+            if error is None:
+                results[i] = (Block(p.bid, p.parent, p.tokens, _arrays(p)), None)
+            else:
+                results[i] = (None, self._unusable(p.path, p.bid, error))
+        return results
+
+    @staticmethod
+    def _try_fill(p: _Pending) -> Exception | None:
         try:
-            arrays, meta = mx.load(str(path), return_metadata=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is a cache miss, never a crash
-            why = str(e).replace(str(path.parent), "")  # the file's name is enough; its place is the server's
-            return None, f"KV block {path.name} is unreadable ({type(e).__name__}: {why})"
-        try:
-            if meta.get("format") != BLOCK_FORMAT:
-                return None, f"KV block {path.name} has format {meta.get('format')!r}, expected {BLOCK_FORMAT}"
-            if meta.get("storage") != storage.key:
-                return None, f"KV block {path.name} was stored for another model or precision"
-            tokens = json.loads(meta["tokens"])
-            parent = meta["parent"]
-            if not isinstance(tokens, list) or len(tokens) != int(meta["n_tokens"]):
-                return None, f"KV block {path.name} has an inconsistent token list"
-            if block_id(parent, tokens, storage.key) != bid:
-                return None, f"KV block {path.name} does not hold the tokens its name says"
-            layers = {k.split(".")[1] for k in arrays}
-            if layers != {str(i) for i in range(n_layers)}:
-                return None, f"KV block {path.name} has {len(layers)} layers, the model {n_layers}"
-            for name, a in arrays.items():
-                if a.ndim != 4 or a.shape[2] != len(tokens):
-                    return None, f"KV block {path.name}: {name} has shape {a.shape} for {len(tokens)} tokens"
-            mx.eval(list(arrays.values()))
-            if meta.get("crc32") != _crc32({k: _host(a) for k, a in arrays.items()}):
-                return None, f"KV block {path.name} fails its checksum: its data was damaged on disk"
-            return Block(bid, parent, tokens, arrays), None
+            _fill(p)
+            return None
         except Exception as e:  # noqa: BLE001
-            return None, f"KV block {path.name} is unreadable ({type(e).__name__}: {e})"
+            return e
+
+    def _unusable(self, path: Path, bid: str, e: Exception) -> str:
+        """Say why the file cannot be used, and delete it."""
+        if isinstance(e, _Unusable):
+            problem = f"KV block {path.name} {e}"
+        else:
+            why = str(e).replace(str(path.parent), "")  # the file's name is enough; its place is the server's
+            problem = f"KV block {path.name} is unreadable ({type(e).__name__}: {why})"
+        log.warning("%s: deleting it, it is rebuilt when an agent holding it is saved", problem)
+        with self._lock:
+            path.unlink(missing_ok=True)
+            self._sizes.pop(bid, None)
+        return problem

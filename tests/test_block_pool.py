@@ -97,3 +97,20 @@ def test_pool_counts_bytes_refs_and_order() -> None:
     pool.hold(["a"], [])
     assert "a" in pool and pool.refs["a"] == 1  # agent 2 still holds it
     assert pool.drop("a") == 400 and pool.drop("a") == 0 and pool.nbytes == 400
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_reconstruct_copies_on_the_host_and_refuses_blocks_that_do_not_join(dtype) -> None:
+    storage = Storage("fp", str(dtype).removeprefix("mlx.core."))
+    cache = make_cache(600)
+    for c in cache:
+        c.keys, c.values = c.keys.astype(dtype), c.values.astype(dtype)
+    blocks = cut_blocks(cache, list(range(600)), storage, 256)
+    rebuilt = reconstruct(blocks, storage, 3, 40)
+    assert rebuilt[2].keys.dtype == dtype and rebuilt[2].keys.shape[2] == 640
+    assert mx.array_equal(rebuilt[2].values[..., :600, :], cache[2].values[..., :600, :]).item()
+    assert not rebuilt[2].keys[..., 600:, :].any().item()  # the room is zeros
+    other = cut_blocks(make_cache(300, layers=3)[:1] * 3, list(range(300)), storage, 256)[1]
+    other.arrays = {k: a[:, :1].astype(dtype) for k, a in other.arrays.items()}  # one head, not two
+    with pytest.raises(ValueError):
+        reconstruct(blocks[:2] + [other], storage, 3)

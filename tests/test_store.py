@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
@@ -189,7 +190,7 @@ def test_unreferenced_blocks_and_temporaries_are_removed_at_start(tmp_path: Path
         (lambda b: b"", "unreadable"),
         (lambda b: b"\x00" * len(b), "unreadable"),
         (lambda b: b.replace(b'"tokens":"[4,5', b'"tokens":"[9,5'), "does not hold the tokens"),
-        (lambda b: b.replace(b"mcp-semantic-block/1", b"mcp-semantic-block/9"), "format"),
+        (lambda b: b.replace(b"mcp-semantic-block/2", b"mcp-semantic-block/9"), "format"),
         (lambda b: b[:-5] + bytes([b[-5] ^ 0x10]) + b[-4:], "checksum"),  # one flipped bit in the data
     ],
 )
@@ -310,3 +311,44 @@ def test_any_damage_to_a_block_file_is_a_miss_or_the_same_data(tmp_path: Path, d
     else:
         assert mx.array_equal(block.arrays["layers.1.keys"], cache[1].keys[..., :4, :]).item()
     store.close()
+
+
+def test_block_files_are_plain_safetensors(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    store = Store(tmp_path)
+    cache = make_cache(6)
+    save(store, "a", cache, list(range(6)))
+    path = store.block_path(store.kv_record("a").blocks[0])
+    with safe_open(str(path), framework="numpy") as f:
+        assert f.metadata()["format"] == "mcp-semantic-block/2"
+        assert (f.get_tensor("layers.1.values") == np.array(cache[1].values[..., :4, :])).all()
+    arrays = mx.load(str(path))
+    assert mx.array_equal(arrays["layers.0.keys"], cache[0].keys[..., :4, :]).item()
+
+
+def test_blocks_of_the_old_format_are_a_clear_miss(tmp_path: Path) -> None:
+    """Format /1 (a CRC-32 per array) is not read: a miss that says so, and the file goes."""
+    store = Store(tmp_path)
+    save(store, "a", make_cache(4), list(range(4)))
+    bid = store.kv_record("a").blocks[0]
+    path = store.block_path(bid)
+    path.write_bytes(path.read_bytes().replace(b"mcp-semantic-block/2", b"mcp-semantic-block/1"))
+    block, problem = store.read_block(bid, EXACT, 2)
+    assert block is None and "'mcp-semantic-block/1', expected mcp-semantic-block/2" in problem and not path.exists()
+
+
+def test_read_blocks_reads_many_and_says_which_failed(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    cache = make_cache(20)
+    save(store, "a", cache, list(range(20)))
+    ids = store.kv_record("a").blocks
+    damaged = store.block_path(ids[2])
+    raw = bytearray(damaged.read_bytes())
+    raw[-1] ^= 1
+    damaged.write_bytes(bytes(raw))
+    results = store.read_blocks(ids + ["0" * 32], EXACT, 2)
+    assert [b is not None for b, _ in results] == [True, True, False, True, True, False]
+    assert "checksum" in results[2][1] and "missing" in results[5][1] and not damaged.exists()
+    for i in (0, 1, 3, 4):
+        assert mx.array_equal(results[i][0].arrays["layers.1.keys"], cache[1].keys[..., 4 * i : 4 * i + 4, :]).item()

@@ -1,0 +1,277 @@
+"""Resume from disk against recompute on a GPU: where does loading a saved KV cache stop beating
+prefilling the conversation again?
+
+A random-weight Llama-3.1-8B-shaped model (mlx-lm's llama, bfloat16: 32 layers, hidden 4096,
+32 heads, 8 KV heads of 128, MLP 14336, vocab 128256), random token ids. For each context:
+
+  recompute - prefill the context in chunks of 2048, then a 20-token follow-up's first token;
+  resume    - the same cache cut into blocks of 256 (`block_pool.cut_blocks`), written with the
+              store (`Store.commit_kv`); then, page cache as it is (warm: just written), read
+              back as the engine does (`Store.read_blocks` + `block_pool.reconstruct`) and
+              the follow-up's first token; at --kv-bits lossless, 8 and 4;
+  legacy    - lossless, the load path before block format 2: `mx.load` of each file, a zlib
+              CRC-32 over every array on the host, then `reconstruct` (to compare).
+
+Each timing is the median of --repeats after one untimed warm-up. Runs on any MLX device; CI
+never runs it (a GPU and about 40 GB of memory for 32K tokens).
+
+    python benchmarks/bench_gpu_resume.py [--contexts 1024,2048,...] [--out results.json]
+    python benchmarks/bench_gpu_resume.py --plot results.json   # the PNG from a results file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import make_prompt_cache
+
+from mcp_semantic.block_pool import Storage, cut_blocks, reconstruct
+from mcp_semantic.store import KVRecord, Store, _host, host_block
+
+LLAMA_8B = dict(
+    model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, vocab_size=128256, rope_theta=500000.0,
+    tie_word_embeddings=False,
+)
+CHUNK = 2048
+FOLLOW_UP = 20
+BLOCK = 256
+
+
+def random_model(config: dict):
+    """The model with random bfloat16 weights, made without ever holding float32 copies."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    model = Model(ModelArgs(**config))
+    params = [(k, (mx.random.normal(v.shape) * 0.02).astype(mx.bfloat16)) for k, v in tree_flatten(model.parameters())]
+    model.update(tree_unflatten(params))
+    mx.eval(model.parameters())
+    assert isinstance(model, nn.Module)
+    return model
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def prefill(model, tokens: mx.array):
+    cache = make_prompt_cache(model)
+    for start in range(0, tokens.size, CHUNK):
+        model(tokens[None, start : start + CHUNK], cache=cache)
+        mx.eval([c.state for c in cache])
+    return cache
+
+
+def first_token(model, cache, follow: mx.array) -> int:
+    logits = model(follow[None], cache=cache)
+    return mx.argmax(logits[0, -1]).item()
+
+
+def load_blocks(store: Store, ids: list[str], storage: Storage, n_layers: int, room: int):
+    blocks = []
+    for block, problem in store.read_blocks(ids, storage, n_layers):
+        if block is None:
+            raise RuntimeError(problem)
+        blocks.append(block)
+    return reconstruct(blocks, storage, n_layers, room)
+
+
+def legacy_load(store: Store, ids: list[str], storage: Storage, n_layers: int, room: int):
+    """Block format 1's read: mx.load, then a CRC-32 per array on the host (checked, not compared)."""
+    blocks = []
+    for bid in ids:
+        arrays = mx.load(str(store.block_path(bid)))
+        mx.eval(list(arrays.values()))
+        crc = 0
+        for name in sorted(arrays):
+            crc = zlib.crc32(memoryview(np.ascontiguousarray(_host(arrays[name]))).cast("B"), crc)
+        blocks.append(type("B", (), {"arrays": arrays, "tokens": [0] * arrays["layers.0.keys"].shape[2]})())
+    return reconstruct(blocks, storage, n_layers, room)
+
+
+def run_context(model, n: int, args, root: Path) -> dict:
+    n_layers = len(model.layers)
+    vocab = model.args.vocab_size
+    tokens = mx.random.randint(0, vocab, (n,))
+    follow = mx.random.randint(0, vocab, (FOLLOW_UP,))
+    mx.eval(tokens, follow)
+
+    recompute_ms = median_ms(lambda: first_token(model, prefill(model, tokens), follow), args.repeats)
+    prefill_ms = median_ms(lambda: prefill(model, tokens), 1)
+    cache = prefill(model, tokens)
+    ids = tokens.tolist()
+    room = -(-(n + FOLLOW_UP) // BLOCK) * BLOCK - n
+    row = {"tokens": n, "recompute_ms": round(recompute_ms, 1), "prefill_tokens_per_s": round(n / prefill_ms * 1000), "resume": {}}
+    for bits in args.kv_bits:
+        storage = Storage("llama-3.1-8b-random", "bfloat16", bits)
+        store_dir = root / f"kv{bits or 0}"
+        store = Store(store_dir)
+        blocks = cut_blocks(cache, ids, storage, BLOCK)
+        record = KVRecord([b.id for b in blocks], ids)
+        start = time.perf_counter()
+        store.commit_kv("a", record, [host_block(b) for b in blocks], storage)
+        write_s = time.perf_counter() - start
+        nbytes = sum(store.block_path(b).stat().st_size for b in record.blocks)
+        del blocks
+        paths = [store.block_path(b) for b in record.blocks]
+        loaders = {"store": load_blocks} | ({"legacy": legacy_load} if bits is None else {})
+        for name, loader in loaders.items():
+            load_ms = median_ms(lambda: mx.eval([c.state for c in loader(store, record.blocks, storage, n_layers, room)]), args.repeats)
+            ttft_ms = median_ms(lambda: first_token(model, loader(store, record.blocks, storage, n_layers, room), follow), args.repeats)
+            key = ("lossless" if bits is None else str(bits)) + ("" if name == "store" else "-legacy")
+            row["resume"][key] = {
+                "bytes": nbytes,
+                "write_s": round(write_s, 2),
+                "load_ms": round(load_ms, 1),
+                "load_gbps": round(nbytes / load_ms / 1e6, 2),
+                "ttft_ms": round(ttft_ms, 1),
+                "recompute_over_resume": round(recompute_ms / ttft_ms, 2),
+            }
+        if bits is None and n == max(args.contexts):  # what the reading alone costs, and threads' share
+            buf = bytearray(max(p.stat().st_size for p in paths))
+
+            def read_all(workers: int) -> None:
+                def one(p: Path) -> None:
+                    with open(p, "rb", buffering=0) as f:
+                        f.readinto(memoryview(buf)[: os.fstat(f.fileno()).st_size] if workers == 1 else bytearray(os.fstat(f.fileno()).st_size))
+                with ThreadPoolExecutor(workers) as ex:
+                    list(ex.map(one, paths))
+
+            row["plain_read_gbps"] = {w: round(nbytes / median_ms(lambda: read_all(w), args.repeats) / 1e6, 2) for w in (1, 8)}
+            one_thread = ThreadPoolExecutor(1)
+            store._readers, eight = one_thread, store._readers
+            row["store_load_gbps_1_thread"] = round(
+                nbytes / median_ms(lambda: mx.eval([c.state for c in load_blocks(store, record.blocks, storage, n_layers, room)]), args.repeats) / 1e6, 2
+            )
+            store._readers = eight
+            one_thread.shutdown()
+        store.close()
+        shutil.rmtree(store_dir)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def crossover(rows: list[dict], key: str) -> int | None:
+    """The first context at which resuming is no faster than recomputing (None: never)."""
+    for row in rows:
+        if key in row["resume"] and row["resume"][key]["recompute_over_resume"] <= 1:
+            return row["tokens"]
+    return None
+
+
+def plot(result: dict, path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from report import pyplot
+
+    plt = pyplot()
+    rows = result["contexts"]
+    x = [r["tokens"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    ax.plot(x, [r["recompute_ms"] for r in rows], "o-", color="#c44", label="recompute (prefill)")
+    styles = {"lossless": "#48c", "8": "#4a4", "4": "#a4c", "lossless-legacy": "#999"}
+    for key, color in styles.items():
+        if all(key in r["resume"] for r in rows):
+            label = "resume, format 1 load (mx.load + CRC-32)" if key.endswith("legacy") else f"resume, kv-bits {key}"
+            ax.plot(x, [r["resume"][key]["ttft_ms"] for r in rows], "o--" if "legacy" in key else "o-", color=color, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(x, [f"{t // 1024}K" for t in x])
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("time to first token (ms, log)")
+    ax.set_title(f"Llama-3.1-8B shape (random bf16) on {result['device'].split(': ')[-1]}:\nrecompute vs resume from disk", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", default="1024,2048,4096,8192,16384,32768")
+    parser.add_argument("--kv-bits", default="lossless,8,4")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=32, help="fewer for a quick try")
+    parser.add_argument("--tiny", action="store_true", help="a small model of the same kind, to try the script on a CPU")
+    parser.add_argument("--dir", type=Path, default=None, help="where blocks are written (default: a temporary dir)")
+    parser.add_argument("--out", type=Path, default=Path("gpu-resume.json"))
+    parser.add_argument("--plot", type=Path, default=None, help="only draw the PNG of this results file")
+    args = parser.parse_args()
+    if args.plot:
+        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        return
+    args.contexts = [int(c) for c in args.contexts.split(",")]
+    args.kv_bits = [None if b == "lossless" else int(b) for b in args.kv_bits.split(",")]
+    config = LLAMA_8B | {"num_hidden_layers": args.layers}
+    if args.tiny:
+        config |= {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1000}
+    import importlib.metadata as md
+
+    device = mx.default_device()
+    result = {
+        "benchmark": "gpu-resume",
+        "date": time.strftime("%Y-%m-%d"),
+        "device": f"{device.type.name}: {_device_name()}",
+        "machine": f"{platform.system().lower()}-{platform.machine()}, {os.cpu_count()} CPUs",
+        "versions": {p: md.version(p) for p in ("mlx", "mlx-lm", "xxhash") if _installed(p)},
+        "model": f"Llama-3.1-8B shape, random bf16 weights, {args.layers} layers",
+        "config": config,
+        "chunk": CHUNK,
+        "follow_up_tokens": FOLLOW_UP,
+        "block_tokens": BLOCK,
+        "repeats": args.repeats,
+        "contexts": [],
+    }
+    model = random_model(config)
+    root = Path(tempfile.mkdtemp(prefix="gpu-resume-", dir=args.dir))
+    try:
+        for n in args.contexts:
+            result["contexts"].append(run_context(model, n, args, root))
+            args.out.write_text(json.dumps(result, indent=2) + "\n")  # what is done so far survives a timeout
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    result["crossover"] = {key: crossover(result["contexts"], key) for key in result["contexts"][0]["resume"]}
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["crossover"]))
+
+
+def _device_name() -> str:
+    try:
+        return str(mx.device_info().get("device_name", "?"))
+    except Exception:  # noqa: BLE001 - only a label
+        return "?"
+
+
+def _installed(name: str) -> bool:
+    import importlib.metadata as md
+
+    try:
+        md.version(name)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
+if __name__ == "__main__":
+    main()

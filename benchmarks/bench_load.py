@@ -1,0 +1,172 @@
+"""Cache load against a plain read: how close loading a saved agent's KV blocks comes to reading
+the same files' bytes.
+
+Loading is what `Caches.lookup` does for blocks on disk: `Store.read_blocks` (header checks,
+the data read into MLX buffers, checksummed), then `block_pool.reconstruct` (one contiguous
+cache per layer). The plain reads are `open(p, 'rb').read()` of each file, all kept until the last is read (new
+memory, as a load needs: on this VM fresh pages cost about as much as the copy), and `readinto`
+one reused buffer (no new memory: the ceiling).
+Both with a warm page cache (each is run once before it is timed), median of `runs`.
+
+    python benchmarks/bench_load.py [--tokens 4096] [--runs 9]
+
+By default it saves an agent of `--tokens` tokens with SmolLM2-135M's KV shape (the default
+model: 30 layers, 3 KV heads of 64, float32, 46,080 bytes a token; random values), written with
+the store's own block writer, and measures it. Writes
+benchmarks/results/<date>-<machine>-load.json and .png, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import mcp_semantic  # noqa: F401  (OpenBLAS before MLX)
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+from report import RESULTS, header, pyplot, save
+
+from mcp_semantic.block_pool import BLOCK_TOKENS, Storage, cut_blocks, reconstruct
+from mcp_semantic.store import KVRecord, Store, host_block
+
+LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M
+
+
+def median_s(fn: Callable[[], object], runs: int) -> float:
+    """Median seconds of `runs` calls, after one untimed call (the page cache and allocator warm)."""
+    fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def block_storage(path: Path) -> tuple[Storage, int]:
+    """The storage and layer count a block file was written for, from its header."""
+    with open(path, "rb") as f:
+        head = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    meta = head.pop("__metadata__")
+    kv_bits = int(meta["kv_bits"]) or None
+    return Storage(meta["fingerprint"], meta["dtype"], kv_bits), len({k.split(".")[1] for k in head})
+
+
+def measure_load(cache_dir: Path, agent: str, runs: int = 9, storage: Storage | None = None, n_layers: int | None = None) -> dict:
+    """Time loading `agent`'s saved blocks as `Caches.lookup` does against plain reads of the files.
+
+    `storage` and `n_layers` default to what the first block file says (the server's model).
+    The store is opened on `cache_dir`: no server may be running on it.
+    """
+    store = Store(cache_dir)
+    try:
+        record = store.kv_record(agent)
+        if record is None:
+            raise ValueError(f"agent {agent} has no saved KV cache in {cache_dir}")
+        paths = [store.block_path(b) for b in record.blocks]
+        if storage is None or n_layers is None:
+            storage, n_layers = block_storage(paths[0])
+        nbytes = sum(p.stat().st_size for p in paths)
+
+        def load() -> None:
+            blocks = []
+            for block, problem in store.read_blocks(record.blocks, storage, n_layers):
+                if block is None:
+                    raise RuntimeError(problem)
+                blocks.append(block)
+            reconstruct(blocks, storage, n_layers)
+
+        def read() -> None:
+            kept = []  # as a load keeps its data: in new memory, all of it at once
+            for p in paths:
+                with open(p, "rb") as f:
+                    kept.append(f.read())
+
+        buffer = bytearray(max(p.stat().st_size for p in paths))
+
+        def readinto() -> None:
+            for p in paths:
+                with open(p, "rb", buffering=0) as f:
+                    f.readinto(memoryview(buffer)[: os.fstat(f.fileno()).st_size])
+
+        load_s, read_s, readinto_s = median_s(load, runs), median_s(read, runs), median_s(readinto, runs)
+    finally:
+        store.close()
+    gbps = lambda s: round(nbytes / s / 1e9, 3)  # noqa: E731
+    return {
+        "bytes": nbytes,
+        "blocks": len(paths),
+        "tokens": len(record.tokens),
+        "runs": runs,
+        "load_s": round(load_s, 4),
+        "load_gbps": gbps(load_s),
+        "read_s": round(read_s, 4),
+        "read_gbps": gbps(read_s),
+        "readinto_s": round(readinto_s, 4),
+        "readinto_gbps": gbps(readinto_s),
+        "ratio": round(read_s / load_s, 3),
+        "ratio_readinto": round(readinto_s / load_s, 3),
+    }
+
+
+def save_agent(cache_dir: Path, agent: str, tokens: int, storage: Storage) -> None:
+    """Save an agent of `tokens` tokens of random KV (the default model's shape) with the store's writer."""
+    cache = []
+    for _ in range(LAYERS):
+        c = KVCache()
+        shape = (1, KV_HEADS, tokens, HEAD_DIM)
+        c.update_and_fetch(mx.random.normal(shape), mx.random.normal(shape))
+        cache.append(c)
+    ids = list(range(tokens))
+    blocks = cut_blocks(cache, ids, storage, BLOCK_TOKENS)
+    store = Store(cache_dir)
+    try:
+        store.commit_kv(agent, KVRecord([b.id for b in blocks], ids), [host_block(b) for b in blocks], storage)
+    finally:
+        store.close()
+
+
+def plot(result: dict, path: Path) -> None:
+    plt = pyplot()
+    labels = ["load\n(read_blocks + reconstruct)", "read()\n(all kept: new memory)", "readinto\n(one reused buffer)"]
+    values = [result["load_gbps"], result["read_gbps"], result["readinto_gbps"]]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bars = ax.bar(labels, values, color=["#48c", "#c84", "#aaa"])
+    ax.set_ylabel("GB/s (warm page cache)")
+    ax.set_title(f"{result['tokens']}-token agent, {result['blocks']} block files, {result['bytes'] / 1e6:.0f} MB", fontsize=10)
+    for bar, v in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom")
+    ax.set_ylim(top=max(values) * 1.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="default: a fresh temporary dir")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="mcp-semantic-load-"))
+    storage = Storage("smollm2-135m-shape", "float32")
+    save_agent(cache_dir, "doc", args.tokens, storage)
+    result = {**header("load"), "cpus": os.cpu_count(), "load_average": os.getloadavg()[0]}
+    result.update(measure_load(cache_dir, "doc", args.runs, storage, LAYERS))
+    stem = save(result, args.out, plot)
+    print(f"{result['tokens']} tokens, {result['blocks']} blocks, {result['bytes'] / 1e6:.1f} MB, median of {args.runs}")
+    for name in ("load", "read", "readinto"):
+        print(f"{name:10}{result[name + '_s'] * 1000:9.1f} ms{result[name + '_gbps']:8.2f} GB/s")
+    print(f"load / read(): {result['ratio']:.2f}; load / readinto: {result['ratio_readinto']:.2f}")
+    print(f"wrote {stem}.json and .png")
+
+
+if __name__ == "__main__":
+    main()
