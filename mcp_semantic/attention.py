@@ -66,15 +66,19 @@ def _routed(original: Callable[..., mx.array]) -> Callable[..., mx.array]:
 
 def attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool) -> mx.array:
     """softmax(q k^T * scale) v, heads grouped as in mx.fast.scaled_dot_product_attention; a
-    causal mask lines the queries up with the last keys (the prompt after the cached context)."""
+    causal mask lines the queries up with the last keys (the prompt after the cached context).
+
+    The query heads that share a key head are folded into the rows of one matmul (no broadcast
+    key operand), and the softmax is normalized after the second matmul, on L x D numbers
+    rather than L x S."""
     B, H, L, D = queries.shape
     KH, S = keys.shape[1], keys.shape[2]
-    scores = (queries * scale).reshape(B, KH, H // KH, L, D) @ keys[:, :, None].swapaxes(-1, -2)
+    scores = (queries * scale).reshape(B, KH, (H // KH) * L, D) @ keys.swapaxes(-1, -2)
     mx.eval(scores)
     a = np.array(scores, copy=False)  # a view: the softmax is computed in place
     if causal and L > 1:
-        a[..., S - L :][..., np.triu(np.ones((L, L), dtype=bool), 1)] = -np.inf
+        a.reshape(B, KH, H // KH, L, S)[..., S - L :][..., np.triu(np.ones((L, L), dtype=bool), 1)] = -np.inf
     a -= a.max(axis=-1, keepdims=True)
     np.exp(a, out=a)
-    a /= a.sum(axis=-1, keepdims=True)
-    return (mx.array(a) @ values[:, :, None]).reshape(B, H, L, -1)
+    total = mx.array(a.sum(axis=-1, keepdims=True))
+    return ((mx.array(a) @ values) / total).reshape(B, H, L, -1)

@@ -28,6 +28,7 @@ from functools import partial
 from typing import Any, Literal
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.utils import common_prefix_len
 
@@ -194,7 +195,34 @@ class Caches:
             shared += 1
         if shared * B > min(len(tokens), common_prefix_len(tokens, prompt)):
             ids, tokens = block_ids(prompt, self.storage.key, B)[:shared], prompt[: shared * B]
-        # The blocks not in memory are read from disk together, several files at once.
+        if agent.tokens and record is None:
+            why = self.problems.get(agent.name) or "it has no saved KV cache"
+            warnings.append(f"agent {agent.name}: {why}; re-prefilling its {len(agent.tokens)} tokens of history")
+        if not ids:
+            return "new", make_prompt_cache(self.model), []
+        # Buffers sized in whole blocks: an agent's next turns get the same size, which MLX's
+        # allocator hands back from its cache instead of filling fresh memory (slow on some hosts).
+        size = -(-(max(len(prompt), len(tokens)) + room) // B) * B
+        build = self._build_on_host if self.storage.kv_bits is None and mx.default_device() == mx.cpu else self._build
+        try:
+            tier, cache, n = build(agent.name, ids, size, warnings)
+        except Exception as e:  # noqa: BLE001 - blocks that do not fit together: a miss, never a failed call
+            log.warning("agent %s: its KV blocks do not fit together (%s); re-prefilling", agent.name, e)
+            warnings.append(f"agent {agent.name}: its saved KV blocks do not fit the model; re-prefilling its history")
+            for bid in ids:
+                self.pool.drop(bid)
+            return "new", make_prompt_cache(self.model), []
+        if not n:
+            return "new", make_prompt_cache(self.model), []
+        return tier, cache, tokens[:n]
+
+    def _missed(self, name: str, problem: str, warnings: list[str]) -> None:
+        log.warning("agent %s: %s", name, problem)
+        warnings.append(f"agent {name}: {problem}; re-prefilling from there")
+
+    def _build(self, name: str, ids: list[str], size: int, warnings: list[str]) -> tuple[Tier, list[Any], int]:
+        """The cache from blocks in the pool, and blocks read from disk into buffers of their
+        own, which join the pool; then one copy into the working cache (reconstruct)."""
         missing = [bid for bid in ids if bid not in self.pool]
         read = {}
         if missing:
@@ -206,31 +234,69 @@ class Caches:
             if block is None:
                 block, problem = read[bid]
                 if block is None:
-                    log.warning("agent %s: %s", agent.name, problem)
-                    warnings.append(f"agent {agent.name}: {problem}; re-prefilling from there")
+                    self._missed(name, problem, warnings)
                     break
                 self.pool.add(block)
                 tier = "disk"
             blocks.append(block)
-        if agent.tokens and record is None:
-            why = self.problems.get(agent.name) or "it has no saved KV cache"
-            warnings.append(f"agent {agent.name}: {why}; re-prefilling its {len(agent.tokens)} tokens of history")
         if not blocks:
-            return "new", make_prompt_cache(self.model), []
+            return "new", [], 0
         n = sum(len(b.tokens) for b in blocks)
-        # Buffers sized in whole blocks: an agent's next turns get the same size, which MLX's
-        # allocator hands back from its cache instead of filling fresh memory (slow on some hosts).
-        size = -(-(max(len(prompt), n) + room) // self.block_tokens) * self.block_tokens
-        try:
-            cache = reconstruct(blocks, self.storage, self.n_layers, size - n)
-        except Exception as e:  # noqa: BLE001 - blocks that do not fit together: a miss, never a failed call
-            log.warning("agent %s: its KV blocks do not fit together (%s); re-prefilling", agent.name, e)
-            warnings.append(f"agent {agent.name}: its saved KV blocks do not fit the model; re-prefilling its history")
-            for block in blocks:
-                self.pool.drop(block.id)
-            return "new", make_prompt_cache(self.model), []
+        cache = reconstruct(blocks, self.storage, self.n_layers, size - n)
         self.enforce_budget()  # blocks read for this call count at once; the working cache is aside
-        return tier, cache, tokens[:n]
+        return tier, cache, n
+
+    def _build_on_host(self, name: str, ids: list[str], size: int, warnings: list[str]) -> tuple[Tier, list[Any], int]:
+        """On the CPU, for blocks stored as they are computed (no --kv-bits): the working cache
+        is made first and the blocks on disk are read straight into it, so their bytes land in
+        fresh memory once rather than twice (a block buffer, then the cache); at 4K tokens of
+        the default model that is about 100 ms of a resumed turn. Those blocks join the pool
+        after the call (`remember` cuts them from the cache), not before."""
+        found = [self.pool.get(bid) for bid in ids]
+        missing = [bid for bid, block in zip(ids, found) if block is None]
+        if missing:
+            self.writer.wait()  # a block may be in a write not done yet
+        opened = iter(self.store.open_blocks(missing, self.storage, self.n_layers))
+        parts: list[Any] = []  # a Block from the pool, or a block file whose data is still to read
+        for block in found:
+            part = block if block is not None else next(opened)
+            if isinstance(part, str):
+                self._missed(name, part, warnings)
+                break
+            parts.append(part)
+        if not parts:
+            return "new", [], 0
+        mx.eval([a for part in parts if isinstance(part, Block) for a in part.arrays.values()])  # cut lazily, maybe
+        first = parts[0]
+        shapes = {k: (a.dtype, a.shape) for k, a in first.arrays.items()} if isinstance(first, Block) else {
+            k: (dtype, shape) for k, (dtype, shape, _, _) in first.layout.items()}
+        buffers = {k: mx.zeros((shape[0], shape[1], size, shape[3]), dtype) for k, (dtype, shape) in shapes.items()}
+        mx.eval(list(buffers.values()))
+        views = {k: _host_view(a) for k, a in buffers.items()}
+        files, targets, at = [], [], []
+        n = 0
+        for part in parts:
+            length = len(part.tokens)
+            if isinstance(part, Block):
+                for k, a in part.arrays.items():
+                    _place(views, k, n, _host_view(a))
+            else:
+                files.append(part)
+                at.append(n)
+                targets.append([memoryview(head).cast("B") for k, (dtype, shape, _, _) in part.layout.items()
+                                for head in _place(views, k, n, None, shape, dtype)])
+            n += length
+        problems = self.store.fill_blocks(files, targets)
+        for start, problem in zip(at, problems):
+            if problem:
+                self._missed(name, problem, warnings)
+                n = min(n, start)
+        caches = []
+        for layer in range(self.n_layers):
+            c = KVCache()
+            c.keys, c.values, c.offset = buffers[f"layers.{layer}.keys"], buffers[f"layers.{layer}.values"], n
+            caches.append(c)
+        return ("disk" if files and n > at[0] else "hot"), caches, n
 
     # reports
 
@@ -249,3 +315,26 @@ class Caches:
             "disk_bytes": disk,
             "shared_disk_bytes": shared_disk,
         }
+
+
+def _host_view(a: mx.array) -> np.ndarray:
+    """numpy's view of an evaluated CPU array (bfloat16, which numpy lacks, as uint16)."""
+    return np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a, copy=False)
+
+
+def _place(views: dict[str, np.ndarray], name: str, at: int, data: np.ndarray | None, shape: list[int] | None = None,
+           dtype: Any = None) -> list[np.ndarray]:
+    """Where a block's `name` goes in the working cache, from token `at`: `data` copied there,
+    or (data None) the per-head regions a file's data is read into, in its order. A block
+    that does not fit (other heads, head size or dtype) raises ValueError."""
+    target = views.get(name)
+    shape = list(data.shape) if data is not None else shape
+    itemsize = data.dtype.itemsize if data is not None else dtype.size
+    if target is None or len(shape) != 4 or shape[:2] != list(target.shape[:2]) or shape[3] != target.shape[3] \
+            or itemsize != target.dtype.itemsize or at + shape[2] > target.shape[2]:
+        raise ValueError(f"a block's {name} of shape {tuple(shape)} does not fit a cache of {target.shape if target is not None else 'no such array'}")
+    region = target[:, :, at : at + shape[2], :]
+    if data is not None:
+        region[...] = data
+        return []
+    return [region[b, h] for b in range(shape[0]) for h in range(shape[1])]

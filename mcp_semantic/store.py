@@ -328,17 +328,17 @@ def _write_block(block: HostBlock, storage: Storage, path: Path) -> None:
 
 @dataclass
 class _Pending:
-    """A block file whose header passed every check, and the buffer its data is read into."""
+    """A block file whose header passed every check, waiting for its data to be read."""
 
     path: Path
     bid: str
     parent: str
     tokens: list[int]
     start: int  # where the data region starts in the file
+    nbytes: int  # the data region's size
     checksum: str
-    layout: dict[str, tuple[mx.Dtype, list[int], int, int]]  # name -> (dtype, shape, begin, end)
-    buffer: mx.array  # uint8, the data region's size
-    view: memoryview | None = None
+    layout: dict[str, tuple[mx.Dtype, list[int], int, int]]  # name -> (dtype, shape, begin, end), in file order
+    buffer: mx.array | None = None  # uint8, when the data is read into a buffer of the block's own
 
 
 class _Unusable(Exception):
@@ -383,21 +383,23 @@ def _parse_header(path: Path, f, size: int, bid: str, storage: Storage, n_layers
         raise _Unusable(f"is unreadable ({size} bytes, its header says {8 + n + end})")
     if not isinstance(meta.get("xxh3_64"), str):
         raise _Unusable("has no checksum")
-    return _Pending(path, bid, parent, tokens, 8 + n, meta["xxh3_64"], layout, mx.zeros((end,), mx.uint8, stream=mx.cpu))
+    return _Pending(path, bid, parent, tokens, 8 + n, end, meta["xxh3_64"], layout)
 
 
-def _fill(p: _Pending) -> None:
-    """Read the data region into the block's buffer, checksumming each chunk as it comes.
-    No MLX call: this runs on the reading threads."""
-    checksum, view, at = xxhash.xxh3_64(), p.view, 0
+def _fill(p: _Pending, views: list[memoryview]) -> None:
+    """Read the data region into `views` (bytes, in file order, as many as the region holds),
+    checksumming each chunk as it comes. No MLX call: this runs on the reading threads."""
+    checksum = xxhash.xxh3_64()
     with open(p.path, "rb", buffering=0) as f:
         f.seek(p.start)
-        while at < len(view):
-            got = f.readinto(view[at : at + _CHUNK])
-            if not got:
-                raise _Unusable("is unreadable (shorter than when it was opened)")
-            checksum.update(view[at : at + got])
-            at += got
+        for view in views:
+            at = 0
+            while at < len(view):
+                got = f.readinto(view[at : at + _CHUNK])
+                if not got:
+                    raise _Unusable("is unreadable (shorter than when it was opened)")
+                checksum.update(view[at : at + got])
+                at += got
     if checksum.hexdigest() != p.checksum:
         raise _Unusable("fails its checksum: its data was damaged on disk")
 
@@ -673,37 +675,45 @@ class Store:
         return self.read_blocks([bid], storage, n_layers)[0]
 
     def read_blocks(self, bids: list[str], storage: Storage, n_layers: int) -> list[tuple[Block | None, str | None]]:
-        """`read_block` for several blocks, their files read at once on the reading threads.
+        """`read_block` for several blocks, each into a buffer of its own, the files read at once
+        on the reading threads. MLX is called on this thread only."""
+        opened = self.open_blocks(bids, storage, n_layers)
+        files = [p for p in opened if isinstance(p, _Pending)]
+        for p in files:
+            p.buffer = mx.zeros((p.nbytes,), mx.uint8, stream=mx.cpu)
+        mx.eval([p.buffer for p in files])
+        problems = iter(self.fill_blocks(files, [[memoryview(p.buffer)] for p in files]))
+        results: list[tuple[Block | None, str | None]] = []
+        for p in opened:
+            problem = p if isinstance(p, str) else next(problems)
+            results.append((None, problem) if problem else (Block(p.bid, p.parent, p.tokens, _arrays(p)), None))
+        return results
 
-        MLX is called on this thread only: the buffers are made here, the threads only read
-        files into them and checksum the bytes."""
-        results: list[tuple[Block | None, str | None]] = [(None, None)] * len(bids)
-        pending: list[tuple[int, _Pending]] = []
-        for i, bid in enumerate(bids):
+    def open_blocks(self, bids: list[str], storage: Storage, n_layers: int) -> list[_Pending | str]:
+        """Each block file with its header checked (nothing of its data read yet), or why it
+        cannot be used (a missing file; a damaged or foreign one, which is deleted)."""
+        opened: list[_Pending | str] = []
+        for bid in bids:
             path = self.block_path(bid)
             try:
                 with open(path, "rb", buffering=0) as f:
-                    pending.append((i, _parse_header(path, f, os.fstat(f.fileno()).st_size, bid, storage, n_layers)))
+                    opened.append(_parse_header(path, f, os.fstat(f.fileno()).st_size, bid, storage, n_layers))
             except FileNotFoundError:
-                results[i] = (None, f"KV block {path.name} is missing")
+                opened.append(f"KV block {path.name} is missing")
             except Exception as e:  # noqa: BLE001 - any unreadable file is a cache miss, never a crash
-                results[i] = (None, self._unusable(path, bid, e))
-        mx.eval([p.buffer for _, p in pending])
-        for _, p in pending:
-            p.view = memoryview(p.buffer)
-        filled = self._readers.map(self._try_fill, [p for _, p in pending])
-        for (i, p), error in zip(pending, filled):
-            p.view = None
-            if error is None:
-                results[i] = (Block(p.bid, p.parent, p.tokens, _arrays(p)), None)
-            else:
-                results[i] = (None, self._unusable(p.path, p.bid, error))
-        return results
+                opened.append(self._unusable(path, bid, e))
+        return opened
+
+    def fill_blocks(self, files: list[_Pending], views: list[list[memoryview]]) -> list[str | None]:
+        """Read each file's data into its views on the reading threads, checksummed: None for a
+        block read whole, else why not (and the file is deleted)."""
+        errors = self._readers.map(self._try_fill, files, views)
+        return [None if e is None else self._unusable(p.path, p.bid, e) for p, e in zip(files, errors)]
 
     @staticmethod
-    def _try_fill(p: _Pending) -> Exception | None:
+    def _try_fill(p: _Pending, views: list[memoryview]) -> Exception | None:
         try:
-            _fill(p)
+            _fill(p, views)
             return None
         except Exception as e:  # noqa: BLE001
             return e
