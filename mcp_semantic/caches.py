@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import Counter
 from functools import partial
 from typing import Any, Literal
@@ -328,16 +329,17 @@ def read_into_cache(store: Store, parts: list[Any], n_layers: int, size: int) ->
     return caches, n, failed
 
 
-_streams: list[mx.Stream] = []
+_local = threading.local()
 
 
 def _fill_streams() -> list[mx.Stream]:
-    """The CPU's default stream, and a second one where there is a second core."""
-    if not _streams:
-        _streams.append(mx.default_stream(mx.cpu))
+    """This thread's default CPU stream, and a second one where there is a second core (MLX's
+    streams belong to the thread that made them)."""
+    if not hasattr(_local, "streams"):
+        _local.streams = [mx.default_stream(mx.cpu)]
         if (os.cpu_count() or 1) > 1:
-            _streams.append(mx.new_stream(mx.cpu))
-    return _streams
+            _local.streams.append(mx.new_stream(mx.cpu))
+    return _local.streams
 
 
 def _starts(parts: list[Any]) -> list[int]:
