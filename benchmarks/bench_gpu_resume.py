@@ -38,8 +38,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-from mcp_semantic.block_pool import Storage, cut_blocks, reconstruct
-from mcp_semantic.store import KVRecord, Store, _host, host_block
+from mcp_semantic.block_pool import Storage, cut_blocks, host_view, reconstruct
+from mcp_semantic.store import KVRecord, Store, host_block
 
 LLAMA_8B = dict(
     model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
@@ -105,7 +105,7 @@ def legacy_load(store: Store, ids: list[str], storage: Storage, n_layers: int, r
         mx.eval(list(arrays.values()))
         crc = 0
         for name in sorted(arrays):
-            crc = zlib.crc32(memoryview(np.ascontiguousarray(_host(arrays[name]))).cast("B"), crc)
+            crc = zlib.crc32(memoryview(np.ascontiguousarray(host_view(arrays[name]))).cast("B"), crc)
         blocks.append(type("B", (), {"arrays": arrays, "tokens": [0] * arrays["layers.0.keys"].shape[2]})())
     return reconstruct(blocks, storage, n_layers, room)
 

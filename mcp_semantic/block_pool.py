@@ -197,18 +197,18 @@ def _empty_like_joined(arrays: list[mx.array], room: int) -> mx.array:
     return mx.zeros((first.shape[0], first.shape[1], n + room, first.shape[3]), first.dtype)
 
 
-def _host_view(a: mx.array) -> np.ndarray:
+def host_view(a: mx.array) -> np.ndarray:
     """numpy's view of an evaluated CPU array's memory (bfloat16, which numpy lacks, as uint16)."""
     return np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a, copy=False)
 
 
 def _copy_on_host(out: mx.array, arrays: list[mx.array]) -> None:
     """Copy `arrays` one after another along the token axis into `out` (evaluated, unshared)."""
-    target = _host_view(out)
+    target = host_view(out)
     at = 0
     for a in arrays:
         n = a.shape[2]
-        target[:, :, at : at + n, :] = _host_view(a)
+        target[:, :, at : at + n, :] = host_view(a)
         at += n
 
 

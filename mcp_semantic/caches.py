@@ -34,7 +34,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.utils import common_prefix_len
 
-from mcp_semantic.block_pool import Block, BlockPool, Storage, block_ids, chain_ids, cut_blocks, reconstruct
+from mcp_semantic.block_pool import Block, BlockPool, Storage, block_ids, chain_ids, cut_blocks, host_view, reconstruct
 from mcp_semantic.store import Agent, KVRecord, Store, Writer, host_block
 
 log = logging.getLogger(__name__)
@@ -311,12 +311,12 @@ def read_into_cache(store: Store, parts: list[Any], n_layers: int, size: int) ->
     buffers = {k: mx.zeros((shape[0], shape[1], size, shape[3]), dtype, stream=streams[i % len(streams)])
                for i, (k, (dtype, shape)) in enumerate(shapes.items())}
     mx.eval(list(buffers.values()))
-    views = {k: _host_view(a) for k, a in buffers.items()}
+    views = {k: host_view(a) for k, a in buffers.items()}
     files, targets = [], []
     for start, part in zip(_starts(parts), parts):
         if isinstance(part, Block):
             for k, a in part.arrays.items():
-                _place(views, k, start, _host_view(a))
+                _place(views, k, start, host_view(a))
         else:
             files.append((start, part))
             targets.append([memoryview(head).cast("B") for k, (dtype, shape, _, _) in part.layout.items()
@@ -352,11 +352,6 @@ def _starts(parts: list[Any]) -> list[int]:
         starts.append(n)
         n += len(part.tokens)
     return starts
-
-
-def _host_view(a: mx.array) -> np.ndarray:
-    """numpy's view of an evaluated CPU array (bfloat16, which numpy lacks, as uint16)."""
-    return np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a, copy=False)
 
 
 def _place(views: dict[str, np.ndarray], name: str, at: int, data: np.ndarray | None, shape: list[int] | None = None,

@@ -57,7 +57,7 @@ import mlx.core as mx
 import numpy as np
 import xxhash
 
-from mcp_semantic.block_pool import Block, Storage, block_id
+from mcp_semantic.block_pool import Block, Storage, block_id, host_view
 
 log = logging.getLogger(__name__)
 
@@ -268,11 +268,6 @@ class HostBlock:
     arrays: dict[str, tuple[str, np.ndarray]]  # name -> (safetensors dtype, data)
 
 
-def _host(a: mx.array) -> np.ndarray:
-    """A host view of an evaluated array (no copy); bfloat16, which numpy lacks, as uint16."""
-    return np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a, copy=False)
-
-
 # safetensors' names for MLX's dtypes (bfloat16 travels as uint16 to the writer, see HostBlock)
 _ST_DTYPES = {
     "bool": "BOOL", "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16", "uint32": "U32",
@@ -286,7 +281,7 @@ _MAX_HEADER = 1 << 24
 
 def host_block(block: Block) -> HostBlock:
     """On the thread that owns MLX: views of the block's evaluated arrays (no copy)."""
-    arrays = {name: (str(a.dtype).removeprefix("mlx.core."), _host(a)) for name, a in block.arrays.items()}
+    arrays = {name: (str(a.dtype).removeprefix("mlx.core."), host_view(a)) for name, a in block.arrays.items()}
     return HostBlock(block.id, block.parent, block.tokens, arrays)
 
 
