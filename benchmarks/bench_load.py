@@ -2,7 +2,7 @@
 the same files' bytes.
 
 Loading is what `Caches.lookup` does for an agent whose blocks are all on disk, ready to run:
-on the CPU, without --kv-bits, `Store.open_blocks` (header checks) and `caches.read_into_cache`
+on the CPU, without --kv-bits, `Store.open_blocks` (header checks) and `block_pool.read_into_cache`
 (the working cache made, each file's data read straight into it and checksummed); otherwise
 `Store.read_blocks` (into buffers of their own) and `block_pool.reconstruct`. The plain reads are `open(p, 'rb').read()` of each file, all kept until the last is read (new
 memory, as a load needs: on this VM fresh pages cost about as much as the copy), and `readinto`
@@ -34,8 +34,7 @@ from mlx_lm.models.cache import KVCache
 
 from report import RESULTS, header, pyplot, save
 
-from mcp_semantic.block_pool import BLOCK_TOKENS, Storage, cut_blocks, reconstruct
-from mcp_semantic.caches import read_into_cache
+from mcp_semantic.block_pool import BLOCK_TOKENS, Storage, cut_blocks, read_into_cache, reconstruct
 from mcp_semantic.store import KVRecord, Store, host_block
 
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M

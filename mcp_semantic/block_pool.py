@@ -19,6 +19,8 @@ times slower than float32 ones, and attention over a long context would pay that
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -155,21 +157,18 @@ def reconstruct(blocks: list[Block], storage: Storage, n_layers: int, room: int 
     Why not KVCache.update_and_fetch block by block: it grows its buffer in steps and copies the
     whole prefix each time; one copy per layer writes every byte once, and the room lets the
     call's prompt and reply go in place. On the CPU, blocks stored at the model's dtype are
-    copied by numpy into the new buffers (about twice as fast as MLX's strided copy here).
+    copied by numpy (read_into_cache).
     """
     dtype = getattr(mx, storage.dtype)
-    on_host = mx.default_device() == mx.cpu
-    caches, host = [], []
+    if mx.default_device() == mx.cpu and (len(blocks) > 1 or room) and all(
+            a.dtype == dtype for b in blocks for a in b.arrays.values()):
+        return read_into_cache(None, blocks, n_layers, sum(len(b.tokens) for b in blocks) + room)[0]
+    caches = []
     for layer in range(n_layers):
         c = KVCache()
         parts = {}
         for kind in ("keys", "values"):
             name = f"layers.{layer}.{kind}"
-            stored = [b.arrays.get(name) for b in blocks]
-            if on_host and (len(blocks) > 1 or room) and all(a is not None and a.dtype == dtype for a in stored):
-                parts[kind] = _empty_like_joined(stored, room)
-                host.append((parts[kind], stored))
-                continue
             arrays = [storage.decode(b.arrays, name) for b in blocks]
             if room:
                 shape = list(arrays[-1].shape)
@@ -181,20 +180,7 @@ def reconstruct(blocks: list[Block], storage: Storage, n_layers: int, room: int 
         c.keys, c.values, c.offset = parts["keys"], parts["values"], sum(len(b.tokens) for b in blocks)
         caches.append(c)
     mx.eval([(c.keys, c.values) for c in caches])
-    for out, stored in host:
-        _copy_on_host(out, stored)
     return caches
-
-
-def _empty_like_joined(arrays: list[mx.array], room: int) -> mx.array:
-    """A zeroed buffer for `arrays` joined along the token axis, plus `room`; checks they fit,
-    as mx.concatenate would (numpy below would broadcast instead)."""
-    first = arrays[0]
-    for a in arrays:
-        if a.ndim != 4 or a.shape[:2] != first.shape[:2] or a.shape[3] != first.shape[3]:
-            raise ValueError(f"blocks of shapes {first.shape} and {a.shape} do not join")
-    n = sum(a.shape[2] for a in arrays)
-    return mx.zeros((first.shape[0], first.shape[1], n + room, first.shape[3]), first.dtype)
 
 
 def host_view(a: mx.array) -> np.ndarray:
@@ -202,14 +188,84 @@ def host_view(a: mx.array) -> np.ndarray:
     return np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a, copy=False)
 
 
-def _copy_on_host(out: mx.array, arrays: list[mx.array]) -> None:
-    """Copy `arrays` one after another along the token axis into `out` (evaluated, unshared)."""
-    target = host_view(out)
-    at = 0
-    for a in arrays:
-        n = a.shape[2]
-        target[:, :, at : at + n, :] = host_view(a)
-        at += n
+def read_into_cache(store: Any, parts: list[Any], n_layers: int, size: int) -> tuple[list[KVCache], int, dict[int, str]]:
+    """A working cache of `size` slots per layer holding `parts` one after another, built on the
+    host (CPU): blocks (copied in by numpy, about twice as fast as MLX's strided copy here) and
+    block files from `Store.open_blocks` (their data read straight in by `store.fill_blocks`,
+    checksummed). Returns the cache, the tokens it holds (up to the first file that failed) and,
+    by token position, why each failed file could not be used."""
+    mx.eval([a for part in parts if isinstance(part, Block) for a in part.arrays.values()])  # cut lazily, maybe
+    first = parts[0]
+    shapes = {k: (a.dtype, a.shape) for k, a in first.arrays.items()} if isinstance(first, Block) else {
+        k: (dtype, shape) for k, (dtype, shape, _, _) in first.layout.items()}
+    # Fresh memory is filled at about 2.5 GB/s by one thread here (page faults): two streams,
+    # each a thread of its own, fill half the buffers each.
+    streams = _fill_streams()
+    buffers = {k: mx.zeros((shape[0], shape[1], size, shape[3]), dtype, stream=streams[i % len(streams)])
+               for i, (k, (dtype, shape)) in enumerate(shapes.items())}
+    mx.eval(list(buffers.values()))
+    views = {k: host_view(a) for k, a in buffers.items()}
+    files, targets = [], []
+    for start, part in zip(starts(parts), parts):
+        names = part.arrays if isinstance(part, Block) else part.layout
+        if names.keys() != views.keys():
+            raise ValueError(f"a block holds {sorted(names)}, the cache {sorted(views)}")
+        if isinstance(part, Block):
+            for k, a in part.arrays.items():
+                _place(views, k, start, host_view(a))
+        else:
+            files.append((start, part))
+            targets.append([memoryview(head).cast("B") for k, (dtype, shape, _, _) in part.layout.items()
+                            for head in _place(views, k, start, None, shape, dtype)])
+    problems = store.fill_blocks([f for _, f in files], targets) if files else []
+    failed = {start: problem for (start, _), problem in zip(files, problems) if problem}
+    n = min([*failed, sum(len(part.tokens) for part in parts)])
+    caches = []
+    for layer in range(n_layers):
+        c = KVCache()
+        c.keys, c.values, c.offset = buffers[f"layers.{layer}.keys"], buffers[f"layers.{layer}.values"], n
+        caches.append(c)
+    return caches, n, failed
+
+
+_local = threading.local()
+
+
+def _fill_streams() -> list[mx.Stream]:
+    """This thread's default CPU stream, and a second one where there is a second core (MLX's
+    streams belong to the thread that made them)."""
+    if not hasattr(_local, "streams"):
+        _local.streams = [mx.default_stream(mx.cpu)]
+        if (os.cpu_count() or 1) > 1:
+            _local.streams.append(mx.new_stream(mx.cpu))
+    return _local.streams
+
+
+def starts(parts: list[Any]) -> list[int]:
+    """The token position where each part begins."""
+    starts, n = [], 0
+    for part in parts:
+        starts.append(n)
+        n += len(part.tokens)
+    return starts
+
+
+def _place(views: dict[str, np.ndarray], name: str, at: int, data: np.ndarray | None, shape: list[int] | None = None,
+           dtype: Any = None) -> list[np.ndarray]:
+    """Where a block's `name` goes in the working cache, from token `at`: `data` copied there,
+    or (data None) the per-head regions a file's data is read into, in its order. A block
+    that does not fit (other heads, head size or dtype) raises ValueError."""
+    target = views.get(name)
+    shape = list(data.shape) if data is not None else shape
+    itemsize = data.dtype.itemsize if data is not None else dtype.size
+    if target is None or len(shape) != 4 or shape[:2] != list(target.shape[:2]) or shape[3] != target.shape[3] \
+            or itemsize != target.dtype.itemsize or at + shape[2] > target.shape[2]:
+        raise ValueError(f"a block's {name} of shape {tuple(shape)} does not fit a cache of {target.shape if target is not None else 'no such array'}")
+    region = target[:, :, at : at + shape[2], :]
+    if data is not None:
+        region[...] = data
+        return []
+    return [region[b, h] for b in range(shape[0]) for h in range(shape[1])]
 
 
 class BlockPool:

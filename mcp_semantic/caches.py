@@ -23,18 +23,15 @@ thread runs in order.
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from collections import Counter
 from functools import partial
 from typing import Any, Callable, Literal
 
 import mlx.core as mx
-import numpy as np
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.utils import common_prefix_len
 
-from mcp_semantic.block_pool import Block, BlockPool, Storage, block_ids, chain_ids, cut_blocks, host_view, reconstruct
+from mcp_semantic.block_pool import Block, BlockPool, Storage, block_ids, chain_ids, cut_blocks, read_into_cache, reconstruct, starts
 from mcp_semantic.store import Agent, KVRecord, Store, Writer, host_block
 
 log = logging.getLogger(__name__)
@@ -274,7 +271,7 @@ class Caches:
         cache, n, failed = read_into_cache(self.store, parts, self.n_layers, size)
         for problem in failed.values():
             self._missed(name, problem, warnings)
-        read = any(start < n for start, part in zip(_starts(parts), parts) if not isinstance(part, Block))
+        read = any(start < n for start, part in zip(starts(parts), parts) if not isinstance(part, Block))
         return ("disk" if read else "hot"), cache, n
 
     # reports
@@ -294,79 +291,3 @@ class Caches:
             "disk_bytes": disk,
             "shared_disk_bytes": shared_disk,
         }
-
-
-def read_into_cache(store: Store, parts: list[Any], n_layers: int, size: int) -> tuple[list[KVCache], int, dict[int, str]]:
-    """A working cache of `size` slots per layer holding `parts` one after another: blocks from
-    the pool (copied in) and block files from `store.open_blocks` (their data read straight in,
-    checksummed). Returns the cache, the tokens it holds (up to the first file that failed) and,
-    by token position, why each failed file could not be used."""
-    mx.eval([a for part in parts if isinstance(part, Block) for a in part.arrays.values()])  # cut lazily, maybe
-    first = parts[0]
-    shapes = {k: (a.dtype, a.shape) for k, a in first.arrays.items()} if isinstance(first, Block) else {
-        k: (dtype, shape) for k, (dtype, shape, _, _) in first.layout.items()}
-    # Fresh memory is filled at about 2.5 GB/s by one thread here (page faults): two streams,
-    # each a thread of its own, fill half the buffers each.
-    streams = _fill_streams()
-    buffers = {k: mx.zeros((shape[0], shape[1], size, shape[3]), dtype, stream=streams[i % len(streams)])
-               for i, (k, (dtype, shape)) in enumerate(shapes.items())}
-    mx.eval(list(buffers.values()))
-    views = {k: host_view(a) for k, a in buffers.items()}
-    files, targets = [], []
-    for start, part in zip(_starts(parts), parts):
-        if isinstance(part, Block):
-            for k, a in part.arrays.items():
-                _place(views, k, start, host_view(a))
-        else:
-            files.append((start, part))
-            targets.append([memoryview(head).cast("B") for k, (dtype, shape, _, _) in part.layout.items()
-                            for head in _place(views, k, start, None, shape, dtype)])
-    problems = store.fill_blocks([f for _, f in files], targets)
-    failed = {start: problem for (start, _), problem in zip(files, problems) if problem}
-    n = min([*failed, sum(len(part.tokens) for part in parts)])
-    caches = []
-    for layer in range(n_layers):
-        c = KVCache()
-        c.keys, c.values, c.offset = buffers[f"layers.{layer}.keys"], buffers[f"layers.{layer}.values"], n
-        caches.append(c)
-    return caches, n, failed
-
-
-_local = threading.local()
-
-
-def _fill_streams() -> list[mx.Stream]:
-    """This thread's default CPU stream, and a second one where there is a second core (MLX's
-    streams belong to the thread that made them)."""
-    if not hasattr(_local, "streams"):
-        _local.streams = [mx.default_stream(mx.cpu)]
-        if (os.cpu_count() or 1) > 1:
-            _local.streams.append(mx.new_stream(mx.cpu))
-    return _local.streams
-
-
-def _starts(parts: list[Any]) -> list[int]:
-    """The token position where each part begins."""
-    starts, n = [], 0
-    for part in parts:
-        starts.append(n)
-        n += len(part.tokens)
-    return starts
-
-
-def _place(views: dict[str, np.ndarray], name: str, at: int, data: np.ndarray | None, shape: list[int] | None = None,
-           dtype: Any = None) -> list[np.ndarray]:
-    """Where a block's `name` goes in the working cache, from token `at`: `data` copied there,
-    or (data None) the per-head regions a file's data is read into, in its order. A block
-    that does not fit (other heads, head size or dtype) raises ValueError."""
-    target = views.get(name)
-    shape = list(data.shape) if data is not None else shape
-    itemsize = data.dtype.itemsize if data is not None else dtype.size
-    if target is None or len(shape) != 4 or shape[:2] != list(target.shape[:2]) or shape[3] != target.shape[3] \
-            or itemsize != target.dtype.itemsize or at + shape[2] > target.shape[2]:
-        raise ValueError(f"a block's {name} of shape {tuple(shape)} does not fit a cache of {target.shape if target is not None else 'no such array'}")
-    region = target[:, :, at : at + shape[2], :]
-    if data is not None:
-        region[...] = data
-        return []
-    return [region[b, h] for b in range(shape[0]) for h in range(shape[1])]
