@@ -26,6 +26,7 @@ import mlx.core as mx
 from report import RESULTS, header, pyplot, save
 
 from mcp_semantic.block_pool import BLOCK_TOKENS, Block, Storage, reconstruct
+from mcp_semantic.cache_kinds import Layout
 
 CASES = [
     # name, blocks, layers, kv_heads, head_dim, dtype
@@ -85,7 +86,8 @@ def main() -> None:
             mx.eval(out)
 
         def ours() -> None:
-            reconstruct(blocks, storage, layers)  # evaluates what it builds
+            n = n_blocks * BLOCK_TOKENS
+            reconstruct(Layout.full_attention(layers, heads, dim, dtype), storage, blocks, n, n, BLOCK_TOKENS)  # evaluated
 
         repeats = args.repeats if nbytes < 1e9 else max(3, args.repeats // 4)
         base, rec = timed(plain, repeats), timed(ours, repeats)

@@ -38,7 +38,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-from mcp_semantic.block_pool import Storage, cut_blocks, host_view, reconstruct
+from mcp_semantic.block_pool import Storage, array_names, cut_blocks, host_view, reconstruct
+from mcp_semantic.cache_kinds import Layout, probe
 from mcp_semantic.store import KVRecord, Store, host_block
 
 LLAMA_8B = dict(
@@ -88,16 +89,18 @@ def first_token(model, cache, follow: mx.array) -> int:
     return mx.argmax(logits[0, -1]).item()
 
 
-def load_blocks(store: Store, ids: list[str], storage: Storage, n_layers: int, room: int):
+def load_blocks(store: Store, ids: list[str], storage: Storage, layout: Layout, room: int):
     blocks = []
-    for block, problem in store.read_blocks(ids, storage, n_layers):
+    names = array_names(layout, storage)
+    for block, problem in store.read_blocks(ids, storage, names):
         if block is None:
             raise RuntimeError(problem)
         blocks.append(block)
-    return reconstruct(blocks, storage, n_layers, room)
+    n = sum(len(b.tokens) for b in blocks)
+    return reconstruct(layout, storage, blocks, n, n + room, BLOCK)
 
 
-def legacy_load(store: Store, ids: list[str], storage: Storage, n_layers: int, room: int):
+def legacy_load(store: Store, ids: list[str], storage: Storage, layout: Layout, room: int):
     """Block format 1's read: mx.load, then a CRC-32 per array on the host (checked, not compared)."""
     blocks = []
     for bid in ids:
@@ -107,11 +110,12 @@ def legacy_load(store: Store, ids: list[str], storage: Storage, n_layers: int, r
         for name in sorted(arrays):
             crc = zlib.crc32(memoryview(np.ascontiguousarray(host_view(arrays[name]))).cast("B"), crc)
         blocks.append(type("B", (), {"arrays": arrays, "tokens": [0] * arrays["layers.0.keys"].shape[2]})())
-    return reconstruct(blocks, storage, n_layers, room)
+    n = sum(len(b.tokens) for b in blocks)
+    return reconstruct(layout, storage, blocks, n, n + room, BLOCK)
 
 
 def run_context(model, n: int, args, root: Path) -> dict:
-    n_layers = len(model.layers)
+    layout = probe(model)
     vocab = model.args.vocab_size
     tokens = mx.random.randint(0, vocab, (n,))
     follow = mx.random.randint(0, vocab, (FOLLOW_UP,))
@@ -127,7 +131,7 @@ def run_context(model, n: int, args, root: Path) -> dict:
         storage = Storage("llama-3.1-8b-random", "bfloat16", bits)
         store_dir = root / f"kv{bits or 0}"
         store = Store(store_dir)
-        blocks = cut_blocks(cache, ids, storage, BLOCK)
+        blocks = cut_blocks(layout, cache, ids, storage, BLOCK)
         record = KVRecord([b.id for b in blocks], ids)
         start = time.perf_counter()
         store.commit_kv("a", record, [host_block(b) for b in blocks], storage)
@@ -137,8 +141,8 @@ def run_context(model, n: int, args, root: Path) -> dict:
         paths = [store.block_path(b) for b in record.blocks]
         loaders = {"store": load_blocks} | ({"legacy": legacy_load} if bits is None else {})
         for name, loader in loaders.items():
-            load_ms = median_ms(lambda: mx.eval([c.state for c in loader(store, record.blocks, storage, n_layers, room)]), args.repeats)
-            ttft_ms = median_ms(lambda: first_token(model, loader(store, record.blocks, storage, n_layers, room), follow), args.repeats)
+            load_ms = median_ms(lambda: mx.eval([c.state for c in loader(store, record.blocks, storage, layout, room)]), args.repeats)
+            ttft_ms = median_ms(lambda: first_token(model, loader(store, record.blocks, storage, layout, room), follow), args.repeats)
             key = ("lossless" if bits is None else str(bits)) + ("" if name == "store" else "-legacy")
             row["resume"][key] = {
                 "bytes": nbytes,
@@ -162,7 +166,7 @@ def run_context(model, n: int, args, root: Path) -> dict:
             one_thread = ThreadPoolExecutor(1)
             store._readers, eight = one_thread, store._readers
             row["store_load_gbps_1_thread"] = round(
-                nbytes / median_ms(lambda: mx.eval([c.state for c in load_blocks(store, record.blocks, storage, n_layers, room)]), args.repeats) / 1e6, 2
+                nbytes / median_ms(lambda: mx.eval([c.state for c in load_blocks(store, record.blocks, storage, layout, room)]), args.repeats) / 1e6, 2
             )
             store._readers = eight
             one_thread.shutdown()

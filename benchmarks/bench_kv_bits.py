@@ -28,7 +28,8 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from report import RESULTS, header, pyplot, save
 
-from mcp_semantic.block_pool import BLOCK_TOKENS, Storage, cut_blocks, reconstruct
+from mcp_semantic.block_pool import BLOCK_TOKENS, Storage, array_names, cut_blocks, reconstruct
+from mcp_semantic.cache_kinds import probe
 from mcp_semantic.models import load_model
 from mcp_semantic.settings import DEFAULT_MODEL
 from mcp_semantic.store import KVRecord, Store, host_block
@@ -74,13 +75,13 @@ def main() -> None:
         lm.model(mx.array(prompt[i : i + 512])[None], cache=cache)
         mx.eval([c.state for c in cache])
 
-    n_layers = len(cache)
+    layout = probe(lm.model)
     logprobs = {}
     rows = []
     for bits in MODES:
         name = mode_name(bits)
         storage = Storage(lm.fingerprint, lm.dtype, bits)
-        blocks = cut_blocks(cache, prompt, storage, BLOCK_TOKENS)
+        blocks = cut_blocks(layout, cache, prompt, storage, BLOCK_TOKENS)
         memory = sum(b.nbytes for b in blocks)  # as the pool holds them
         store = Store(work / name)  # a store of its own: the sizes on disk are this precision's only
         written = store.commit_kv("agent", KVRecord([b.id for b in blocks], prompt), [host_block(b) for b in blocks], storage)
@@ -90,10 +91,10 @@ def main() -> None:
         start = time.perf_counter()
         loaded = []
         for bid in store.kv_record("agent").blocks:
-            block, problem = store.read_block(bid, storage, n_layers)
+            block, problem = store.read_block(bid, storage, array_names(layout, storage))
             assert block is not None, problem
             loaded.append(block)
-        kv = reconstruct(loaded, storage, n_layers, room=len(follow))  # evaluated: the read is done
+        kv = reconstruct(layout, storage, loaded, len(prompt), len(prompt) + len(follow), BLOCK_TOKENS)  # evaluated: the read is done
         load_ms = (time.perf_counter() - start) * 1000
         store.close()
         per_slot = sum(c.keys.nbytes + c.values.nbytes for c in kv) / kv[0].keys.shape[2]  # the model's dtype

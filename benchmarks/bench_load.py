@@ -1,10 +1,11 @@
 """Cache load against a plain read: how close loading a saved agent's KV blocks comes to reading
 the same files' bytes.
 
-Loading is what `Caches.lookup` does for an agent whose blocks are all on disk, ready to run:
+Loading is `Caches.lookup` itself, for an agent whose blocks are all on disk, ready to run:
 on the CPU, without --kv-bits, `Store.open_blocks` (header checks) and `block_pool.read_into_cache`
 (the working cache made, each file's data read straight into it and checksummed); otherwise
-`Store.read_blocks` (into buffers of their own) and `block_pool.reconstruct`. The plain reads are `open(p, 'rb').read()` of each file, all kept until the last is read (new
+`Store.read_blocks` (into buffers of their own) and `block_pool.reconstruct`. The plain reads are
+`open(p, 'rb').read()` of each file, all kept until the last is read (new
 memory, as a load needs: on this VM fresh pages cost about as much as the copy), and `readinto`
 one reused buffer (no new memory: the ceiling).
 Both with a warm page cache (each is run once before it is timed), median of `runs`.
@@ -34,8 +35,10 @@ from mlx_lm.models.cache import KVCache
 
 from report import RESULTS, header, pyplot, save
 
-from mcp_semantic.block_pool import BLOCK_TOKENS, Storage, cut_blocks, read_into_cache, reconstruct
-from mcp_semantic.store import KVRecord, Store, host_block
+from mcp_semantic.block_pool import BLOCK_TOKENS, BlockPool, Storage, cut_blocks
+from mcp_semantic.cache_kinds import Layout
+from mcp_semantic.caches import Caches
+from mcp_semantic.store import Agent, KVRecord, Store, host_block
 
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M
 
@@ -51,42 +54,49 @@ def median_s(fn: Callable[[], object], runs: int) -> float:
     return statistics.median(times)
 
 
-def block_storage(path: Path) -> tuple[Storage, int]:
-    """The storage and layer count a block file was written for, from its header."""
+def block_storage(path: Path) -> tuple[Storage, Layout, int]:
+    """The storage, layout (full attention) and block size a block file of a plain model was
+    written for, from its header."""
     with open(path, "rb") as f:
         head = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     meta = head.pop("__metadata__")
     kv_bits = int(meta["kv_bits"]) or None
-    return Storage(meta["fingerprint"], meta["dtype"], kv_bits), len({k.split(".")[1] for k in head})
+    storage = Storage(meta["fingerprint"], meta["dtype"], kv_bits)
+    quantized = kv_bits in (8, 4)
+    keys = head["layers.0.keys.weight" if quantized else "layers.0.keys"]
+    head_dim = keys["shape"][3] * 32 // kv_bits if quantized else keys["shape"][3]  # uint32 words of kv_bits each
+    layers = len({k.split(".")[1] for k in head})
+    return storage, Layout.full_attention(layers, keys["shape"][1], head_dim, getattr(mx, meta["dtype"])), int(meta["n_tokens"])
 
 
-def measure_load(cache_dir: Path, agent: str, runs: int = 9, storage: Storage | None = None, n_layers: int | None = None) -> dict:
-    """Time loading `agent`'s saved blocks as `Caches.lookup` does against plain reads of the files.
+def measure_load(cache_dir: Path, agent: str, runs: int = 9, storage: Storage | None = None, layout: Layout | None = None,
+                 block_tokens: int = BLOCK_TOKENS) -> dict:
+    """Time loading `agent`'s saved blocks with `Caches.lookup` against plain reads of the files.
 
-    `storage` and `n_layers` default to what the first block file says (the server's model).
+    `storage` and `layout` default to what the first block file says (a plain model's).
     The store is opened on `cache_dir`: no server may be running on it.
     """
     store = Store(cache_dir)
+    caches = None
     try:
         record = store.kv_record(agent)
         if record is None:
             raise ValueError(f"agent {agent} has no saved KV cache in {cache_dir}")
         paths = [store.block_path(b) for b in record.blocks]
-        if storage is None or n_layers is None:
-            storage, n_layers = block_storage(paths[0])
+        if storage is None or layout is None:
+            storage, layout, block_tokens = block_storage(paths[0])
         nbytes = sum(p.stat().st_size for p in paths)
+        caches = Caches(layout, store, storage, block_tokens=block_tokens, memory_budget=0, agents={agent})
+        prompt = record.tokens + [0]  # the next prompt: the whole cache is reused
 
         def load() -> None:
-            """What Caches.lookup does for an agent whose blocks are all on disk."""
-            if storage.kv_bits is None and mx.default_device() == mx.cpu:  # read straight into the cache
-                files = store.open_blocks(record.blocks, storage, n_layers)
-                _, n, failed = read_into_cache(store, files, n_layers, -(-len(record.tokens) // BLOCK_TOKENS) * BLOCK_TOKENS)
-            else:  # into blocks, then one copy into the cache
-                blocks = [b for b, _ in store.read_blocks(record.blocks, storage, n_layers)]
-                failed = [] if all(blocks) else ["a block"]
-                reconstruct(blocks, storage, n_layers)
-            if failed:
-                raise RuntimeError(f"blocks failed to load: {failed}")
+            """Caches.lookup for an agent whose blocks are all on disk."""
+            caches.pool = BlockPool()  # nothing in memory
+            warnings: list[str] = []
+            tier, cache, n = caches.lookup(Agent(agent, tokens=record.tokens), prompt, 1, warnings)
+            mx.eval([c.state for c in cache])
+            if tier != "disk" or n != len(record.tokens):
+                raise RuntimeError(f"blocks failed to load: {tier}, {n} tokens, {warnings}")
 
         def read() -> None:
             kept = []  # as a load keeps its data: in new memory, all of it at once
@@ -103,6 +113,8 @@ def measure_load(cache_dir: Path, agent: str, runs: int = 9, storage: Storage | 
 
         load_s, read_s, readinto_s = median_s(load, runs), median_s(read, runs), median_s(readinto, runs)
     finally:
+        if caches is not None:
+            caches.close()
         store.close()
     gbps = lambda s: round(nbytes / s / 1e9, 3)  # noqa: E731
     return {
@@ -130,7 +142,7 @@ def save_agent(cache_dir: Path, agent: str, tokens: int, storage: Storage) -> No
         c.update_and_fetch(mx.random.normal(shape), mx.random.normal(shape))
         cache.append(c)
     ids = list(range(tokens))
-    blocks = cut_blocks(cache, ids, storage, BLOCK_TOKENS)
+    blocks = cut_blocks(Layout.full_attention(LAYERS, KV_HEADS, HEAD_DIM), cache, ids, storage, BLOCK_TOKENS)
     store = Store(cache_dir)
     try:
         store.commit_kv(agent, KVRecord([b.id for b in blocks], ids), [host_block(b) for b in blocks], storage)
@@ -164,7 +176,7 @@ def main() -> None:
     storage = Storage("smollm2-135m-shape", "float32")
     save_agent(cache_dir, "doc", args.tokens, storage)
     result = {**header("load"), "cpus": os.cpu_count(), "load_average": os.getloadavg()[0]}
-    result.update(measure_load(cache_dir, "doc", args.runs, storage, LAYERS))
+    result.update(measure_load(cache_dir, "doc", args.runs, storage, Layout.full_attention(LAYERS, KV_HEADS, HEAD_DIM)))
     stem = save(result, args.out, plot)
     print(f"{result['tokens']} tokens, {result['blocks']} blocks, {result['bytes'] / 1e6:.1f} MB, median of {args.runs}")
     for name in ("load", "read", "readinto"):

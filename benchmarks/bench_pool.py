@@ -36,6 +36,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from report import RESULTS, header, pyplot, save
 
 from mcp_semantic.block_pool import Storage, cut_blocks
+from mcp_semantic.cache_kinds import Layout
 from mcp_semantic.engine import AskRequest, Engine
 from mcp_semantic.models import LoadedModel
 from mcp_semantic.server import load, open_engine
@@ -92,7 +93,7 @@ def write_source(store: Store, lm: LoadedModel, storage: Storage, block_tokens: 
     for c in cache:
         shape = (1, KV_HEADS, n, HEAD_DIM)
         c.update_and_fetch(mx.random.normal(shape), mx.random.normal(shape))
-    blocks = cut_blocks(cache, tokens, storage, block_tokens)
+    blocks = cut_blocks(Layout.full_attention(len(cache), KV_HEADS, HEAD_DIM), cache, tokens, storage, block_tokens)
     store.save_agent(Agent(name, messages=[{"role": "user", "content": lm.tokenizer.decode(tokens)}], tokens=tokens))
     store.commit_kv(name, KVRecord([b.id for b in blocks], tokens), [host_block(b) for b in blocks], storage)
 

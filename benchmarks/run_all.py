@@ -38,6 +38,7 @@ from peers import LlamaCpp, MlxPlain, MlxServer, Ours, Turn, dir_bytes, rss_byte
 from report import RESULTS, header, pyplot, save
 
 from mcp_semantic import blas
+from mcp_semantic.cache_kinds import probe
 from mcp_semantic.models import default_gguf_path
 from mcp_semantic.server import load
 from mcp_semantic.settings import DEFAULT_MODEL, Settings
@@ -289,7 +290,7 @@ def persistence(f: Factory, modes: list[str], tokens: int, runs: int, bar: tqdm)
         finally:
             system.close()  # the store must be closed before measure_load opens it
         storage = Storage(f.lm.fingerprint, f.lm.dtype, None if bits == "lossless" else int(bits))
-        load = (measure_load(system.settings.cache_dir, "p", runs=runs, storage=storage, n_layers=len(f.lm.model.layers))
+        load = (measure_load(system.settings.cache_dir, "p", runs=runs, storage=storage, layout=probe(f.lm.model))
                 if measure_load else {"available": False, "why": why})
         rows.append({"kv_bits": bits, "tokens": info.tokens, "disk_bytes": info.disk_bytes, "memory_bytes": info.memory_bytes,
                      "disk_bytes_per_token": info.disk_bytes / info.tokens, "load": load})

@@ -1,7 +1,10 @@
 """The decode batch: calls to different agents generating together, one model pass per token.
 
-Each layer's cache is mlx-lm's BatchKVCache (rows left-padded to a common length, with the
-masks that keep each row to its own tokens), so a row's tokens are the ones it would get alone.
+Each layer's cache takes its batched form (cache_kinds.to_batch): mlx-lm's BatchKVCache for full
+attention (rows left-padded to a common length, with the masks that keep each row to its own
+tokens), BatchWindowCache for sliding windows, and ArraysCache, whose rows are its first axis,
+for recurrent state; so a row's tokens are the ones it would get alone. A model with chunked
+attention decodes one call at a time (cache_kinds.py says why).
 
 Why not mlx-lm's BatchGenerator, which this replaced: a call joining it passes through its
 prompt-processing batch, so its cache is copied three times (merged, deep-copied when split
@@ -18,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache, KVCache
+
+from mcp_semantic.cache_kinds import Layout, row_of, to_batch
 
 Sampler = Callable[[mx.array], mx.array]
 
@@ -33,33 +37,32 @@ class Row:
     max_tokens: int
     stop: set[int]
     tokens: list[int]  # those its cache holds
+    checkpoints: dict[int, Any] = field(default_factory=dict)  # recurrent states at block ends (caches.py)
     generated: int = 1  # `token` is generated already
     finish: str | None = None
-    cache: list[KVCache] | None = None  # once removed: its cache, as views of the batch's arrays
+    cache: list[Any] | None = None  # once removed: its cache, as views of the batch's arrays
 
 
 @dataclass
 class DecodeBatch:
     model: Any
+    layout: Layout
+    block_tokens: int  # with recurrent layers, a row's states are kept where its blocks end
     rows: list[Row] = field(default_factory=list)
-    cache: list[BatchKVCache] = field(default_factory=list)
+    cache: list[Any] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, row: Row, cache: list[KVCache]) -> None:
+    def add(self, row: Row, cache: list[Any]) -> None:
         """Join with a call's cache (which holds `row.tokens`; `row.token` is not in it yet)."""
-        n = cache[0].offset
-        joined = []
-        for c in cache:  # a one-row BatchKVCache over the call's arrays, spare room and all, no copy
-            b = BatchKVCache([0])
-            b.keys, b.values = c.keys, c.values
-            b.offset, b._idx = mx.array([n]), n
-            joined.append(b)
-        if not self.rows:
-            self.cache = joined
+        if not self.layout.batchable:  # one call at a time: its own cache is the batch's
+            assert not self.rows, "a model without a batched cache decodes one call at a time"
+            self.cache = cache
+        elif not self.rows:
+            self.cache = to_batch(self.layout, cache)
         else:
-            for mine, theirs in zip(self.cache, joined):
+            for mine, theirs in zip(self.cache, to_batch(self.layout, cache)):
                 mine.extend(theirs)
         self.rows.append(row)
 
@@ -75,8 +78,10 @@ class DecodeBatch:
         else:
             sampled = mx.concatenate([s(logprobs[i : i + 1]) for i, s in enumerate(samplers)])
         stepped = list(zip(self.rows, sampled.tolist()))
-        for r, token in stepped:
+        for i, (r, token) in enumerate(stepped):
             r.tokens.append(r.token)
+            if self.layout.recurrent and len(r.tokens) % self.block_tokens == 0:
+                r.checkpoints[len(r.tokens)] = self.layout.states(self.cache, i if self.layout.batchable else None)
             r.generated += 1
             r.token = token
             if token in r.stop:
@@ -88,17 +93,11 @@ class DecodeBatch:
             self.remove(done)
         return stepped
 
-    def row_cache(self, row: Row) -> list[KVCache]:
+    def row_cache(self, row: Row) -> list[Any]:
         """The call's cache as views of the batch's arrays (valid until the batch changes)."""
-        i = self.rows.index(row)
-        pad = self.cache[0].left_padding[i].item()
-        end = self.cache[0]._idx
-        out = []
-        for b in self.cache:
-            c = KVCache()
-            c.keys, c.values, c.offset = b.keys[i : i + 1, :, pad:end], b.values[i : i + 1, :, pad:end], end - pad
-            out.append(c)
-        return out
+        if not self.layout.batchable:
+            return self.cache
+        return row_of(self.layout, self.cache, self.rows.index(row), len(row.tokens))
 
     def remove(self, rows: list[Row]) -> None:
         """Leave the batch; each removed row keeps a view of its cache in `row.cache`."""
@@ -110,4 +109,4 @@ class DecodeBatch:
             self.cache = []
             return
         for b in self.cache:
-            b.filter(keep)
+            b.filter(keep)  # BatchKVCache, ArraysCache and CacheList each filter their rows

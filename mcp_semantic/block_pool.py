@@ -1,24 +1,29 @@
 """KV blocks: fixed-size token blocks named by their content, the pool that holds them in
-memory, and the contiguous cache built from them.
+memory, and the working cache built from them.
 
-An agent's KV cache is a list of blocks of `block_tokens` tokens (the last one may be partial).
+An agent's cache is a list of blocks of `block_tokens` tokens (the last one may be partial).
 A block's id hashes its parent block's id, its token ids and the storage key (the model
 fingerprint and the precision the block is stored at), so an id names a whole prefix, as in
 vLLM's prefix caching: two agents whose histories start with the same tokens get the same ids
-for those blocks and share them, in memory and on disk (see store.py).
+for those blocks and share them, in memory and on disk (see store.py). What a block holds for
+each kind of layer (full attention, sliding window, chunked attention, recurrent state) is in
+cache_kinds.py.
 
 Why not mlx-lm's cache classes for the blocks themselves: KVCache and QuantizedKVCache hold
 one growing buffer per layer, the shape the model needs while it runs, and `save_prompt_cache`
 writes that whole buffer. A block is a fixed slice shared by many caches, so the pool keeps
-plain arrays and builds a KVCache (mlx-lm's, unchanged) for each call. At --kv-bits 8 or 4
-the blocks stay quantized in memory and on disk, but the working cache is dequantized to the
-model's dtype rather than made a QuantizedKVCache: on a CPU, quantized matmuls run 30 to 80
+plain arrays and builds a working cache (cache_kinds.py) for each call. At --kv-bits 8 or 4
+the blocks' K/V stay quantized in memory and on disk, but the working cache is dequantized to
+the model's dtype rather than made a QuantizedKVCache: on a CPU, quantized matmuls run 30 to 80
 times slower than float32 ones, and attention over a long context would pay that every token.
+Recurrent states are kept as the model computes them at every --kv-bits: they are a few
+arrays per block, and an error in one carries into every later token.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import threading
 from collections import Counter, OrderedDict
@@ -27,7 +32,9 @@ from typing import Any, Iterable, Iterator
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import ArraysCache, KVCache
+
+from mcp_semantic.cache_kinds import ChunkCache, Layout, Leaf, WindowCache, span_start
 
 BLOCK_TOKENS = 256
 
@@ -49,6 +56,11 @@ class Storage:
     def key(self) -> str:
         """What a block's id depends on besides its tokens: another model or precision, other ids."""
         return f"{self.fingerprint}|{self.dtype}|kv{self.kv_bits or 0}"
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        """How one layer's keys or values are named in a block: as is, or quantized in three parts."""
+        return (".weight", ".scales", ".biases") if self.kv_bits in (8, 4) else ("",)
 
     def encode(self, a: mx.array) -> dict[str, mx.array]:
         """One layer's keys or values as stored (always a new array: a block owns its memory)."""
@@ -105,8 +117,12 @@ def block_ids(tokens: list[int], key: str, block_tokens: int = BLOCK_TOKENS) -> 
 
 @dataclass(eq=False)
 class Block:
-    """One block: its id, parent, token ids, and every layer's keys and values as stored,
-    named as in its file: `layers.<i>.keys` (or `.weight`, `.scales`, `.biases` when quantized)."""
+    """One block: its id, parent, token ids, and its arrays as stored, named as in its file:
+    `<leaf>.keys` and `<leaf>.values` of every attention layer (or their `.weight`, `.scales`,
+    `.biases` when quantized), `<leaf>.state.<j>` of every recurrent one (cache_kinds.py).
+
+    A block read from disk for one call may hold only the arrays that call needed (the K/V of a
+    window's last blocks, the state of the last block): its file has the rest."""
 
     id: str
     parent: str
@@ -118,69 +134,128 @@ class Block:
         return sum(a.nbytes for a in self.arrays.values())
 
 
+def block_names(layout: Layout, storage: Storage) -> dict[str, list[str]]:
+    """Per leaf, the names of the arrays a whole block holds for it."""
+    names = {}
+    for leaf in layout.leaves:
+        if leaf.attention:
+            names[leaf.name] = [f"{leaf.name}.{kind}{suffix}" for kind in ("keys", "values") for suffix in storage.suffixes]
+        else:
+            names[leaf.name] = [n for n in layout.shapes if n.startswith(f"{leaf.name}.state.")]
+    return names
+
+
+def array_names(layout: Layout, storage: Storage) -> set[str]:
+    """Every array a whole block holds: what a block file is checked against."""
+    return {n for names in block_names(layout, storage).values() for n in names}
+
+
+def wanted_leaves(layout: Layout, ends: list[int], reuse: int, block_tokens: int) -> list[list[Leaf]]:
+    """Which leaves each of the blocks ending at `ends` must give a working cache of `reuse`
+    tokens: all of them full attention, those from a window's or chunk's span start the rest,
+    and the block ending at `reuse` the states."""
+    out: list[list[Leaf]] = [[] for _ in ends]
+    for leaf in layout.leaves:
+        first = span_start(leaf, reuse, block_tokens)
+        for j, end in enumerate(ends):
+            if (end == reuse) if leaf.kind == "state" else end > first:
+                out[j].append(leaf)
+    return out
+
+
 def cut_blocks(
+    layout: Layout,
     cache: list[Any],
     tokens: list[int],
     storage: Storage,
     block_tokens: int,
+    checkpoints: dict[int, list[list[mx.array | None]]] | None = None,
     skip: Iterable[str] = (),
     evaluate: bool = True,
 ) -> list[Block]:
-    """The blocks of a cache holding `tokens`, copied out of it, except the ids in `skip`.
+    """The blocks of a working cache holding `tokens`, copied out of it, except the ids in `skip`.
 
+    `checkpoints`: by token count, the states of the recurrent leaves then (cache_kinds
+    Layout.states). A block whose tokens a window's cache no longer holds, or whose end has no
+    checkpoint, is cut with the arrays there are: such a block came from disk, which has the rest.
     The engine passes the blocks it already holds as `skip`: a turn copies only its new tokens.
     With `evaluate` False the copies are left to MLX's lazy evaluation: they are made when the
     blocks are first used (saved, or built into a cache), not while other calls wait for their
     next token; the cache's arrays must not change until then.
     """
-    skip = set(skip)
+    skip, checkpoints = set(skip), checkpoints or {}
+    leaves = layout.flatten(cache)
     ids = chain_ids(tokens, storage.key, block_tokens)
     blocks = []
     for i, bid in enumerate(ids):
         if bid in skip:
             continue
         start, end = i * block_tokens, min((i + 1) * block_tokens, len(tokens))
-        arrays = {}
-        for layer, c in enumerate(cache):
+        arrays, states = {}, iter(checkpoints.get(end) or ())
+        for leaf, c in zip(layout.leaves, leaves):
+            if leaf.kind == "state":
+                for j, a in enumerate(next(states, ())):
+                    if a is not None:
+                        arrays[f"{leaf.name}.state.{j}"] = mx.contiguous(a)
+                continue
+            first = getattr(c, "first", 0)
+            if start < first:
+                continue
             for kind, a in (("keys", c.keys), ("values", c.values)):
-                for suffix, part in storage.encode(a[..., start:end, :]).items():
-                    arrays[f"layers.{layer}.{kind}{suffix}"] = part
+                for suffix, part in storage.encode(a[..., start - first : end - first, :]).items():
+                    arrays[f"{leaf.name}.{kind}{suffix}"] = part
         blocks.append(Block(bid, ids[i - 1] if i else "", tokens[start:end], arrays))
     if evaluate:
         mx.eval([a for b in blocks for a in b.arrays.values()])
     return blocks
 
 
-def reconstruct(blocks: list[Block], storage: Storage, n_layers: int, room: int = 0) -> list[KVCache]:
-    """One contiguous KVCache per layer from `blocks`, with `room` spare slots for the new tokens.
+def reconstruct(layout: Layout, storage: Storage, blocks: list[Block], reuse: int, size: int,
+                block_tokens: int) -> list[Any]:
+    """A working cache holding the first `reuse` tokens of `blocks`, with room up to `size`
+    tokens, built with MLX (any device, any --kv-bits): per leaf one concatenation of the
+    blocks it needs (wanted_leaves) and the room, each byte written once.
 
     Why not KVCache.update_and_fetch block by block: it grows its buffer in steps and copies the
     whole prefix each time; one copy per layer writes every byte once, and the room lets the
     call's prompt and reply go in place. On the CPU, blocks stored at the model's dtype are
-    copied by numpy (read_into_cache).
+    copied by numpy instead (read_into_cache).
     """
-    dtype = getattr(mx, storage.dtype)
-    if mx.default_device() == mx.cpu and (len(blocks) > 1 or room) and all(
-            a.dtype == dtype for b in blocks for a in b.arrays.values()):
-        return read_into_cache(None, blocks, n_layers, sum(len(b.tokens) for b in blocks) + room)[0]
-    caches = []
-    for layer in range(n_layers):
-        c = KVCache()
-        parts = {}
+    ends = list(itertools.accumulate(len(b.tokens) for b in blocks))
+    out = []
+    for leaf in layout.leaves:
+        if leaf.kind == "state":
+            c = ArraysCache(leaf.size)
+            last = blocks[-1].arrays if ends[-1] == reuse else {}
+            c.cache = [last.get(f"{leaf.name}.state.{j}") for j in range(leaf.size)]
+            if any(f"{leaf.name}.state.{j}" in layout.shapes and a is None for j, a in enumerate(c.cache)):
+                raise ValueError(f"no block holds the state of {leaf.name} after {reuse} tokens")
+            out.append(c)
+            continue
+        first = span_start(leaf, reuse, block_tokens)
+        parts = [b for b, end in zip(blocks, ends) if end > first]
+        kv = []
         for kind in ("keys", "values"):
-            name = f"layers.{layer}.{kind}"
-            arrays = [storage.decode(b.arrays, name) for b in blocks]
-            if room:
-                shape = list(arrays[-1].shape)
-                shape[2] = room
-                arrays.append(mx.zeros(shape, arrays[-1].dtype))
-            # One block without room is used without a copy, through a new array object: KVCache
-            # writes into its arrays in place (`keys[...] = new`), which must not reach the block.
-            parts[kind] = mx.concatenate(arrays, axis=2) if len(arrays) > 1 else arrays[0][:]
-        c.keys, c.values, c.offset = parts["keys"], parts["values"], sum(len(b.tokens) for b in blocks)
-        caches.append(c)
-    mx.eval([(c.keys, c.values) for c in caches])
-    return caches
+            arrays = [storage.decode(b.arrays, f"{leaf.name}.{kind}") for b in parts]
+            shape, _ = layout.shapes[f"{leaf.name}.{kind}"]
+            for a in arrays:
+                if a.shape[:2] != shape[:2] or a.shape[3] != shape[3]:
+                    raise ValueError(f"a block's {leaf.name}.{kind} of shape {a.shape} does not fit {shape}")
+            arrays.append(mx.zeros((1, shape[1], size - first - sum(a.shape[2] for a in arrays), shape[3]), arrays[0].dtype))
+            kv.append(mx.concatenate(arrays, axis=2))
+        out.append(_working(leaf, kv[0], kv[1], reuse, first))
+    mx.eval([c.state for c in out])
+    return layout.nest(out)
+
+
+def _working(leaf: Leaf, keys: mx.array, values: mx.array, offset: int, first: int) -> Any:
+    """An attention leaf's working cache over `keys` and `values` (tokens from `first`)."""
+    if leaf.kind == "kv":
+        c = KVCache()
+        c.keys, c.values, c.offset = keys, values, offset
+        return c
+    cls = WindowCache if leaf.kind == "window" else ChunkCache
+    return cls(leaf.size, keys, values, offset, first)
 
 
 def host_view(a: mx.array) -> np.ndarray:
@@ -188,44 +263,57 @@ def host_view(a: mx.array) -> np.ndarray:
     return np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a, copy=False)
 
 
-def read_into_cache(store: Any, parts: list[Any], n_layers: int, size: int) -> tuple[list[KVCache], int, dict[int, str]]:
-    """A working cache of `size` slots per layer holding `parts` one after another, built on the
-    host (CPU): blocks (copied in by numpy, about twice as fast as MLX's strided copy here) and
-    block files from `Store.open_blocks` (their data read straight in by `store.fill_blocks`,
-    checksummed). Returns the cache, the tokens it holds (up to the first file that failed) and,
-    by token position, why each failed file could not be used."""
+def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[list[Leaf]], reuse: int, size: int,
+                    block_tokens: int, names: dict[str, list[str]]) -> tuple[list[Any], dict[int, str]]:
+    """A working cache of `reuse` tokens with room up to `size`, built on the host (CPU) from
+    `parts`, one after another, each giving its `wanted` leaves: blocks (copied in by numpy, about
+    twice as fast as MLX's strided copy here) and block files from `Store.open_blocks` (their
+    arrays read straight in by `store.fill_blocks`, checksummed). Returns the cache and, by the
+    token where it begins, why each file that failed could not be used."""
     mx.eval([a for part in parts if isinstance(part, Block) for a in part.arrays.values()])  # cut lazily, maybe
-    first = parts[0]
-    shapes = {k: (a.dtype, a.shape) for k, a in first.arrays.items()} if isinstance(first, Block) else {
-        k: (dtype, shape) for k, (dtype, shape, _, _) in first.layout.items()}
+    firsts = {leaf.name: span_start(leaf, reuse, block_tokens) for leaf in layout.leaves}
     # Fresh memory is filled at about 2.5 GB/s by one thread here (page faults): two streams,
     # each a thread of its own, fill half the buffers each.
     streams = _fill_streams()
-    buffers = {k: mx.zeros((shape[0], shape[1], size, shape[3]), dtype, stream=streams[i % len(streams)])
-               for i, (k, (dtype, shape)) in enumerate(shapes.items())}
+    buffers = {}
+    for leaf in layout.leaves:
+        for name in names[leaf.name]:
+            shape, dtype = layout.shapes[name]
+            if leaf.attention:
+                shape = (1, shape[1], size - firsts[leaf.name], shape[3])
+            buffers[name] = mx.zeros(shape, dtype, stream=streams[len(buffers) % len(streams)])
     mx.eval(list(buffers.values()))
     views = {k: host_view(a) for k, a in buffers.items()}
     files, targets = [], []
-    for start, part in zip(starts(parts), parts):
-        names = part.arrays if isinstance(part, Block) else part.layout
-        if names.keys() != views.keys():
-            raise ValueError(f"a block holds {sorted(names)}, the cache {sorted(views)}")
-        if isinstance(part, Block):
-            for k, a in part.arrays.items():
-                _place(views, k, start, host_view(a))
-        else:
+    for start, part, leaves in zip(starts(parts), parts, wanted):
+        heads: list[tuple[str, list[memoryview]]] = []
+        for leaf in leaves:
+            at = start - firsts[leaf.name]
+            for name in names[leaf.name]:
+                if isinstance(part, Block):
+                    if name not in part.arrays:
+                        raise ValueError(f"block {part.id} lacks {name}")
+                    _place(views, name, at, host_view(part.arrays[name]), leaf.attention)
+                else:
+                    if name not in part.layout:
+                        raise ValueError(f"block file {part.path.name} lacks {name}")
+                    dtype, shape, _, _ = part.layout[name]
+                    regions = _place(views, name, at, None, leaf.attention, shape, dtype)
+                    heads.append((name, [memoryview(r).cast("B") for r in regions]))
+        if not isinstance(part, Block):
             files.append((start, part))
-            targets.append([memoryview(head).cast("B") for k, (dtype, shape, _, _) in part.layout.items()
-                            for head in _place(views, k, start, None, shape, dtype)])
+            targets.append(heads)
     problems = store.fill_blocks([f for _, f in files], targets) if files else []
     failed = {start: problem for (start, _), problem in zip(files, problems) if problem}
-    n = min([*failed, sum(len(part.tokens) for part in parts)])
-    caches = []
-    for layer in range(n_layers):
-        c = KVCache()
-        c.keys, c.values, c.offset = buffers[f"layers.{layer}.keys"], buffers[f"layers.{layer}.values"], n
-        caches.append(c)
-    return caches, n, failed
+    out = []
+    for leaf in layout.leaves:
+        if leaf.kind == "state":
+            c = ArraysCache(leaf.size)
+            c.cache = [buffers.get(f"{leaf.name}.state.{j}") for j in range(leaf.size)]
+            out.append(c)
+        else:
+            out.append(_working(leaf, buffers[f"{leaf.name}.keys"], buffers[f"{leaf.name}.values"], reuse, firsts[leaf.name]))
+    return layout.nest(out), failed
 
 
 _local = threading.local()
@@ -250,22 +338,27 @@ def starts(parts: list[Any]) -> list[int]:
     return starts
 
 
-def _place(views: dict[str, np.ndarray], name: str, at: int, data: np.ndarray | None, shape: list[int] | None = None,
-           dtype: Any = None) -> list[np.ndarray]:
-    """Where a block's `name` goes in the working cache, from token `at`: `data` copied there,
-    or (data None) the per-head regions a file's data is read into, in its order. A block
-    that does not fit (other heads, head size or dtype) raises ValueError."""
-    target = views.get(name)
-    shape = list(data.shape) if data is not None else shape
+def _place(views: dict[str, np.ndarray], name: str, at: int, data: np.ndarray | None, per_token: bool,
+           shape: list[int] | None = None, dtype: Any = None) -> list[np.ndarray]:
+    """Where a block's array `name` goes in the working cache: for K/V (`per_token`) from token
+    `at`, for a state the whole of it; `data` is copied there, or (data None) the regions a
+    file's data is read into are returned, in its order (per head for K/V). An array that does
+    not fit (other heads, head size, state shape or dtype) raises ValueError."""
+    target = views[name]
+    shape = list(data.shape) if data is not None else list(shape)
     itemsize = data.dtype.itemsize if data is not None else dtype.size
-    if target is None or len(shape) != 4 or shape[:2] != list(target.shape[:2]) or shape[3] != target.shape[3] \
-            or itemsize != target.dtype.itemsize or at + shape[2] > target.shape[2]:
-        raise ValueError(f"a block's {name} of shape {tuple(shape)} does not fit a cache of {target.shape if target is not None else 'no such array'}")
-    region = target[:, :, at : at + shape[2], :]
+    if per_token:
+        fits = len(shape) == 4 and shape[:2] == list(target.shape[:2]) and shape[3] == target.shape[3] \
+            and 0 <= at and at + shape[2] <= target.shape[2]
+        region = target[:, :, at : at + shape[2], :] if fits else None
+    else:
+        fits, region = shape == list(target.shape), target
+    if not fits or itemsize != target.dtype.itemsize:
+        raise ValueError(f"a block's {name} of shape {tuple(shape)} does not fit a cache of {target.shape}")
     if data is not None:
         region[...] = data
         return []
-    return [region[b, h] for b in range(shape[0]) for h in range(shape[1])]
+    return [region[b, h] for b in range(shape[0]) for h in range(shape[1])] if per_token else [region]
 
 
 class BlockPool:
@@ -296,9 +389,15 @@ class BlockPool:
         return self._blocks.get(bid)
 
     def add(self, block: Block) -> None:
-        if block.id not in self._blocks:
+        """Hold `block`; for one held already, add the arrays it lacked (see Block)."""
+        held = self._blocks.get(block.id)
+        if held is None:
             self.nbytes += block.nbytes
-        self._blocks[block.id] = block
+            self._blocks[block.id] = block
+        elif held is not block:
+            new = {k: a for k, a in block.arrays.items() if k not in held.arrays}
+            held.arrays.update(new)
+            self.nbytes += sum(a.nbytes for a in new.values())
         self._blocks.move_to_end(block.id)
 
     def drop(self, bid: str) -> int:

@@ -22,27 +22,46 @@ thread runs in order.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 from collections import Counter
 from functools import partial
 from typing import Any, Callable, Literal
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.utils import common_prefix_len
 
-from mcp_semantic.block_pool import Block, BlockPool, Storage, block_ids, chain_ids, cut_blocks, read_into_cache, reconstruct, starts
+from mcp_semantic.block_pool import (
+    Block,
+    BlockPool,
+    Storage,
+    block_ids,
+    array_names,
+    block_names,
+    chain_ids,
+    cut_blocks,
+    read_into_cache,
+    reconstruct,
+    starts,
+    wanted_leaves,
+)
+from mcp_semantic.cache_kinds import Layout
 from mcp_semantic.store import Agent, KVRecord, Store, Writer, host_block
 
 log = logging.getLogger(__name__)
 
 Tier = Literal["new", "hot", "disk"]
 SETTLE_GROUP = 2  # blocks copied at a time when idle: 2 of the default model's are 24 MB
+Checkpoints = dict[int, list[list[Any]]]  # token count -> the recurrent leaves' states then (Layout.states)
 
 
 class Caches:
-    def __init__(self, model: Any, store: Store, storage: Storage, *, block_tokens: int, memory_budget: int, agents: set[str]):
-        self.model = model
+    def __init__(self, layout: Layout, store: Store, storage: Storage, *, block_tokens: int, memory_budget: int,
+                 agents: set[str]):
+        self.layout = layout
+        self.names = block_names(layout, storage)  # per leaf, the arrays a whole block holds for it
+        self.all_names = array_names(layout, storage)
         self.store = store
         self.storage = storage
         self.block_tokens = block_tokens
@@ -60,9 +79,8 @@ class Caches:
             self.pool.hold([], record.blocks)
         self.unsaved: set[str] = set()
         self.unsettled: list[Block] = []  # blocks cut lazily, not copied yet: see settle
-        template = make_prompt_cache(model)
-        self.n_layers = len(template)
-        self.blocks_ok = all(type(c) is KVCache for c in template)  # other kinds are not cut into blocks yet
+        # blocks stored as computed, on the CPU: read straight into the working cache (_build_on_host)
+        self.on_host = storage.kv_bits is None and mx.default_device() == mx.cpu
         self.writer = Writer()
 
     def close(self) -> None:
@@ -84,7 +102,8 @@ class Caches:
         record = self.records.get(name)
         if record is None:
             return
-        new = [b for bid in record.blocks if not self.store.has_block(bid) and (b := self.pool.peek(bid)) is not None]
+        new = [b for bid in record.blocks if not self.store.has_block(bid) and (b := self.pool.peek(bid)) is not None
+               and self.whole(b)]
         mx.eval([a for b in new for a in b.arrays.values()])  # blocks cut lazily are copied now
         blocks = [host_block(b) for b in new]
         self.writer.put(name, partial(self.store.commit_kv, name, record, blocks, self.storage))
@@ -116,19 +135,36 @@ class Caches:
 
     # an agent's cache
 
-    def remember(self, name: str, cache: list[Any], tokens: list[int]) -> None:
-        """After a call: the agent's blocks are those of `tokens`; copy the new ones into the pool."""
-        if self.blocks_ok:
-            ids = chain_ids(tokens, self.storage.key, self.block_tokens)
-            # lazily: the copies are made when the blocks are saved or used, not in a decode step's time
-            skip = [b for b in ids if b in self.pool]
-            for block in cut_blocks(cache, tokens, self.storage, self.block_tokens, skip=skip, evaluate=False):
-                self.pool.add(block)
-                self.unsettled.append(block)
-            old = self.records.get(name)
-            self.pool.hold(old.blocks if old else [], ids)
-            self.records[name] = KVRecord(ids, tokens)
-            self.unsaved.add(name)
+    def whole(self, block: Block) -> bool:
+        """Whether the block holds every array (one read from disk for a call may not: Block)."""
+        return len(block.arrays) == len(self.all_names)
+
+    def remember(self, name: str, cache: list[Any], tokens: list[int], checkpoints: Checkpoints) -> None:
+        """After a call: the agent's blocks are those of `tokens` (`cache` holds them, and
+        `checkpoints` the recurrent states at block ends); copy the new ones into the pool."""
+        if self.layout.recurrent:
+            checkpoints = {**checkpoints, len(tokens): self.layout.states(cache)}
+        ids = self._cut(cache, tokens, checkpoints)
+        old = self.records.get(name)
+        self.pool.hold(old.blocks if old else [], ids)
+        self.records[name] = KVRecord(ids, tokens[: len(ids) * self.block_tokens])
+        self.unsaved.add(name)
+
+    def _cut(self, cache: list[Any], tokens: list[int], checkpoints: Checkpoints) -> list[str]:
+        """Copy the blocks of `tokens` the pool lacks out of `cache` into it (lazily: the copies are
+        made when the blocks are saved or used, not in a decode step's time); returns the ids of the
+        blocks there are, which stop before a block that neither memory nor disk has whole."""
+        ids = chain_ids(tokens, self.storage.key, self.block_tokens)
+        skip = [b for b in ids if b in self.pool]
+        cut = cut_blocks(self.layout, cache, tokens, self.storage, self.block_tokens, checkpoints, skip, evaluate=False)
+        for i, block in zip([ids.index(b.id) for b in cut], cut):
+            if not self.whole(block) and not self.store.has_block(block.id):
+                log.warning("KV block %s is neither whole in memory nor on disk; the cache ends before it", block.id)
+                ids = ids[:i]
+                break
+            self.pool.add(block)
+            self.unsettled.append(block)
+        return ids
 
     def settle(self, stop: Callable[[], bool] = lambda: False) -> None:
         """Make the copies of the blocks cut lazily: the engine calls this when no call is
@@ -139,17 +175,11 @@ class Caches:
             group, self.unsettled = self.unsettled[:SETTLE_GROUP], self.unsettled[SETTLE_GROUP:]
             mx.eval([a for b in group for a in b.arrays.values()])
 
-    def share_prompt(self, cache: list[Any], prompt: list[int]) -> None:
+    def share_prompt(self, cache: list[Any], prompt: list[int], checkpoints: Checkpoints) -> None:
         """Once a prompt is read, its full blocks go into the pool (held by no agent yet, so the
         least recently used go first), for calls that start the same way before this one ends."""
-        if not self.blocks_ok:
-            return
-        ids = block_ids(prompt, self.storage.key, self.block_tokens)
-        full = prompt[: len(ids) * self.block_tokens]
-        skip = [b for b in ids if b in self.pool]
-        for block in cut_blocks(cache, full, self.storage, self.block_tokens, skip=skip, evaluate=False):
-            self.pool.add(block)
-            self.unsettled.append(block)
+        full = prompt[: len(prompt) // self.block_tokens * self.block_tokens]
+        self._cut(cache, full, checkpoints)
         self.enforce_budget()
 
     def forget(self, name: str) -> None:
@@ -176,103 +206,134 @@ class Caches:
         self.writer.wait()  # nothing half written is deleted; GC sees every saved list
         return self.store.delete_agent(name) if agent_too else self.store.delete_kv(name)
 
-    def lookup(self, agent: Agent, prompt: list[int], room: int, warnings: list[str]) -> tuple[Tier, list[Any], list[int]]:
-        """The longest cache for `prompt` there is, and the tokens it holds: built from the
-        agent's own blocks or from blocks any agent shares with the prompt, from memory or disk,
-        with `room` slots beyond the prompt (for the reply: the model writes in place)."""
+    def lookup(self, agent: Agent, prompt: list[int], room: int, warnings: list[str]) -> tuple[Tier, list[Any], int]:
+        """The longest cache for `prompt` there is, and how many of its tokens it holds: built from
+        the agent's own blocks or from blocks any agent shares with the prompt, from memory or
+        disk, with `room` slots beyond the prompt (for the reply: the model writes in place).
+
+        It holds at most all but the prompt's last token (one at least runs, for the logits); with
+        recurrent layers, exactly the tokens up to the end of a block (a state cannot be trimmed
+        back). A block that cannot be read is a miss: the cache ends before it."""
         failed = self.writer.take_error(agent.name)
         if failed:
             warnings.append(f"agent {agent.name}: saving its KV cache failed ({failed}); it is saved again after this call")
-        B = self.block_tokens
-        ids: list[str] = []
-        tokens: list[int] = []
         record = self.records.get(agent.name)
-        if record is not None:
-            n = -(-common_prefix_len(record.tokens, prompt) // B)
-            ids, tokens = record.blocks[:n], record.tokens[: n * B]
-        shared = 0
-        for bid in block_ids(prompt, self.storage.key, B):
-            if bid not in self.pool and not self.store.has_block(bid):
-                break
-            shared += 1
-        if shared * B > min(len(tokens), common_prefix_len(tokens, prompt)):
-            ids, tokens = block_ids(prompt, self.storage.key, B)[:shared], prompt[: shared * B]
+        tier, cache, reuse = self._find(agent.name, record, prompt, room, warnings)
         if agent.tokens and record is None:
             why = self.problems.get(agent.name) or "it has no saved KV cache"
-            warnings.append(f"agent {agent.name}: {why}; re-prefilling its {len(agent.tokens)} tokens of history")
-        if not ids:
-            return "new", make_prompt_cache(self.model), []
-        # Buffers sized in whole blocks: an agent's next turns get the same size, which MLX's
-        # allocator hands back from its cache instead of filling fresh memory (slow on some hosts).
-        size = -(-(max(len(prompt), len(tokens)) + room) // B) * B
-        build = self._build_on_host if self.storage.kv_bits is None and mx.default_device() == mx.cpu else self._build
-        try:
-            tier, cache, n = build(agent.name, ids, size, warnings)
-        except Exception as e:  # noqa: BLE001 - blocks that do not fit together: a miss, never a failed call
-            log.warning("agent %s: its KV blocks do not fit together (%s); re-prefilling", agent.name, e)
-            warnings.append(f"agent {agent.name}: its saved KV blocks do not fit the model; re-prefilling its history")
-            for bid in ids:
-                self.pool.drop(bid)
-            return "new", make_prompt_cache(self.model), []
-        if not n:
-            return "new", make_prompt_cache(self.model), []
-        return tier, cache, tokens[:n]
+            shared = f"{reuse} of them from blocks other agents share, " if reuse else ""
+            warnings.append(f"agent {agent.name}: {why}; re-prefilling its {len(agent.tokens)} tokens of history ({shared}"
+                            f"{len(prompt) - reuse} prompt tokens computed)")
+        return tier, cache, reuse
+
+    def _find(self, name: str, record: KVRecord | None, prompt: list[int], room: int,
+              warnings: list[str]) -> tuple[Tier, list[Any], int]:
+        """lookup's cache: the longest there is, a block that cannot be read ending it."""
+        bad: set[str] = set()
+        while True:
+            ids, ends, reuse = self._choose(record, prompt, bad)
+            if not reuse:
+                return "new", self.layout.new_cache(), 0
+            # Buffers sized in whole blocks: an agent's next turns get the same size, which MLX's
+            # allocator hands back from its cache instead of filling fresh memory (slow on some hosts).
+            size = -(-(max(len(prompt), ends[-1]) + room) // self.block_tokens) * self.block_tokens
+            try:
+                tier, cache, failed_ids = (self._build_on_host if self.on_host else self._build)(name, ids, ends, reuse, size, warnings)
+            except Exception as e:  # noqa: BLE001 - blocks that do not fit together: a miss, never a failed call
+                log.warning("agent %s: its KV blocks do not fit together (%s); re-prefilling", name, e)
+                warnings.append(f"agent {name}: its saved KV blocks do not fit the model; re-prefilling its history")
+                for bid in ids:
+                    self.pool.drop(bid)
+                return "new", self.layout.new_cache(), 0
+            if not failed_ids:
+                return tier, cache, reuse
+            bad.update(failed_ids)
+
+    def _choose(self, record: KVRecord | None, prompt: list[int], bad: set[str]) -> tuple[list[str], list[int], int]:
+        """The blocks to build from (the agent's own, or the prompt's full blocks that memory or
+        disk has), where they end, and how many tokens the cache holds; none from a `bad` block on."""
+        B = self.block_tokens
+        limit = len(prompt) - 1
+        best: tuple[list[str], list[int], int] = ([], [], 0)
+        if record is not None:
+            ids = list(itertools.takewhile(lambda b: b not in bad, record.blocks))
+            ends = [min((i + 1) * B, len(record.tokens)) for i in range(len(ids))]
+            best = self._usable(ids, ends, min(common_prefix_len(record.tokens, prompt), limit, ends[-1] if ends else 0))
+        shared = []
+        for bid in block_ids(prompt, self.storage.key, B):
+            if bid in bad or bid not in self.pool and not self.store.has_block(bid):
+                break
+            shared.append(bid)
+        candidate = self._usable(shared, [(i + 1) * B for i in range(len(shared))], min(len(shared) * B, limit))
+        return candidate if candidate[2] > best[2] else best
+
+    def _usable(self, ids: list[str], ends: list[int], n: int) -> tuple[list[str], list[int], int]:
+        """Of blocks ending at `ends`, those a cache of the first `n` tokens is built from, and how
+        many tokens it holds: `n`, or with recurrent layers the last block end up to `n`."""
+        if self.layout.recurrent:
+            k = bisect.bisect_right(ends, n)
+            return ids[:k], ends[:k], ends[k - 1] if k else 0
+        k = bisect.bisect_left(ends, n) + 1 if n > 0 else 0
+        return ids[:k], ends[:k], n
 
     def _missed(self, name: str, problem: str, warnings: list[str]) -> None:
         log.warning("agent %s: %s", name, problem)
         warnings.append(f"agent {name}: {problem}; re-prefilling from there")
 
-    def _build(self, name: str, ids: list[str], size: int, warnings: list[str]) -> tuple[Tier, list[Any], int]:
-        """The cache from blocks in the pool, and blocks read from disk into buffers of their
-        own, which join the pool; then one copy into the working cache (reconstruct)."""
-        missing = [bid for bid in ids if bid not in self.pool]
-        read = {}
-        if missing:
+    def _wanted(self, ends: list[int], reuse: int) -> list[set[str]]:
+        """The arrays each block must give a cache of `reuse` tokens (wanted_leaves)."""
+        return [{n for leaf in leaves for n in self.names[leaf.name]}
+                for leaves in wanted_leaves(self.layout, ends, reuse, self.block_tokens)]
+
+    def _build(self, name: str, ids: list[str], ends: list[int], reuse: int, size: int,
+               warnings: list[str]) -> tuple[Tier, list[Any], list[str]]:
+        """The cache from blocks in the pool, and the arrays it needs that the pool lacks read
+        from disk into buffers of their own, which join the pool; then one copy into the working
+        cache (reconstruct). Returns the tier, the cache and the blocks that could not be read."""
+        wanted = self._wanted(ends, reuse)
+        lacking = [(bid, need) for bid, need in zip(ids, wanted) if not need <= set(getattr(self.pool.get(bid), "arrays", ()))]
+        failed = []
+        if lacking:
             self.writer.wait()  # a block may be in a write not done yet
-            read = dict(zip(missing, self.store.read_blocks(missing, self.storage, self.n_layers)))
-        blocks, tier = [], "hot"
-        for bid in ids:
-            block = self.pool.get(bid)
-            if block is None:
-                block, problem = read[bid]
+            read = self.store.read_blocks([bid for bid, _ in lacking], self.storage, self.all_names, [need for _, need in lacking])
+            for (bid, _), (block, problem) in zip(lacking, read):
                 if block is None:
                     self._missed(name, problem, warnings)
-                    break
-                self.pool.add(block)
-                tier = "disk"
-            blocks.append(block)
-        if not blocks:
-            return "new", [], 0
-        n = sum(len(b.tokens) for b in blocks)
-        cache = reconstruct(blocks, self.storage, self.n_layers, size - n)
+                    failed.append(bid)
+                else:
+                    self.pool.add(block)
+        if failed:
+            return "new", [], failed
+        cache = reconstruct(self.layout, self.storage, [self.pool.peek(bid) for bid in ids], reuse, size, self.block_tokens)
         self.enforce_budget()  # blocks read for this call count at once; the working cache is aside
-        return tier, cache, n
+        return ("disk" if lacking else "hot"), cache, []
 
-    def _build_on_host(self, name: str, ids: list[str], size: int, warnings: list[str]) -> tuple[Tier, list[Any], int]:
+    def _build_on_host(self, name: str, ids: list[str], ends: list[int], reuse: int, size: int,
+                       warnings: list[str]) -> tuple[Tier, list[Any], list[str]]:
         """On the CPU, for blocks stored as they are computed (no --kv-bits): the working cache
-        is made first and the blocks on disk are read straight into it, so their bytes land in
-        fresh memory once rather than twice (a block buffer, then the cache); at 4K tokens of
-        the default model that is about 100 ms of a resumed turn. Those blocks join the pool
+        is made first and the arrays it needs from disk are read straight into it, so their bytes
+        land in fresh memory once rather than twice (a block buffer, then the cache); at 4K tokens
+        of the default model that is about 100 ms of a resumed turn. Those blocks join the pool
         after the call (`remember` cuts them from the cache), not before."""
-        found = [self.pool.get(bid) for bid in ids]
-        missing = [bid for bid, block in zip(ids, found) if block is None]
+        wanted = self._wanted(ends, reuse)
+        parts: list[Any] = [self.pool.get(bid) for bid in ids]  # a Block, or a block file still to read
+        missing = [i for i, (part, need) in enumerate(zip(parts, wanted)) if part is None or not need <= set(part.arrays)]
         if missing:
             self.writer.wait()  # a block may be in a write not done yet
-        opened = iter(self.store.open_blocks(missing, self.storage, self.n_layers))
-        parts: list[Any] = []  # a Block from the pool, or a block file whose data is still to read
-        for block in found:
-            part = block if block is not None else next(opened)
+        failed = []
+        for i, part in zip(missing, self.store.open_blocks([ids[i] for i in missing], self.storage, self.all_names)):
             if isinstance(part, str):
                 self._missed(name, part, warnings)
-                break
-            parts.append(part)
-        if not parts:
-            return "new", [], 0
-        cache, n, failed = read_into_cache(self.store, parts, self.n_layers, size)
-        for problem in failed.values():
+                failed.append(ids[i])
+            parts[i] = part
+        if failed:
+            return "new", [], failed
+        leaves = wanted_leaves(self.layout, ends, reuse, self.block_tokens)
+        cache, problems = read_into_cache(self.layout, self.store, parts, leaves, reuse, size, self.block_tokens, self.names)
+        for problem in problems.values():
             self._missed(name, problem, warnings)
-        read = any(start < n for start, part in zip(starts(parts), parts) if not isinstance(part, Block))
-        return ("disk" if read else "hot"), cache, n
+        failed = [bid for bid, start in zip(ids, starts(parts)) if start in problems]
+        return ("disk" if missing else "hot"), cache, failed
 
     # reports
 

@@ -32,15 +32,14 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 import mlx.core as mx
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_top_p, make_sampler
-from mlx_lm.utils import common_prefix_len
 from pydantic import BaseModel, ConfigDict
 
 from mcp_semantic import attention
 from mcp_semantic.batch import DecodeBatch, Row
 from mcp_semantic.block_pool import BLOCK_TOKENS, Storage, kv_bits_supported
-from mcp_semantic.caches import Caches, Tier
+from mcp_semantic.cache_kinds import Layout, probe
+from mcp_semantic.caches import Caches, Checkpoints, Tier
 from mcp_semantic.models import LoadedModel
 from mcp_semantic.store import Agent, Store, check_name
 
@@ -217,6 +216,7 @@ class _Running:
     reuse: int = 0
     cache_load: float = 0.0
     cache: list[Any] | None = None
+    checkpoints: Checkpoints = field(default_factory=dict)  # recurrent states at block ends (caches.py)
     pending: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     row: Row | None = None  # set once it decodes in the batch
@@ -234,15 +234,15 @@ def _post(token: Any, fn: Callable[..., Any], *args: Any) -> None:
         pass
 
 
-def check_kv_bits(lm: LoadedModel, kv_bits: int | None) -> None:
-    """Refuse a --kv-bits the model's heads cannot be quantized at (a clear error at start-up)."""
-    if kv_bits not in (8, 4):
-        return
-    cache = make_prompt_cache(lm.model)
-    lm.model(mx.array([[0]]), cache=cache)  # one token: model configs name head_dim in too many ways
-    head_dim = cache[0].state[0].shape[-1]
-    if not kv_bits_supported(head_dim, kv_bits):
-        raise RequestError(f"--kv-bits {kv_bits} needs a head dimension divisible by 32; this model's is {head_dim}")
+def check_model(lm: LoadedModel, kv_bits: int | None) -> Layout:
+    """The model's cache layout (cache_kinds.probe: one token run through it, since model configs
+    name head_dim in too many ways); a cache kind we cannot keep (UnsupportedCache) or a
+    --kv-bits its heads cannot be quantized at (RequestError) is a clear error at start-up."""
+    layout = probe(lm.model)
+    for name, (shape, _) in layout.shapes.items():
+        if ".state." not in name and not kv_bits_supported(shape[-1], kv_bits):
+            raise RequestError(f"--kv-bits {kv_bits} needs a head dimension divisible by 32; this model's is {shape[-1]}")
+    return layout
 
 
 def seeded_sampler(temperature: float, top_p: float, seed: int) -> Callable[[mx.array], mx.array]:
@@ -276,7 +276,12 @@ class Engine:
         kv_bits: int | None = None,
         block_tokens: int = BLOCK_TOKENS,
     ):
-        check_kv_bits(lm, kv_bits)
+        self.layout = check_model(lm, kv_bits)
+        if not self.layout.batchable and max_batch > 1:
+            log.warning("model type %s: its chunked-attention layers have no batched form; its calls decode "
+                        "one at a time (--max-batch 1)", self.layout.model_type)
+            max_batch = 1
+        log.info("model cache: %s", self.layout.describe())
         self.lm = lm
         self.store = store
         self.prefill_step_size = prefill_step_size
@@ -298,7 +303,7 @@ class Engine:
         if self.unreadable:
             log.warning("could not read the transcripts of agents: %s", ", ".join(self.unreadable))
         self.caches = Caches(
-            lm.model,
+            self.layout,
             store,
             Storage(lm.fingerprint, lm.dtype, kv_bits),
             block_tokens=block_tokens,
@@ -308,7 +313,7 @@ class Engine:
         self._tiers: Counter[str] = Counter()  # where the caches of calls to existing agents came from
         self._tokens: Counter[str] = Counter()  # prompt tokens of all calls: "prompt", "cached"
         self._greedy = make_sampler(temp=0.0)  # one object: greedy rows are sampled in one call
-        self._batch = DecodeBatch(lm.model)
+        self._batch = self._new_batch()
         attention.install(lm.model)  # on the CPU: prompts' softmax in numpy (attention.py says why)
         self._eos = set(lm.tokenizer.eos_token_ids)
         self._running: list[_Running] = []  # started calls, in the order they started
@@ -318,6 +323,9 @@ class Engine:
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="mcp-semantic-engine", daemon=True)
         self._thread.start()
+
+    def _new_batch(self) -> DecodeBatch:
+        return DecodeBatch(self.lm.model, self.layout, self.caches.block_tokens)
 
     @property
     def memory_budget(self) -> int:
@@ -533,16 +541,12 @@ class Engine:
         others finds the blocks of the prompts read before its own (a shared system prompt is
         read once, even by agents asked at once)."""
         started = time.perf_counter()
-        r.tier, cache, cached = self.caches.lookup(r.agent, r.prompt, r.max_new, r.warnings)
+        r.tier, r.cache, r.reuse = self.caches.lookup(r.agent, r.prompt, r.max_new, r.warnings)
         if r.agent.name in self._agents:
             self._tiers[r.tier] += 1
-        r.reuse = min(common_prefix_len(cached, r.prompt), len(r.prompt) - 1)  # one token at least runs
-        if r.reuse < len(cached):
-            if can_trim_prompt_cache(cache):
-                trim_prompt_cache(cache, len(cached) - r.reuse)
-            else:
-                cache, r.reuse = make_prompt_cache(self.lm.model), 0
-        r.cache, r.pending = cache, r.prompt[r.reuse :]
+        if self.layout.recurrent and r.reuse:
+            r.checkpoints[r.reuse] = self.layout.states(r.cache)  # its block may have come from disk without them
+        r.pending = r.prompt[r.reuse :]
         r.cache_load = time.perf_counter() - started
         self._tokens["prompt"] += len(r.prompt)
         self._tokens["cached"] += r.reuse
@@ -590,11 +594,15 @@ class Engine:
             self._find_cache(r)
         model = self.lm.model
         started = time.perf_counter()
-        if len(r.pending) > step + tail:
+        B, done = self.caches.block_tokens, len(r.prompt) - len(r.pending)
+        if self.layout.recurrent:  # chunks end where blocks end, so each block gets its state
+            step = min(step, (done // B + 1) * B - done)
+        if len(r.pending) > step + tail or self.layout.recurrent and len(r.pending) > step:
             model(mx.array(r.pending[:step])[None], cache=r.cache)
             mx.eval([c.state for c in r.cache])
             r.pending = r.pending[step:]
             self._s_per_token = (time.perf_counter() - started) / step
+            self._checkpoint(r, done + step)
             if r.job.report:
                 done, total = len(r.prompt) - r.reuse - len(r.pending), len(r.prompt) - r.reuse
                 r.job.report(done, total + r.max_new, f"prefill {done}/{total} tokens")
@@ -604,17 +612,22 @@ class Engine:
         r.first = r.last = time.perf_counter()
         self._s_per_token = (r.first - started) / len(r.pending)
         r.pending = []
-        B = self.caches.block_tokens
+        self._checkpoint(r, len(r.prompt))
         if any(o.cache is None and o.prompt[:B] == r.prompt[:B] for o in self._running if o is not r):
-            self.caches.share_prompt(r.cache, r.prompt)  # a call still to read starts the same way
+            self.caches.share_prompt(r.cache, r.prompt, r.checkpoints)  # a call still to read starts the same way
         if token in self.lm.tokenizer.eos_token_ids:
             return self._finish(r, "stop", r.prompt)
         r.generated.append(token)
         if r.max_new == 1:
             return self._finish(r, "length", r.prompt)
-        r.row = Row(r, token, r.sampler, r.max_new, self._eos, list(r.prompt))
+        r.row = Row(r, token, r.sampler, r.max_new, self._eos, list(r.prompt), r.checkpoints)
         self._batch.add(r.row, r.cache)
         r.cache = None  # the batch holds it now
+
+    def _checkpoint(self, r: _Running, n: int) -> None:
+        """With recurrent layers, keep their states when the cache holds `n` tokens, a block's end."""
+        if self.layout.recurrent and n % self.caches.block_tokens == 0:
+            r.checkpoints[n] = self.layout.states(r.cache)
 
     def _decode_step(self) -> None:
         try:
@@ -625,7 +638,7 @@ class Engine:
                 self._running.remove(r)
                 r.job.error = e
                 _post(r.job.token, r.job.done.set)
-            self._batch = DecodeBatch(self.lm.model)
+            self._batch = self._new_batch()
             return
         now = time.perf_counter()
         for row, token in stepped:
@@ -654,11 +667,12 @@ class Engine:
             agent.last_used_at = time.time()
             self.store.save_agent(agent)  # the transcript is saved before the reply goes out
             self._agents[agent.name] = agent
-            self.caches.remember(agent.name, r.cache, tokens)
+            self.caches.remember(agent.name, r.cache, tokens, r.checkpoints)
             self.caches.enforce_budget()
         if r.row is not None:  # let the cache's memory go now (the row and the call refer to each other)
             r.row.cache = r.row.key = None
         r.cache = r.row = None
+        r.checkpoints = {}
         ended = time.perf_counter()
         first = r.first or ended
         ms = lambda a, b: round((b - a) * 1000, 2)  # noqa: E731

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from mcp_semantic import __version__
 from mcp_semantic.blas import blas_warning
+from mcp_semantic.cache_kinds import UnsupportedCache
 from mcp_semantic.models import LoadedModel
 from mcp_semantic.engine import (
     AgentList,
@@ -30,7 +31,7 @@ from mcp_semantic.engine import (
     EvictResult,
     ForkResult,
     RequestError,
-    check_kv_bits,
+    check_model,
 )
 from mcp_semantic.settings import Settings
 from mcp_semantic.store import NAME_RULE, CacheDirLocked, InvalidName, Store, lock_cache_dir
@@ -234,8 +235,8 @@ def serve(settings: Settings) -> None:
     try:  # before the transport starts: a bad model or a busy cache dir is a clear message
         lock_cache_dir(settings.cache_dir)  # held until the process ends
         lm = load(settings)
-        check_kv_bits(lm, settings.kv_bits_value)
-    except (ModelError, CacheDirLocked, RequestError, OSError) as e:
+        check_model(lm, settings.kv_bits_value)
+    except (ModelError, CacheDirLocked, RequestError, UnsupportedCache, OSError) as e:
         raise SystemExit(f"mcp-semantic: {e}") from None
     server = create_server(settings, lm)
     if settings.transport == "stdio":

@@ -5,10 +5,12 @@ Layout under the cache dir::
     store.db                      SQLite (WAL): agents (messages, token ids: the truth) and
                                   kv (per agent, the ids of the blocks its KV cache is made of
                                   and the token ids they hold: only a cache)
-    blocks/<id>.safetensors       one KV block: every layer's keys and values for its tokens
-                                  (layers.<i>.keys / .values, (1, kv_heads, tokens, head_dim);
-                                  at --kv-bits 8 or 4, .weight, .scales and .biases of each),
-                                  with its parent id, token ids and storage key in the metadata
+    blocks/<id>.safetensors       one KV block: every attention layer's keys and values for its
+                                  tokens (layers.<i>.keys / .values, (1, kv_heads, tokens,
+                                  head_dim); at --kv-bits 8 or 4, .weight, .scales and .biases
+                                  of each), every recurrent layer's state after its last token
+                                  (layers.<i>.state.<j>; see cache_kinds.py), with its parent id,
+                                  token ids, storage key and a checksum per array in the metadata
 
 A block is named by its content (block_pool.chain_ids), so a block that several agents hold
 (a shared system prompt, a fork and its source) is one file, written once. Saving an agent
@@ -18,21 +20,22 @@ A crash at any point leaves the old list with its blocks, or the new one with it
 files that no list names are removed at the next start.
 
 Every block file is checked when read: its id is recomputed from the parent, tokens and storage
-key in its metadata, its arrays must have the model's layers and the block's length, and its data
-must match the xxh3_64 checksum in its metadata. Any mismatch is a cache miss (the engine
-re-prefills), never a crash or a wrong answer.
+key in its metadata, its arrays must be the model's and hold the block's tokens, and the data of
+each array read must match its xxh3_64 checksum in the metadata. Any mismatch is a cache miss (the
+engine re-prefills from the block before), never a crash or a wrong answer. A reader takes only
+the arrays it needs: a resumed agent needs every block's full-attention K/V, but a window's K/V
+only from its last blocks and a recurrent state only from the last block.
 
 Why blocks are written and read here rather than with `safetensors`/`mx.load`: loading is on the
 way to a resumed agent's first token, so a block file is read once, in large chunks, straight
-into the MLX buffer its arrays then view, and checksummed chunk by chunk while the chunk is still
+into the buffer its arrays then view (or the working cache), checksummed chunk by chunk while the chunk is still
 in the CPU's cache; `read_blocks` reads several files at once on threads (the reads and the
 checksum release the GIL). The files stay plain safetensors, readable by any safetensors tool.
 
 Why not mlx-lm's `save_prompt_cache`: it writes one file per cache, so nothing is shared
 between agents, and it must run on the thread that owns MLX. Here the engine thread hands
 evaluated blocks to the `Writer` thread, which serializes them with the safetensors library,
-so saving never delays the next token. Caches other than plain KVCache (sliding windows, SSM
-state) are not persisted yet.
+so saving never delays the next token.
 """
 
 from __future__ import annotations
@@ -63,9 +66,11 @@ log = logging.getLogger(__name__)
 
 NAME_RULE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _NAME_RE = re.compile(NAME_RULE)
-# /2: one xxh3_64 checksum over the data region, tensors in the order they are written
-# (/1 had a CRC-32 per array and is read as a miss: the agent re-prefills once)
-BLOCK_FORMAT = "mcp-semantic-block/2"
+# /3: an xxh3_64 checksum per array, so a reader can take only the arrays it needs (a window's
+# last blocks, the state of the last block); blocks hold every cache kind (cache_kinds.py).
+# /2 (one checksum over the data region) and /1 (a CRC-32 per array) read as a miss: the agent
+# re-prefills once.
+BLOCK_FORMAT = "mcp-semantic-block/3"
 _BLOCK_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -289,17 +294,16 @@ def _write_block(block: HostBlock, storage: Storage, path: Path) -> None:
     """Write a safetensors file: an 8-byte header length, the JSON header, then the arrays.
 
     The arrays go in order of item size, then name (as the safetensors library orders them), so
-    each starts aligned; the checksum covers the data region in that order, which is what a
-    reader checks in one pass while it reads."""
+    each starts aligned; each has its checksum, which a reader checks while it reads the array."""
     names = sorted(block.arrays, key=lambda n: (-block.arrays[n][1].itemsize, n))
     header: dict[str, object] = {}
-    chunks, offset, checksum = [], 0, xxhash.xxh3_64()
+    chunks, offset, checksums = [], 0, {}
     for name in names:
         dtype, a = block.arrays[name]
         data = memoryview(np.ascontiguousarray(a)).cast("B")
         header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
-        checksum.update(data)
+        checksums[name] = xxhash.xxh3_64_hexdigest(data)
         chunks.append(data)
     header["__metadata__"] = {
         "format": BLOCK_FORMAT,
@@ -310,7 +314,7 @@ def _write_block(block: HostBlock, storage: Storage, path: Path) -> None:
         "parent": block.parent,
         "n_tokens": str(len(block.tokens)),
         "tokens": json.dumps(block.tokens, separators=(",", ":")),
-        "xxh3_64": checksum.hexdigest(),
+        "xxh3_64": json.dumps(checksums, separators=(",", ":")),
     }
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
@@ -330,18 +334,17 @@ class _Pending:
     parent: str
     tokens: list[int]
     start: int  # where the data region starts in the file
-    nbytes: int  # the data region's size
-    checksum: str
+    checksums: dict[str, str]  # name -> xxh3_64 of its data
     layout: dict[str, tuple[mx.Dtype, list[int], int, int]]  # name -> (dtype, shape, begin, end), in file order
-    buffer: mx.array | None = None  # uint8, when the data is read into a buffer of the block's own
 
 
 class _Unusable(Exception):
     """A block file that must not be used; the message says why."""
 
 
-def _parse_header(path: Path, f, size: int, bid: str, storage: Storage, n_layers: int) -> _Pending:
-    """Check everything the header says before any data is read."""
+def _parse_header(path: Path, f, size: int, bid: str, storage: Storage, names: set[str]) -> _Pending:
+    """Check everything the header says before any data is read: `names` are the arrays a
+    block of this model holds (a file always holds them all)."""
     head = f.read(8)
     if len(head) < 8:
         raise _Unusable("is unreadable (too short for a safetensors header)")
@@ -363,45 +366,55 @@ def _parse_header(path: Path, f, size: int, bid: str, storage: Storage, n_layers
         raise _Unusable("has an inconsistent token list")
     if not isinstance(parent, str) or block_id(parent, tokens, storage.key) != bid:
         raise _Unusable("does not hold the tokens its name says")
-    layers = {k.split(".")[1] if k.count(".") >= 2 else k for k in header}
-    if layers != {str(i) for i in range(n_layers)}:
-        raise _Unusable(f"has {len(layers)} layers, the model {n_layers}")
+    if set(header) != names:
+        missing, extra = sorted(names - set(header)), sorted(set(header) - names)
+        raise _Unusable(f"holds other arrays than the model's cache (missing {missing[:3]}, extra {extra[:3]})")
     layout, end = {}, 0
     for name, t in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
         dtype, shape, (begin, stop) = _MX_DTYPES[t["dtype"]], t["shape"], t["data_offsets"]
-        if len(shape) != 4 or shape[2] != len(tokens) or not all(type(d) is int and d >= 0 for d in shape):
+        per_token = ".state." not in name
+        if not all(type(d) is int and d >= 0 for d in shape) or per_token and (len(shape) != 4 or shape[2] != len(tokens)):
             raise _Unusable(f"{name} has shape {tuple(shape)} for {len(tokens)} tokens")
         if begin != end or stop - begin != int(np.prod(shape)) * dtype.size or begin % dtype.size:
             raise _Unusable(f"is unreadable ({name} has data offsets {[begin, stop]})")
         layout[name], end = (dtype, shape, begin, stop), stop
     if 8 + n + end != size:
         raise _Unusable(f"is unreadable ({size} bytes, its header says {8 + n + end})")
-    if not isinstance(meta.get("xxh3_64"), str):
-        raise _Unusable("has no checksum")
-    return _Pending(path, bid, parent, tokens, 8 + n, end, meta["xxh3_64"], layout)
+    try:
+        checksums = json.loads(meta["xxh3_64"])
+    except (KeyError, TypeError, ValueError):
+        checksums = None
+    if not isinstance(checksums, dict) or set(checksums) != names or not all(isinstance(c, str) for c in checksums.values()):
+        raise _Unusable("has no checksum for each array")
+    return _Pending(path, bid, parent, tokens, 8 + n, checksums, layout)
 
 
-def _fill(p: _Pending, views: list[memoryview]) -> None:
-    """Read the data region into `views` (bytes, in file order, as many as the region holds),
-    checksumming each chunk as it comes. No MLX call: this runs on the reading threads."""
-    checksum = xxhash.xxh3_64()
+def _fill(p: _Pending, targets: list[tuple[str, list[memoryview]]]) -> None:
+    """Read the named arrays into their views (bytes, in file order, as many as the array
+    holds), checksumming each chunk as it comes. No MLX call: this runs on the reading threads."""
     with open(p.path, "rb", buffering=0) as f:
-        f.seek(p.start)
-        for view in views:
-            at = 0
-            while at < len(view):
-                got = f.readinto(view[at : at + _CHUNK])
-                if not got:
-                    raise _Unusable("is unreadable (shorter than when it was opened)")
-                checksum.update(view[at : at + got])
-                at += got
-    if checksum.hexdigest() != p.checksum:
-        raise _Unusable("fails its checksum: its data was damaged on disk")
+        for name, views in sorted(targets, key=lambda t: p.layout[t[0]][2]):
+            checksum = xxhash.xxh3_64()
+            f.seek(p.start + p.layout[name][2])
+            for view in views:
+                at = 0
+                while at < len(view):
+                    got = f.readinto(view[at : at + _CHUNK])
+                    if not got:
+                        raise _Unusable("is unreadable (shorter than when it was opened)")
+                    checksum.update(view[at : at + got])
+                    at += got
+            if checksum.hexdigest() != p.checksums[name]:
+                raise _Unusable(f"fails its checksum ({name}): its data was damaged on disk")
 
 
-def _arrays(p: _Pending) -> dict[str, mx.array]:
-    """The block's arrays: views into its one buffer, no copy."""
-    arrays = {name: p.buffer[begin:end].view(dtype).reshape(shape) for name, (dtype, shape, begin, end) in p.layout.items()}
+def _arrays(p: _Pending, buffer: mx.array, names: list[str]) -> dict[str, mx.array]:
+    """The block's arrays `names`, read one after another into `buffer`: views of it, no copy."""
+    arrays, at = {}, 0
+    for name in names:
+        dtype, shape, begin, end = p.layout[name]
+        arrays[name] = buffer[at : at + end - begin].view(dtype).reshape(shape)
+        at += end - begin
     mx.eval(list(arrays.values()))
     return arrays
 
@@ -662,29 +675,45 @@ class Store:
         with self._lock:
             return len(self.refs)
 
-    def read_block(self, bid: str, storage: Storage, n_layers: int) -> tuple[Block | None, str | None]:
-        """Load a block file: (block, None), or (None, why not) when it is missing or unusable.
+    def read_block(self, bid: str, storage: Storage, names: set[str]) -> tuple[Block | None, str | None]:
+        """Load a block file whose arrays are `names`: (block, None), or (None, why not) when it
+        is missing or unusable.
 
         An unusable file is deleted (and logged), so that the next save of an agent holding the
         block writes it anew rather than finding its name taken by the damaged one."""
-        return self.read_blocks([bid], storage, n_layers)[0]
+        return self.read_blocks([bid], storage, names)[0]
 
-    def read_blocks(self, bids: list[str], storage: Storage, n_layers: int) -> list[tuple[Block | None, str | None]]:
+    def read_blocks(self, bids: list[str], storage: Storage, names: set[str],
+                    wanted: list[set[str]] | None = None) -> list[tuple[Block | None, str | None]]:
         """`read_block` for several blocks, each into a buffer of its own, the files read at once
-        on the reading threads. MLX is called on this thread only."""
-        opened = self.open_blocks(bids, storage, n_layers)
-        files = [p for p in opened if isinstance(p, _Pending)]
-        for p in files:
-            p.buffer = mx.zeros((p.nbytes,), mx.uint8, stream=mx.cpu)
-        mx.eval([p.buffer for p in files])
-        problems = iter(self.fill_blocks(files, [[memoryview(p.buffer)] for p in files]))
+        on the reading threads; of block i only the arrays `wanted[i]` (all by default). MLX is
+        called on this thread only."""
+        opened = self.open_blocks(bids, storage, names)
+        files, buffers, targets = [], [], []
+        for i, p in enumerate(opened):
+            if isinstance(p, _Pending):
+                keep = [n for n in p.layout if wanted is None or n in wanted[i]]
+                buffer = mx.zeros((sum(p.layout[n][3] - p.layout[n][2] for n in keep),), mx.uint8, stream=mx.cpu)
+                files.append(p)
+                buffers.append((buffer, keep))
+        mx.eval([b for b, _ in buffers])
+        for p, (buffer, keep) in zip(files, buffers):
+            views, at = [], 0
+            for n in keep:
+                nbytes = p.layout[n][3] - p.layout[n][2]
+                views.append((n, [memoryview(buffer)[at : at + nbytes]]))
+                at += nbytes
+            targets.append(views)
+        problems = iter(self.fill_blocks(files, targets))
+        arrays = iter(_arrays(p, buffer, keep) for p, (buffer, keep) in zip(files, buffers))
         results: list[tuple[Block | None, str | None]] = []
         for p in opened:
             problem = p if isinstance(p, str) else next(problems)
-            results.append((None, problem) if problem else (Block(p.bid, p.parent, p.tokens, _arrays(p)), None))
+            found = None if isinstance(p, str) else next(arrays)
+            results.append((None, problem) if problem else (Block(p.bid, p.parent, p.tokens, found), None))
         return results
 
-    def open_blocks(self, bids: list[str], storage: Storage, n_layers: int) -> list[_Pending | str]:
+    def open_blocks(self, bids: list[str], storage: Storage, names: set[str]) -> list[_Pending | str]:
         """Each block file with its header checked (nothing of its data read yet), or why it
         cannot be used (a missing file; a damaged or foreign one, which is deleted)."""
         opened: list[_Pending | str] = []
@@ -692,23 +721,23 @@ class Store:
             path = self.block_path(bid)
             try:
                 with open(path, "rb", buffering=0) as f:
-                    opened.append(_parse_header(path, f, os.fstat(f.fileno()).st_size, bid, storage, n_layers))
+                    opened.append(_parse_header(path, f, os.fstat(f.fileno()).st_size, bid, storage, names))
             except FileNotFoundError:
                 opened.append(f"KV block {path.name} is missing")
             except Exception as e:  # noqa: BLE001 - any unreadable file is a cache miss, never a crash
                 opened.append(self._unusable(path, bid, e))
         return opened
 
-    def fill_blocks(self, files: list[_Pending], views: list[list[memoryview]]) -> list[str | None]:
-        """Read each file's data into its views on the reading threads, checksummed: None for a
-        block read whole, else why not (and the file is deleted)."""
-        errors = self._readers.map(self._try_fill, files, views)
+    def fill_blocks(self, files: list[_Pending], targets: list[list[tuple[str, list[memoryview]]]]) -> list[str | None]:
+        """Read each file's named arrays into their views on the reading threads, checksummed:
+        None for a block whose arrays were read whole, else why not (and the file is deleted)."""
+        errors = self._readers.map(self._try_fill, files, targets)
         return [None if e is None else self._unusable(p.path, p.bid, e) for p, e in zip(files, errors)]
 
     @staticmethod
-    def _try_fill(p: _Pending, views: list[memoryview]) -> Exception | None:
+    def _try_fill(p: _Pending, targets: list[tuple[str, list[memoryview]]]) -> Exception | None:
         try:
-            _fill(p, views)
+            _fill(p, targets)
             return None
         except Exception as e:  # noqa: BLE001
             return e

@@ -156,3 +156,20 @@ def test_peers_benchmark_quick_on_the_default_model(tmp_path: Path) -> None:
         assert isinstance(target["met"], bool) or (target["met"] is None and target["why"])
     png = result.with_suffix(".png")
     assert png.stat().st_size > 0 and png.with_name(png.stem + "-concurrency.png").stat().st_size > 0
+
+
+def test_families_benchmark_quick(tmp_path: Path) -> None:
+    data = run_benchmark("bench_families.py", tmp_path, "--quick", "--repeats", "1")
+    assert set(data["shapes"]) == {"qwen3.5-tiny", "gemma3-tiny"}
+    for name, s in data["shapes"].items():
+        assert [r["context"] for r in s["rows"]] == [300, 600]
+        for r in s["rows"]:
+            assert r["cold"]["tier"] == "new" and r["disk"]["tier"] == "disk" and r["hot"]["tier"] == "hot"
+            assert r["fork"]["tier"] == "hot" and r["fork"]["cached_tokens"] > 0
+            assert r["disk"]["cached_tokens"] >= r["context_tokens"] - s["block_tokens"]
+            assert r["disk_bytes_per_token"] >= s["kv_bytes_per_token"]
+        t = s["thinking"]
+        assert t["cached_tokens"] == t["reusable_tokens"] > 0 and t["first_change_at"] < t["first_context_tokens"]
+        assert [x["context"] for x in s["mlx_lm.server"]["rows"]] == [300, 600]
+    assert data["shapes"]["qwen3.5-tiny"]["state_bytes_per_block"] > 0 == data["shapes"]["gemma3-tiny"]["state_bytes_per_block"]
+    assert len(data["targets"]) == 4 and all(isinstance(t["met"], bool) for t in data["targets"].values())

@@ -7,8 +7,10 @@ import pytest
 from mlx_lm.models.cache import KVCache
 
 from mcp_semantic.block_pool import Block, BlockPool, Storage, block_ids, chain_ids, cut_blocks, reconstruct
+from mcp_semantic.cache_kinds import Layout
 
 EXACT = Storage("fp", "float32")
+PLAIN = Layout.full_attention(3, 2, 32)
 
 
 def test_ids_name_whole_prefixes() -> None:
@@ -45,10 +47,10 @@ def make_cache(n: int, layers: int = 3) -> list[KVCache]:
 def test_cut_and_reconstruct_round_trip(n: int, room: int, bits: int | None) -> None:
     storage = Storage("fp", "float32", bits)
     cache = make_cache(n)
-    blocks = cut_blocks(cache, list(range(n)), storage, 256)
+    blocks = cut_blocks(PLAIN, cache, list(range(n)), storage, 256)
     assert [len(b.tokens) for b in blocks] == [256] * (n // 256) + [n % 256] * (n % 256 > 0)
     assert [b.parent for b in blocks] == [""] + [b.id for b in blocks[:-1]]
-    rebuilt = reconstruct(blocks, storage, 3, room)
+    rebuilt = reconstruct(PLAIN, storage, blocks, n, n + room, 256)
     for original, c in zip(cache, rebuilt):
         assert c.offset == n and c.keys.shape[2] == n + room
         tolerance = 0 if bits is None else 0.1
@@ -61,9 +63,9 @@ def test_cut_and_reconstruct_round_trip(n: int, room: int, bits: int | None) -> 
 
 
 def test_a_cache_built_from_one_block_never_writes_into_it() -> None:
-    (block,) = cut_blocks(make_cache(8), list(range(8)), EXACT, 256)
+    (block,) = cut_blocks(PLAIN, make_cache(8), list(range(8)), EXACT, 256)
     before = mx.array(block.arrays["layers.0.keys"])
-    (c, *_) = reconstruct([block], EXACT, 3)
+    (c, *_) = reconstruct(PLAIN, EXACT, [block], 8, 8, 256)
     c.trim(4)  # then overwrite positions the block holds
     c.update_and_fetch(mx.zeros((1, 2, 2, 32)), mx.zeros((1, 2, 2, 32)))
     mx.eval(c.keys)
@@ -73,7 +75,7 @@ def test_a_cache_built_from_one_block_never_writes_into_it() -> None:
 def test_cut_skips_blocks_already_held() -> None:
     cache = make_cache(600)
     ids = chain_ids(list(range(600)), EXACT.key, 256)
-    blocks = cut_blocks(cache, list(range(600)), EXACT, 256, skip=ids[:2])
+    blocks = cut_blocks(PLAIN, cache, list(range(600)), EXACT, 256, skip=ids[:2])
     assert [b.id for b in blocks] == ids[2:]  # only the new tail is copied
 
 
@@ -88,6 +90,10 @@ def test_pool_counts_bytes_refs_and_order() -> None:
     assert pool.nbytes == 1200 and len(pool) == 3
     pool.add(block("a", 400))  # already held: counted once
     assert pool.nbytes == 1200
+    pool.add(Block("a", "", [0], {"layers.0.state.0": mx.zeros((25,), mx.float32)}))  # an array it lacked
+    assert pool.nbytes == 1300 and set(pool.peek("a").arrays) == {"layers.0.keys", "layers.0.state.0"}
+    pool.peek("a").arrays.pop("layers.0.state.0")
+    pool.nbytes -= 100
     pool.get("b")  # used: now the most recent
     assert list(pool.oldest()) == ["c", "a", "b"]
     pool.hold([], ["a", "b"])  # agent 1
@@ -100,17 +106,18 @@ def test_pool_counts_bytes_refs_and_order() -> None:
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_reconstruct_copies_on_the_host_and_refuses_blocks_that_do_not_join(dtype) -> None:
+def test_reconstruct_refuses_blocks_that_do_not_join(dtype) -> None:
     storage = Storage("fp", str(dtype).removeprefix("mlx.core."))
+    layout = Layout.full_attention(3, 2, 32, dtype)
     cache = make_cache(600)
     for c in cache:
         c.keys, c.values = c.keys.astype(dtype), c.values.astype(dtype)
-    blocks = cut_blocks(cache, list(range(600)), storage, 256)
-    rebuilt = reconstruct(blocks, storage, 3, 40)
+    blocks = cut_blocks(layout, cache, list(range(600)), storage, 256)
+    rebuilt = reconstruct(layout, storage, blocks, 600, 640, 256)
     assert rebuilt[2].keys.dtype == dtype and rebuilt[2].keys.shape[2] == 640
     assert mx.array_equal(rebuilt[2].values[..., :600, :], cache[2].values[..., :600, :]).item()
     assert not rebuilt[2].keys[..., 600:, :].any().item()  # the room is zeros
-    other = cut_blocks(make_cache(300, layers=3)[:1] * 3, list(range(300)), storage, 256)[1]
+    other = cut_blocks(layout, make_cache(300, layers=3)[:1] * 3, list(range(300)), storage, 256)[1]
     other.arrays = {k: a[:, :1].astype(dtype) for k, a in other.arrays.items()}  # one head, not two
     with pytest.raises(ValueError):
-        reconstruct(blocks[:2] + [other], storage, 3)
+        reconstruct(layout, storage, blocks[:2] + [other], 600, 600, 256)

@@ -60,3 +60,20 @@ def test_a_bad_model_stops_the_server_before_it_serves(tmp_path) -> None:
     args = [sys.executable, "-m", "mcp_semantic", "serve", "--model", str(tmp_path / "nope.gguf"), "--cache-dir", str(tmp_path)]
     out = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
     assert out.returncode == 1 and "does not exist" in out.stderr and out.stdout == ""
+
+
+def test_a_model_whose_cache_kind_is_not_kept_stops_the_server_naming_both(tmp_path, monkeypatch) -> None:
+    """No such model ships with mlx-lm today; one that makes a cache we cannot keep must never reach
+    its first ask_agent: the server exits at start, naming the model type and the cache kind."""
+    from mlx_lm.models import gemma3_text
+    from mlx_lm.models.cache import RotatingKVCache
+
+    from mcp_semantic.server import serve
+    from mcp_semantic.settings import Settings
+    from mcp_semantic.tiny_model import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "gemma", model_type="gemma3_text")
+    monkeypatch.setattr(gemma3_text.Model, "make_cache", lambda self: [RotatingKVCache(24, keep=4) for _ in self.layers])
+    with pytest.raises(SystemExit) as exit:
+        serve(Settings(model=str(model), cache_dir=tmp_path / "cache"))
+    assert "model type 'gemma3_text' makes a RotatingKVCache(keep=4) cache" in str(exit.value.code)

@@ -12,26 +12,39 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from mlx_lm.models.cache import KVCache
 
-from mcp_semantic.block_pool import Storage, cut_blocks, reconstruct
+from mcp_semantic.block_pool import Storage, array_names, cut_blocks, reconstruct
+from mcp_semantic.cache_kinds import Layout
 from mcp_semantic.store import NAME_RULE, Agent, InvalidName, KVRecord, Store, Writer, check_name, host_block
 
 EXACT = Storage("fp", "float32")
 B = 4  # tokens per block in these tests
 
 
+def layout(layers: int = 2, head_dim: int = 4, dtype: mx.Dtype = mx.float32) -> Layout:
+    return Layout.full_attention(layers, 2, head_dim, dtype)
+
+
+def names(storage: Storage = EXACT, layers: int = 2) -> set[str]:
+    """The arrays a block of `layers` layers holds: what the store checks a file against."""
+    return array_names(layout(layers), storage)
+
+
 def save(store: Store, name: str, cache: list[KVCache], tokens: list[int], storage: Storage = EXACT, block_tokens: int = B) -> int:
     """What the engine does: cut the cache into blocks, hand them and the list to the store."""
-    blocks = cut_blocks(cache, tokens, storage, block_tokens)
+    blocks = cut_blocks(layout(len(cache), cache[0].keys.shape[3]), cache, tokens, storage, block_tokens)
     return store.commit_kv(name, KVRecord([b.id for b in blocks], tokens), [host_block(b) for b in blocks], storage)
 
 
-def load(store: Store, name: str, storage: Storage = EXACT, n_layers: int = 2) -> list[KVCache]:
+def load(store: Store, name: str, storage: Storage = EXACT, layers: int = 2, head_dim: int = 4,
+         block_tokens: int = B) -> list[KVCache]:
     blocks = []
-    for bid in store.kv_record(name).blocks:
-        block, problem = store.read_block(bid, storage, n_layers)
+    record = store.kv_record(name)
+    for bid in record.blocks:
+        block, problem = store.read_block(bid, storage, names(storage, layers))
         assert problem is None, problem
         blocks.append(block)
-    return reconstruct(blocks, storage, n_layers)
+    n = len(record.tokens)
+    return reconstruct(layout(layers, head_dim), storage, blocks, n, n, block_tokens)
 
 
 def make_cache(n: int, layers: int = 2) -> list[KVCache]:
@@ -162,7 +175,7 @@ def test_a_commit_waits_for_blocks_it_does_not_have(tmp_path: Path, caplog) -> N
     store = Store(tmp_path)
     save(store, "a", make_cache(6), list(range(6)))
     before = store.kv_record("a")
-    blocks = cut_blocks(make_cache(10), list(range(10)), EXACT, B)
+    blocks = cut_blocks(layout(), make_cache(10), list(range(10)), EXACT, B)
     store.commit_kv("a", KVRecord([b.id for b in blocks], list(range(10))), [host_block(blocks[0])], EXACT)
     assert store.kv_record("a") == before and "not saved" in caplog.text  # the old list stays whole
 
@@ -172,7 +185,7 @@ def test_unreferenced_blocks_and_temporaries_are_removed_at_start(tmp_path: Path
     store = Store(tmp_path)
     save(store, "a", make_cache(6), list(range(6)))
     kept = {p.name for p in store.blocks_dir.iterdir()}
-    orphans = cut_blocks(make_cache(9), list(range(100, 109)), EXACT, B)
+    orphans = cut_blocks(layout(), make_cache(9), list(range(100, 109)), EXACT, B)
     for block in orphans:  # written, never committed
         store.commit_kv("x", KVRecord([block.id], block.tokens), [host_block(block)], EXACT)
     store.db.execute("DELETE FROM kv WHERE agent = 'x'")
@@ -190,7 +203,7 @@ def test_unreferenced_blocks_and_temporaries_are_removed_at_start(tmp_path: Path
         (lambda b: b"", "unreadable"),
         (lambda b: b"\x00" * len(b), "unreadable"),
         (lambda b: b.replace(b'"tokens":"[4,5', b'"tokens":"[9,5'), "does not hold the tokens"),
-        (lambda b: b.replace(b"mcp-semantic-block/2", b"mcp-semantic-block/9"), "format"),
+        (lambda b: b.replace(b"mcp-semantic-block/3", b"mcp-semantic-block/9"), "format"),
         (lambda b: b[:-5] + bytes([b[-5] ^ 0x10]) + b[-4:], "checksum"),  # one flipped bit in the data
     ],
 )
@@ -202,10 +215,10 @@ def test_damaged_blocks_are_misses(tmp_path: Path, damage, why: str) -> None:
     damaged = damage(path.read_bytes())
     assert damaged != path.read_bytes()
     path.write_bytes(damaged)
-    block, problem = store.read_block(bid, EXACT, 2)
+    block, problem = store.read_block(bid, EXACT, names())
     assert block is None and why in problem and path.name in problem
     assert not path.exists()  # deleted: the next save of an agent holding it writes it again
-    assert save(store, "a", make_cache(6), list(range(6))) > 0 and store.read_block(bid, EXACT, 2)[0] is not None
+    assert save(store, "a", make_cache(6), list(range(6))) > 0 and store.read_block(bid, EXACT, names())[0] is not None
 
 
 def test_foreign_blocks_are_misses_and_go(tmp_path: Path) -> None:
@@ -214,14 +227,14 @@ def test_foreign_blocks_are_misses_and_go(tmp_path: Path) -> None:
         (Storage("another", "float32"), 3, "another model or precision"),
         (Storage("fp", "float32", 16), 3, "another model or precision"),
         (Storage("fp", "bfloat16"), 3, "another model or precision"),  # another dtype
-        (EXACT, 2, "3 layers, the model 2"),
+        (EXACT, 2, "other arrays than the model's cache"),  # another layer count
     ]:
         save(store, "a", make_cache(5, layers=3), list(range(5)))
         bid = store.kv_record("a").blocks[0]
-        assert why in store.read_block(bid, storage, n_layers)[1]
+        assert why in store.read_block(bid, storage, names(storage, n_layers))[1]
         assert not store.block_path(bid).exists()  # gone: the next save writes it anew
         store.delete_kv("a")
-    assert "missing" in store.read_block("0" * 32, EXACT, 3)[1]
+    assert "missing" in store.read_block("0" * 32, EXACT, names(EXACT, 3))[1]
     with pytest.raises(ValueError, match="invalid block id"):
         store.block_path("../../etc/passwd")
 
@@ -234,7 +247,7 @@ def test_blocks_are_copies_the_cache_can_move_on_from(tmp_path: Path) -> None:
     """The engine keeps using a cache after its blocks are cut; the blocks must not change."""
     store = Store(tmp_path)
     cache = make_cache(10)
-    blocks = cut_blocks(cache, list(range(10)), EXACT, B)
+    blocks = cut_blocks(layout(), cache, list(range(10)), EXACT, B)
     for c in cache:  # trim and overwrite positions the blocks cover
         c.trim(5)
         c.update_and_fetch(mx.full((1, 2, 3, 4), 7.0), mx.full((1, 2, 3, 4), 7.0))
@@ -251,7 +264,7 @@ def test_bfloat16_round_trip(tmp_path: Path) -> None:
     storage = Storage("fp", "bfloat16")
     save(store, "a", [c], list(range(6)), storage)
     rebuilt = load(store, "a", storage, 1)
-    assert rebuilt[0].keys.dtype == mx.bfloat16 and mx.array_equal(rebuilt[0].values, -k).item()
+    assert rebuilt[0].keys.dtype == mx.bfloat16 and mx.array_equal(rebuilt[0].values[..., :6, :], -k).item()
 
 
 def test_writer_runs_jobs_in_order_and_waits(caplog) -> None:
@@ -277,7 +290,7 @@ def test_kv_bits_store_smaller_and_close(tmp_path: Path, bits: int, ratio: float
     lossless = save(store, "exact", [c], list(range(300)), block_tokens=256)
     smaller = save(store, "small", [c], list(range(300)), small, block_tokens=256)
     assert smaller < ratio * lossless
-    rebuilt = load(store, "small", small, 1)[0]
+    rebuilt = load(store, "small", small, 1, 64, 256)[0]
     assert rebuilt.keys.dtype == mx.float32 and rebuilt.offset == 300
     assert mx.abs(rebuilt.keys - k).max().item() < tolerance
     assert mx.abs(rebuilt.values + k).max().item() < tolerance
@@ -305,7 +318,7 @@ def test_any_damage_to_a_block_file_is_a_miss_or_the_same_data(tmp_path: Path, d
     else:
         raw = bytearray(data.draw(st.binary(max_size=512)))
     path.write_bytes(bytes(raw))
-    block, problem = store.read_block(bid, EXACT, 2)
+    block, problem = store.read_block(bid, EXACT, names())
     if block is None:
         assert problem and path.name in problem
     else:
@@ -321,21 +334,23 @@ def test_block_files_are_plain_safetensors(tmp_path: Path) -> None:
     save(store, "a", cache, list(range(6)))
     path = store.block_path(store.kv_record("a").blocks[0])
     with safe_open(str(path), framework="numpy") as f:
-        assert f.metadata()["format"] == "mcp-semantic-block/2"
+        assert f.metadata()["format"] == "mcp-semantic-block/3"
         assert (f.get_tensor("layers.1.values") == np.array(cache[1].values[..., :4, :])).all()
     arrays = mx.load(str(path))
     assert mx.array_equal(arrays["layers.0.keys"], cache[0].keys[..., :4, :]).item()
 
 
-def test_blocks_of_the_old_format_are_a_clear_miss(tmp_path: Path) -> None:
-    """Format /1 (a CRC-32 per array) is not read: a miss that says so, and the file goes."""
+@pytest.mark.parametrize("old", [b"mcp-semantic-block/1", b"mcp-semantic-block/2"])
+def test_blocks_of_older_formats_are_a_clear_miss(tmp_path: Path, old: bytes) -> None:
+    """Formats /1 (a CRC-32 per array) and /2 (one checksum over all the data) are not read: a
+    miss that says so, and the file goes."""
     store = Store(tmp_path)
     save(store, "a", make_cache(4), list(range(4)))
     bid = store.kv_record("a").blocks[0]
     path = store.block_path(bid)
-    path.write_bytes(path.read_bytes().replace(b"mcp-semantic-block/2", b"mcp-semantic-block/1"))
-    block, problem = store.read_block(bid, EXACT, 2)
-    assert block is None and "'mcp-semantic-block/1', expected mcp-semantic-block/2" in problem and not path.exists()
+    path.write_bytes(path.read_bytes().replace(b"mcp-semantic-block/3", old))
+    block, problem = store.read_block(bid, EXACT, names())
+    assert block is None and f"'{old.decode()}', expected mcp-semantic-block/3" in problem and not path.exists()
 
 
 def test_read_blocks_reads_many_and_says_which_failed(tmp_path: Path) -> None:
@@ -347,7 +362,7 @@ def test_read_blocks_reads_many_and_says_which_failed(tmp_path: Path) -> None:
     raw = bytearray(damaged.read_bytes())
     raw[-1] ^= 1
     damaged.write_bytes(bytes(raw))
-    results = store.read_blocks(ids + ["0" * 32], EXACT, 2)
+    results = store.read_blocks(ids + ["0" * 32], EXACT, names())
     assert [b is not None for b, _ in results] == [True, True, False, True, True, False]
     assert "checksum" in results[2][1] and "missing" in results[5][1] and not damaged.exists()
     for i in (0, 1, 3, 4):
