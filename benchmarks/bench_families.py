@@ -37,6 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import mcp_semantic  # noqa: F401  (OpenBLAS before MLX)
+from mlx_lm.utils import common_prefix_len
+
 import peers
 from peers import MlxServer, Ours
 from report import RESULTS, header, pyplot, save
@@ -50,11 +53,12 @@ from mcp_semantic.tiny_model import THINKING_CHAT_TEMPLATE, make_tiny_model
 
 SHAPES = {
     "qwen3.5-0.8b": dict(model_type="qwen3_5", num_layers=24, hidden_size=1024, num_heads=8, num_kv_heads=2,
-                         intermediate_size=3584, config_overrides={
+                         intermediate_size=3584, max_position_embeddings=32768, config_overrides={
                              "head_dim": 256, "linear_num_key_heads": 16, "linear_num_value_heads": 16,
                              "linear_key_head_dim": 128, "linear_value_head_dim": 128}),
     "gemma3-1b": dict(model_type="gemma3_text", num_layers=26, hidden_size=1152, num_heads=4, num_kv_heads=1,
-                      intermediate_size=6912, sliding_window=512, config_overrides={"head_dim": 256}),
+                      intermediate_size=6912, sliding_window=512, max_position_embeddings=32768,
+                      config_overrides={"head_dim": 256}),
 }
 QUICK_SHAPES = {"qwen3.5-tiny": dict(model_type="qwen3_5"), "gemma3-tiny": dict(model_type="gemma3_text")}
 REPLY = 8  # tokens per reply: TTFT does not depend on it
@@ -85,7 +89,8 @@ def resume(ours: Ours, lm, name: str, ctx: int, repeats: int) -> dict:
 
 
 def thinking(lm, spec: dict, work: Path) -> dict:
-    """The second turn of a thinking template: reused up to the last block end before the change."""
+    """The second turn of a thinking template, which drops the `<think>` the first prompt opened:
+    reused up to the change (attention) or where the first reply's turn began (recurrent state)."""
     model = make_tiny_model(work / "thinking", chat_template=THINKING_CHAT_TEMPLATE, **spec)
     ours = Ours(Settings(model=str(model), cache_dir=work / "thinking-cache"), load_model(str(model), work))
     try:
@@ -97,11 +102,12 @@ def thinking(lm, spec: dict, work: Path) -> dict:
         before = tok.apply_chat_template(agent.messages[:2], add_generation_prompt=True)
         after = tok.apply_chat_template(agent.messages[:3], add_generation_prompt=True)
         changed = next(i for i, (a, b) in enumerate(zip(before, after)) if a != b)
+        turn = common_prefix_len(before, tok.apply_chat_template(agent.messages[:2], add_generation_prompt=False))
         block = ours.engine.caches.block_tokens
-        reusable = changed // block * block if ours.engine.layout.recurrent else changed
         return {"first_context_tokens": first.prompt_tokens, "second_context_tokens": second.prompt_tokens,
-                "first_change_at": changed, "reusable_tokens": reusable, "cached_tokens": second.cached,
-                "second_ttft_ms": second.ttft_ms, "tier": second.tier}
+                "first_change_at": changed, "last_block_end_before_change": changed // block * block,
+                "first_turn_start": turn, "cached_tokens": second.cached, "second_ttft_ms": second.ttft_ms,
+                "tier": second.tier}
     finally:
         ours.close()
 
@@ -205,7 +211,8 @@ def table(r: dict) -> None:
                   f"{x['disk']['ms'] / x['hot']['ms']:>10.2f}{x['disk_bytes_per_token']:>12,.0f}")
         t = s["thinking"]
         print(f"thinking template, second turn: {t['cached_tokens']} of {t['second_context_tokens']} tokens cached; the prompt "
-              f"changes at {t['first_change_at']}, the last block end before it is {t['reusable_tokens']}")
+              f"changes at {t['first_change_at']} (the first reply's turn began at {t['first_turn_start']}, the last "
+              f"block end before the change is {t['last_block_end_before_change']})")
     print("\ntargets")
     for name, t in r["targets"].items():
         print(f"  {'met   ' if t['met'] else 'MISSED'} {name}: " + ", ".join(

@@ -4,7 +4,13 @@ An agent's cache is a list of content-addressed blocks (block_pool.py): the `KVR
 tokens they hold. The blocks live in the pool in memory (each once, however many agents hold
 it) and in the store on disk. A call's working cache is built from its blocks, with room for its
 prompt; after the call, only the blocks of its new tokens are copied into the pool, and the
-working cache goes.
+working cache goes. With recurrent layers a cache resumes only where a block ends (a state
+cannot be trimmed back), so the engine keeps the states at every block end a call passes
+(`Checkpoints`), and each block gets the state after its last token. The next prompt renders
+the reply from its text, and a reply re-tokenized differently, or a template that rewrites it
+(thinking models), would send the cache back to the last block end before the reply: so the
+agent also keeps the cache where its reply's turn began, as a partial block (`KVRecord.branch`),
+as llama.cpp keeps a checkpoint after each prompt.
 
 Why not keep the working cache for the agent's next call: it passes through the batch, which
 copies it (mlx-lm's BatchKVCache), and what comes out has no room for the next prompt, so
@@ -72,11 +78,12 @@ class Caches:
         for name, record in store.kv_records().items():
             if name not in agents:
                 continue
-            if chain_ids(record.tokens, storage.key, block_tokens) != record.blocks:
+            if chain_ids(record.tokens, storage.key, block_tokens) != record.blocks or record.branch and (
+                    chain_ids(record.tokens[: record.branch_tokens], storage.key, block_tokens)[-1:] != [record.branch]):
                 self.problems[name] = "its saved KV cache was made by another model, --kv-bits or --block-tokens"
                 continue
             self.records[name] = record
-            self.pool.hold([], record.blocks)
+            self.pool.hold([], record.ids)
         self.unsaved: set[str] = set()
         self.unsettled: list[Block] = []  # blocks cut lazily, not copied yet: see settle
         # blocks stored as computed, on the CPU: read straight into the working cache (_build_on_host)
@@ -102,7 +109,7 @@ class Caches:
         record = self.records.get(name)
         if record is None:
             return
-        new = [b for bid in record.blocks if not self.store.has_block(bid) and (b := self.pool.peek(bid)) is not None
+        new = [b for bid in record.ids if not self.store.has_block(bid) and (b := self.pool.peek(bid)) is not None
                and self.whole(b)]
         mx.eval([a for b in new for a in b.arrays.values()])  # blocks cut lazily are copied now
         blocks = [host_block(b) for b in new]
@@ -139,15 +146,22 @@ class Caches:
         """Whether the block holds every array (one read from disk for a call may not: Block)."""
         return len(block.arrays) == len(self.all_names)
 
-    def remember(self, name: str, cache: list[Any], tokens: list[int], checkpoints: Checkpoints) -> None:
+    def remember(self, name: str, cache: list[Any], tokens: list[int], checkpoints: Checkpoints, turn: int = 0) -> None:
         """After a call: the agent's blocks are those of `tokens` (`cache` holds them, and
-        `checkpoints` the recurrent states at block ends); copy the new ones into the pool."""
+        `checkpoints` the recurrent states at block ends); copy the new ones into the pool. With
+        recurrent layers, the cache of `tokens[:turn]` (the call's turn began there) is kept too:
+        its last, partial block is the record's branch."""
         if self.layout.recurrent:
             checkpoints = {**checkpoints, len(tokens): self.layout.states(cache)}
         ids = self._cut(cache, tokens, checkpoints)
+        record = KVRecord(ids, tokens[: len(ids) * self.block_tokens])
+        if self.layout.recurrent and turn in checkpoints and turn % self.block_tokens and turn < len(record.tokens):
+            branch = self._cut(cache, tokens[:turn], checkpoints)
+            if len(branch) == -(-turn // self.block_tokens):
+                record.branch, record.branch_tokens = branch[-1], turn
         old = self.records.get(name)
-        self.pool.hold(old.blocks if old else [], ids)
-        self.records[name] = KVRecord(ids, tokens[: len(ids) * self.block_tokens])
+        self.pool.hold(old.ids if old else [], record.ids)
+        self.records[name] = record
         self.unsaved.add(name)
 
     def _cut(self, cache: list[Any], tokens: list[int], checkpoints: Checkpoints) -> list[str]:
@@ -187,15 +201,15 @@ class Caches:
         self.unsaved.discard(name)
         record = self.records.pop(name, None)
         if record is not None:
-            self.pool.hold(record.blocks, [])
+            self.pool.hold(record.ids, [])
 
     def fork(self, source: str, target: str) -> None:
         """`target` holds the source's blocks: nothing is copied, nothing is written but its list."""
         record = self.records.get(source)
         if record is None:
             return
-        self.records[target] = KVRecord(list(record.blocks), list(record.tokens))
-        self.pool.hold([], record.blocks)
+        self.records[target] = KVRecord(list(record.blocks), list(record.tokens), record.branch, record.branch_tokens)
+        self.pool.hold([], record.ids)
         self.save(source)  # the source's blocks are queued first, so the fork's list finds them on disk
         self.unsaved.add(target)
         self.save(target)
@@ -258,7 +272,11 @@ class Caches:
         if record is not None:
             ids = list(itertools.takewhile(lambda b: b not in bad, record.blocks))
             ends = [min((i + 1) * B, len(record.tokens)) for i in range(len(ids))]
-            best = self._usable(ids, ends, min(common_prefix_len(record.tokens, prompt), limit, ends[-1] if ends else 0))
+            common = common_prefix_len(record.tokens, prompt)
+            best = self._usable(ids, ends, min(common, limit, ends[-1] if ends else 0))
+            n = record.branch_tokens
+            if record.branch and record.branch not in bad and best[2] < n <= min(common, limit) and len(ids) >= n // B:
+                best = (ids[: n // B] + [record.branch], ends[: n // B] + [n], n)
         shared = []
         for bid in block_ids(prompt, self.storage.key, B):
             if bid in bad or bid not in self.pool and not self.store.has_block(bid):
@@ -340,13 +358,13 @@ class Caches:
     def agent_memory(self, name: str) -> dict[str, Any]:
         """What list_agents says of an agent's cache."""
         record = self.records.get(name)
-        ids = set(record.blocks) if record else set()
+        ids = set(record.ids) if record else set()
         in_memory = [bid for bid in ids if bid in self.pool]
         disk, shared_disk = self.store.kv_bytes(name)
         hot = record is not None and len(in_memory) == len(ids) > 0
         return {
             "tier": "hot" if hot else "disk" if record else "none",
-            "blocks": len(record.blocks) if record else 0,
+            "blocks": len(record.ids) if record else 0,
             "memory_bytes": sum(self.pool.peek(b).nbytes for b in in_memory),
             "shared_memory_bytes": sum(self.pool.peek(b).nbytes for b in in_memory if self.pool.refs[b] > 1),
             "disk_bytes": disk,

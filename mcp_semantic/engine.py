@@ -2,8 +2,9 @@
 
 Each agent's truth is its transcript (store.Agent); its KV cache is only a cache of the
 transcript's tokens, kept as content-addressed blocks (caches.py). On every call the prompt is
-rebuilt from the messages with the chat template, the longest cached prefix is found, and only
-the new tokens are prefilled.
+rebuilt from the messages with the chat template, the longest cached prefix is found (for a
+model with recurrent layers, the longest that ends where a block ends), and only the new tokens
+are prefilled.
 
 Calls are scheduled continuously: a call reads its prompt, then joins the decode batch
 (batch.py) at the next step, its cache with it, and leaves when it finishes, so one agent's long
@@ -19,13 +20,16 @@ reports progress through an async callback.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Literal
 
 import anyio
@@ -33,6 +37,7 @@ import anyio.from_thread
 import anyio.lowlevel
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_top_p, make_sampler
+from mlx_lm.utils import common_prefix_len
 from pydantic import BaseModel, ConfigDict
 
 from mcp_semantic import attention
@@ -217,6 +222,7 @@ class _Running:
     cache_load: float = 0.0
     cache: list[Any] | None = None
     checkpoints: Checkpoints = field(default_factory=dict)  # recurrent states at block ends (caches.py)
+    turn: int = 0  # with recurrent layers: where the prompt's generation prompt (the reply's turn) begins
     pending: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     row: Row | None = None  # set once it decodes in the batch
@@ -232,6 +238,33 @@ def _post(token: Any, fn: Callable[..., Any], *args: Any) -> None:
         anyio.from_thread.run_sync(fn, *args, token=token)
     except (anyio.RunFinishedError, anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError, RuntimeError):
         pass
+
+
+_open_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_engines() -> None:
+    """An engine its owner did not close is closed as the interpreter exits, while its thread can
+    still run: its caches are saved, and its thread does not end during finalization (below)."""
+    for engine in list(_open_engines):
+        engine.close()
+
+
+def _wait_for_exit(native_id: int | None, timeout_s: float = 2.0) -> None:
+    """Wait until a thread has ended for the OS too, past its C++ thread-local destructors.
+
+    Why: MLX keeps a compile cache per thread (mlx-lm compiles its activations) whose destructor
+    takes the GIL, and Python's join returns before those destructors run; a process that
+    finalizes meanwhile aborts ("terminate called without an active exception"). Linux lists a
+    live thread under /proc; elsewhere a short sleep, which lets go of the GIL, has to do."""
+    task = Path(f"/proc/self/task/{native_id}")
+    if not task.parent.is_dir():
+        time.sleep(0.05)
+        return
+    deadline = time.monotonic() + timeout_s
+    while task.exists() and time.monotonic() < deadline:
+        time.sleep(0.002)
 
 
 def check_model(lm: LoadedModel, kv_bits: int | None) -> Layout:
@@ -323,6 +356,7 @@ class Engine:
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="mcp-semantic-engine", daemon=True)
         self._thread.start()
+        _open_engines.add(self)
 
     def _new_batch(self) -> DecodeBatch:
         return DecodeBatch(self.lm.model, self.layout, self.caches.block_tokens)
@@ -428,6 +462,7 @@ class Engine:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+            _wait_for_exit(self._thread.native_id)
             self.store.close()
 
     # The engine thread: scheduling
@@ -530,7 +565,10 @@ class Engine:
         else:
             sampler = make_sampler(temp=req.temperature, top_p=req.top_p if req.top_p < 1 else 0.0)
         max_new = min(req.max_tokens, limit - len(prompt))
-        self._running.append(_Running(job, agent, messages, prompt, max_new, sampler, started))
+        r = _Running(job, agent, messages, prompt, max_new, sampler, started)
+        if self.layout.recurrent:  # a checkpoint there is kept (Caches.remember)
+            r.turn = common_prefix_len(prompt, self.lm.tokenizer.apply_chat_template(messages, add_generation_prompt=False))
+        self._running.append(r)
         self.peak_batch = max(self.peak_batch, len(self._running))
         return True
 
@@ -595,8 +633,8 @@ class Engine:
         model = self.lm.model
         started = time.perf_counter()
         B, done = self.caches.block_tokens, len(r.prompt) - len(r.pending)
-        if self.layout.recurrent:  # chunks end where blocks end, so each block gets its state
-            step = min(step, (done // B + 1) * B - done)
+        if self.layout.recurrent:  # chunks end where blocks end, so each block gets its state, and where the turn begins
+            step = min(step, (done // B + 1) * B - done, r.turn - done if r.turn > done else step)
         if len(r.pending) > step + tail or self.layout.recurrent and len(r.pending) > step:
             model(mx.array(r.pending[:step])[None], cache=r.cache)
             mx.eval([c.state for c in r.cache])
@@ -625,8 +663,9 @@ class Engine:
         r.cache = None  # the batch holds it now
 
     def _checkpoint(self, r: _Running, n: int) -> None:
-        """With recurrent layers, keep their states when the cache holds `n` tokens, a block's end."""
-        if self.layout.recurrent and n % self.caches.block_tokens == 0:
+        """With recurrent layers, keep their states when the cache holds `n` tokens, a block's end
+        or where the turn begins."""
+        if self.layout.recurrent and (n % self.caches.block_tokens == 0 or n == r.turn):
             r.checkpoints[n] = self.layout.states(r.cache)
 
     def _decode_step(self) -> None:
@@ -667,7 +706,7 @@ class Engine:
             agent.last_used_at = time.time()
             self.store.save_agent(agent)  # the transcript is saved before the reply goes out
             self._agents[agent.name] = agent
-            self.caches.remember(agent.name, r.cache, tokens, r.checkpoints)
+            self.caches.remember(agent.name, r.cache, tokens, r.checkpoints, r.turn)
             self.caches.enforce_budget()
         if r.row is not None:  # let the cache's memory go now (the row and the call refer to each other)
             r.row.cache = r.row.key = None

@@ -249,17 +249,30 @@ CREATE TABLE IF NOT EXISTS agents (
 CREATE TABLE IF NOT EXISTS kv (
     agent TEXT PRIMARY KEY,
     blocks TEXT NOT NULL,     -- JSON list of block ids, in order
-    tokens TEXT NOT NULL      -- JSON list of the token ids those blocks hold
+    tokens TEXT NOT NULL,     -- JSON list of the token ids those blocks hold
+    branch TEXT               -- JSON [block id, tokens] of a partial block ending inside them, or null
 );
 """
 
 
 @dataclass
 class KVRecord:
-    """An agent's KV cache as the store knows it: its blocks' ids, and the tokens they hold."""
+    """An agent's KV cache as the store knows it: its blocks' ids, and the tokens they hold.
+
+    `branch`: the id of a partial block that ends a shorter cache, of the first `branch_tokens`
+    of `tokens` (the blocks before it are the first ones of `blocks`): with recurrent layers, the
+    cache at the start of the last reply, which the next prompt reaches even when it renders the
+    reply with other tokens than were generated (caches.py)."""
 
     blocks: list[str]
     tokens: list[int]
+    branch: str | None = None
+    branch_tokens: int = 0
+
+    @property
+    def ids(self) -> list[str]:
+        """Every block the record holds."""
+        return self.blocks + [self.branch] if self.branch else self.blocks
 
 
 @dataclass
@@ -336,6 +349,16 @@ class _Pending:
     start: int  # where the data region starts in the file
     checksums: dict[str, str]  # name -> xxh3_64 of its data
     layout: dict[str, tuple[mx.Dtype, list[int], int, int]]  # name -> (dtype, shape, begin, end), in file order
+
+
+def _record(blocks: str, tokens: str, branch: str | None) -> KVRecord:
+    """A kv row as a KVRecord (json errors and wrong types raise ValueError or TypeError)."""
+    record = KVRecord(json.loads(blocks), json.loads(tokens))
+    if branch is not None:
+        record.branch, record.branch_tokens = json.loads(branch)
+        if not isinstance(record.branch_tokens, int):
+            raise ValueError("a branch's token count that is not an integer")
+    return record
 
 
 class _Unusable(Exception):
@@ -437,7 +460,7 @@ class Store:
         self.db = self._open_db(self.root / "store.db")
         self.refs: Counter[str] = Counter()  # block id -> block lists on disk naming it
         for record in self.kv_records().values():
-            self.refs.update(record.blocks)
+            self.refs.update(record.ids)
         self._sizes: dict[str, int] = {}
         self._collect_garbage()
         # Block files are read on these threads, several at once (read_blocks).
@@ -450,6 +473,8 @@ class Store:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")  # a turn answered is a turn on disk
             db.executescript(_SCHEMA)
+            if "branch" not in {row[1] for row in db.execute("PRAGMA table_info(kv)")}:  # a store of before 0.2
+                db.execute("ALTER TABLE kv ADD COLUMN branch TEXT")
             return db
         except sqlite3.DatabaseError as e:
             lost = []
@@ -551,7 +576,7 @@ class Store:
             with self._transaction():
                 self.db.execute("DELETE FROM agents WHERE name = ?", (check_name(name),))
                 self.db.execute("DELETE FROM kv WHERE agent = ?", (name,))
-            return self._release(record.blocks if record else [])
+            return self._release(record.ids if record else [])
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -569,12 +594,12 @@ class Store:
     def kv_records(self) -> dict[str, KVRecord]:
         """Every agent's stored block list; unreadable rows are left out (logged)."""
         with self._lock:
-            rows = self.db.execute("SELECT agent, blocks, tokens FROM kv").fetchall()
+            rows = self.db.execute("SELECT agent, blocks, tokens, branch FROM kv").fetchall()
         records = {}
-        for agent, blocks, tokens in rows:
+        for agent, *row in rows:
             try:
-                record = KVRecord(json.loads(blocks), json.loads(tokens))
-                if not all(isinstance(b, str) and _BLOCK_ID_RE.fullmatch(b) for b in record.blocks):
+                record = _record(*row)
+                if not all(isinstance(b, str) and _BLOCK_ID_RE.fullmatch(b) for b in record.ids):
                     raise ValueError("a block id that is not 32 hex digits")
                 if not all(isinstance(t, int) for t in record.tokens):
                     raise ValueError("a token id that is not an integer")
@@ -585,8 +610,8 @@ class Store:
 
     def kv_record(self, name: str) -> KVRecord | None:
         with self._lock:
-            row = self.db.execute("SELECT blocks, tokens FROM kv WHERE agent = ?", (check_name(name),)).fetchone()
-        return KVRecord(json.loads(row[0]), json.loads(row[1])) if row else None
+            row = self.db.execute("SELECT blocks, tokens, branch FROM kv WHERE agent = ?", (check_name(name),)).fetchone()
+        return _record(*row) if row else None
 
     def commit_kv(self, name: str, record: KVRecord, blocks: list[HostBlock], storage: Storage) -> int:
         """Save an agent's cache: write the blocks of `record` that are not on disk yet (from
@@ -606,7 +631,7 @@ class Store:
     def _write_blocks(self, name: str, record: KVRecord, blocks: list[HostBlock], storage: Storage) -> int | None:
         given = {b.id: b for b in blocks}
         written = 0
-        for bid in record.blocks:
+        for bid in record.ids:
             path = self.block_path(bid)
             if path.exists():
                 continue
@@ -620,18 +645,19 @@ class Store:
     def _commit_record(self, name: str, record: KVRecord) -> None:
         old = self.kv_record(name)
         self.db.execute(
-            "INSERT OR REPLACE INTO kv VALUES (?, ?, ?)",
-            (name, json.dumps(record.blocks), json.dumps(record.tokens, separators=(",", ":"))),
+            "INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?)",
+            (name, json.dumps(record.blocks), json.dumps(record.tokens, separators=(",", ":")),
+             json.dumps([record.branch, record.branch_tokens]) if record.branch else None),
         )
-        self.refs.update(record.blocks)
-        self._release(old.blocks if old else [])
+        self.refs.update(record.ids)
+        self._release(old.ids if old else [])
 
     def delete_kv(self, name: str) -> int:
         """Forget the agent's stored cache; returns the bytes freed (its blocks no other list names)."""
         with self._lock:
             record = self.kv_record(name)
             self.db.execute("DELETE FROM kv WHERE agent = ?", (check_name(name),))
-            return self._release(record.blocks if record else [])
+            return self._release(record.ids if record else [])
 
     def _release(self, blocks: list[str]) -> int:
         """Drop one reference to each block; delete the files no list names any more."""
@@ -666,7 +692,7 @@ class Store:
             record = self.kv_record(name)
             if record is None:
                 return 0, 0
-            ids = set(record.blocks)
+            ids = set(record.ids)
             total = sum(self._size(b) for b in ids)
             shared = sum(self._size(b) for b in ids if self.refs[b] > 1)
             return total, shared

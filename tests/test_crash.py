@@ -139,3 +139,13 @@ async def test_an_interrupted_fork_or_eviction_is_done_or_not(settings: Settings
         assert {p.stem for p in engine.store.blocks_dir.iterdir()} == held
         assert (await engine.ask(AskRequest("src", "And then?", max_tokens=8))).tier == "disk"
     await engine.aclose()
+
+
+async def test_sigkill_around_saves_of_a_hybrid_model(tmp_path, stdio_server, replay) -> None:
+    """The same with recurrent state in the blocks (a gated delta-net model): no answered turn
+    lost, and the answer after the kills exact."""
+    from mcp_semantic.tiny_model import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", model_type="qwen3_next")
+    settings = Settings(model=str(model), cache_dir=tmp_path / "cache", block_tokens=16)
+    await sigkill_trials(settings, stdio_server, replay, trials=3, seed=11)

@@ -18,6 +18,7 @@ from pathlib import Path
 import anyio
 import mlx_lm
 import pytest
+from mlx_lm.utils import common_prefix_len
 
 from mcp_semantic.engine import AskRequest
 from mcp_semantic.server import open_engine
@@ -63,6 +64,16 @@ class Conversation:
         return other
 
 
+async def saved_conversation(settings: Settings, turns: int) -> Conversation:
+    """Agent `a`'s first `turns` questions, answered (exactly) and saved by a server since closed."""
+    a = Conversation(open_engine(settings), "a", SYSTEM)
+    for q in QUESTIONS[:turns]:
+        await a.ask(q)
+        a.system = None
+    await a.engine.aclose()
+    return a
+
+
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("families")
@@ -84,7 +95,10 @@ async def test_every_tier_equals_plain_mlx_lm(family: str, family_dirs, tmp_path
     nbytes = {name: math.prod(shape) * dtype.size for name, (shape, dtype) in engine.layout.shapes.items()}
     kv = sum(n for name, n in nbytes.items() if ".state." not in name)
     states = sum(n for name, n in nbytes.items() if ".state." in name)
-    assert listed.memory_bytes == listed.tokens * kv + listed.blocks * states == engine.caches.used()
+    record = engine.caches.records["a"]  # a recurrent model's branch block holds its turn's start
+    assert bool(record.branch) == engine.layout.recurrent and listed.blocks == len(record.blocks) + bool(record.branch)
+    tokens = len(record.tokens) + record.branch_tokens % 16
+    assert listed.memory_bytes == tokens * kv + listed.blocks * states == engine.caches.used()
     await engine.aclose()
 
     engine = a.engine = open_engine(settings)  # a restart: the cache comes from disk
@@ -124,8 +138,9 @@ async def test_every_tier_equals_plain_mlx_lm(family: str, family_dirs, tmp_path
 @pytest.mark.parametrize("family", ["qwen3_next", "gemma3_text", "llama"])
 async def test_a_template_that_rewrites_history_reuses_up_to_the_change(family: str, family_dirs, tmp_path: Path) -> None:
     """A thinking model's template renders an earlier reply without the `<think>` its prompt
-    opened: the prompt changes inside the cached tokens. The cache is reused up to the last
-    block boundary before the change (recurrent state) or up to the change itself (attention)."""
+    opened: the prompt changes inside the cached tokens. The cache is reused up to the change
+    itself (attention), or up to where that reply's turn began (recurrent state: a checkpoint is
+    kept there), past the last block boundary before the change."""
     settings = Settings(model=str(family_dirs(family, chat_template=THINKING_CHAT_TEMPLATE)), cache_dir=tmp_path / "c",
                         block_tokens=16)
     engine = open_engine(settings)
@@ -136,8 +151,10 @@ async def test_a_template_that_rewrites_history_reuses_up_to_the_change(family: 
     prompt = engine.lm.tokenizer.apply_chat_template(a.messages[:-1], add_generation_prompt=True)
     changed = next(i for i, (x, y) in enumerate(zip(first_prompt(engine, a), prompt)) if x != y)
     assert changed < first.tokens.context  # the rewrite is inside the first prompt's tokens
-    expected = changed // 16 * 16 if engine.layout.recurrent else changed
-    assert second.tokens.cached == expected
+    without = engine.lm.tokenizer.apply_chat_template(a.messages[:2], add_generation_prompt=False)
+    turn = common_prefix_len(first_prompt(engine, a), without)  # where the first reply's turn began
+    expected = turn if engine.layout.recurrent else changed
+    assert second.tokens.cached == expected and changed // 16 * 16 < expected <= changed
     await engine.aclose()
 
 
@@ -176,12 +193,7 @@ async def test_a_resume_reads_only_what_the_next_token_needs(family: str, family
     """From disk, a resumed agent reads every block's full-attention K/V, a window's K/V only
     from the blocks its last tokens are in, and one recurrent state: the last block's."""
     settings = Settings(model=str(family_dirs(family)), cache_dir=tmp_path / "c", block_tokens=16)
-    engine = open_engine(settings)
-    a = Conversation(engine, "a", SYSTEM)
-    for q in QUESTIONS[:3]:
-        await a.ask(q)
-        a.system = None
-    await engine.aclose()
+    a = await saved_conversation(settings, 3)
     engine = a.engine = open_engine(settings)
     saved = len(engine.caches.records["a"].blocks)
     read: list[list[str]] = []
@@ -206,14 +218,9 @@ async def test_a_resume_reads_only_what_the_next_token_needs(family: str, family
 @pytest.mark.parametrize("family", ["qwen3_next", "gemma3_text"])
 async def test_a_damaged_last_block_resumes_from_an_earlier_one(family: str, family_dirs, tmp_path: Path) -> None:
     """The last block a resume reads (its state checkpoint, its window) damaged: a warning, and
-    the cache resumes from the block before it, never from a wrong state; the reply is exact."""
+    the cache resumes from before it, never from a wrong state; the reply is exact."""
     settings = Settings(model=str(family_dirs(family)), cache_dir=tmp_path / "c", block_tokens=16)
-    engine = open_engine(settings)
-    a = Conversation(engine, "a", SYSTEM)
-    for q in QUESTIONS[:2]:
-        await a.ask(q)
-        a.system = None
-    await engine.aclose()
+    a = await saved_conversation(settings, 2)
     shutil.copytree(tmp_path / "c", tmp_path / "intact")
     intact = open_engine(settings.model_copy(update={"cache_dir": tmp_path / "intact"}))
     undamaged = await intact.ask(AskRequest("a", QUESTIONS[2], max_tokens=N))
@@ -225,7 +232,10 @@ async def test_a_damaged_last_block_resumes_from_an_earlier_one(family: str, fam
     data[-3] ^= 0x40  # the data's last array: a state, or a layer's values
     path.write_bytes(bytes(data))
     engine = a.engine = open_engine(settings)
+    saved = engine.caches.records["a"]
     result = await a.ask(QUESTIONS[2])
     assert result.tier == "disk" and any("checksum" in w for w in result.warnings)
-    assert 0 < result.tokens.cached <= last * 16
+    # before the damaged block: the blocks up to it, or the turn's start (the branch of a recurrent model)
+    assert 0 < result.tokens.cached < undamaged.tokens.cached
+    assert result.tokens.cached <= last * 16 or result.tokens.cached == saved.branch_tokens
     await engine.aclose()

@@ -367,3 +367,34 @@ def test_read_blocks_reads_many_and_says_which_failed(tmp_path: Path) -> None:
     assert "checksum" in results[2][1] and "missing" in results[5][1] and not damaged.exists()
     for i in (0, 1, 3, 4):
         assert mx.array_equal(results[i][0].arrays["layers.1.keys"], cache[1].keys[..., 4 * i : 4 * i + 4, :]).item()
+
+
+def test_a_branch_is_saved_counted_and_collected_with_its_list(tmp_path: Path) -> None:
+    """A record's branch (the partial block where a recurrent model's turn began) is written with
+    the list, counted as a reference, and its file goes when no list names it."""
+    store = Store(tmp_path)
+    cache = make_cache(10)
+    blocks = cut_blocks(layout(), cache, list(range(10)), EXACT, B)
+    (branch,) = cut_blocks(layout(), cache, list(range(6)), EXACT, B, skip=[blocks[0].id])
+    record = KVRecord([b.id for b in blocks], list(range(10)), branch.id, 6)
+    store.commit_kv("a", record, [host_block(b) for b in (*blocks, branch)], EXACT)
+    assert store.kv_record("a") == record and Store.kv_records(store)["a"] == record
+    assert store.block_path(branch.id).exists() and store.kv_bytes("a")[0] > sum(store._size(b.id) for b in blocks)
+    store.commit_kv("a", KVRecord(record.blocks, record.tokens), [], EXACT)  # the next list has no branch
+    assert not store.block_path(branch.id).exists() and store.block_path(blocks[0].id).exists()
+
+
+def test_a_store_of_before_branches_opens_and_reads(tmp_path: Path) -> None:
+    """store.db of version 0.1 has no `branch` column: it is added, and the lists read as they were."""
+    import sqlite3
+
+    store = Store(tmp_path)
+    save(store, "a", make_cache(6), list(range(6)))
+    before = store.kv_record("a")
+    store.close()
+    db = sqlite3.connect(tmp_path / "store.db")
+    db.executescript("CREATE TABLE old AS SELECT agent, blocks, tokens FROM kv; DROP TABLE kv; ALTER TABLE old RENAME TO kv;")
+    db.close()
+    store = Store(tmp_path)
+    assert store.kv_record("a") == before and before.branch is None
+    assert load(store, "a")[0].offset == 6
