@@ -135,7 +135,7 @@ class Caches:
         holders: Counter[str] = Counter()
         for name in names:
             self.save(name)
-            holders.update(set(self.records[name].blocks) if name in self.records else ())
+            holders.update(set(self.records[name].ids) if name in self.records else ())
         for bid, n in holders.items():
             if self.pool.refs[bid] <= n:
                 self.pool.drop(bid)
@@ -179,6 +179,17 @@ class Caches:
             self.pool.add(block)
             self.unsettled.append(block)
         return ids
+
+    def kept(self, prompt: list[int]) -> int:
+        """Tokens of the prompt's leading full blocks that are kept with their states (in memory,
+        or on disk, whose files are whole): a prefill through them need not stop where they end."""
+        n = 0
+        for bid in block_ids(prompt, self.storage.key, self.block_tokens):
+            block = self.pool.peek(bid)
+            if not (block is not None and self.whole(block) or self.store.has_block(bid)):
+                break
+            n += self.block_tokens
+        return n
 
     def settle(self, stop: Callable[[], bool] = lambda: False) -> None:
         """Make the copies of the blocks cut lazily: the engine calls this when no call is

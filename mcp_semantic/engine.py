@@ -223,6 +223,7 @@ class _Running:
     cache: list[Any] | None = None
     checkpoints: Checkpoints = field(default_factory=dict)  # recurrent states at block ends (caches.py)
     turn: int = 0  # with recurrent layers: where the prompt's generation prompt (the reply's turn) begins
+    kept: int = 0  # with recurrent layers: prompt tokens whose blocks are kept with their states already
     pending: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     row: Row | None = None  # set once it decodes in the batch
@@ -582,8 +583,10 @@ class Engine:
         r.tier, r.cache, r.reuse = self.caches.lookup(r.agent, r.prompt, r.max_new, r.warnings)
         if r.agent.name in self._agents:
             self._tiers[r.tier] += 1
-        if self.layout.recurrent and r.reuse:
-            r.checkpoints[r.reuse] = self.layout.states(r.cache)  # its block may have come from disk without them
+        if self.layout.recurrent:
+            if r.reuse:
+                r.checkpoints[r.reuse] = self.layout.states(r.cache)  # its block may have come from disk without them
+            r.kept = self.caches.kept(r.prompt)
         r.pending = r.prompt[r.reuse :]
         r.cache_load = time.perf_counter() - started
         self._tokens["prompt"] += len(r.prompt)
@@ -633,8 +636,8 @@ class Engine:
         model = self.lm.model
         started = time.perf_counter()
         B, done = self.caches.block_tokens, len(r.prompt) - len(r.pending)
-        if self.layout.recurrent:  # chunks end where blocks end, so each block gets its state, and where the turn begins
-            step = min(step, (done // B + 1) * B - done, r.turn - done if r.turn > done else step)
+        if self.layout.recurrent:  # chunks end where new blocks end, so each gets its state, and where the turn begins
+            step = min(step, (max(done, r.kept) // B + 1) * B - done, r.turn - done if r.turn > done else step)
         if len(r.pending) > step + tail or self.layout.recurrent and len(r.pending) > step:
             model(mx.array(r.pending[:step])[None], cache=r.cache)
             mx.eval([c.state for c in r.cache])

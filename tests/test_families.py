@@ -239,3 +239,18 @@ async def test_a_damaged_last_block_resumes_from_an_earlier_one(family: str, fam
     assert 0 < result.tokens.cached < undamaged.tokens.cached
     assert result.tokens.cached <= last * 16 or result.tokens.cached == saved.branch_tokens
     await engine.aclose()
+
+
+async def test_evicting_a_hybrid_agent_from_memory_frees_its_checkpoints_too(family_dirs, tmp_path: Path) -> None:
+    settings = Settings(model=str(family_dirs("qwen3_next")), cache_dir=tmp_path / "c", block_tokens=16)
+    engine = open_engine(settings)
+    a = Conversation(engine, "a", SYSTEM)
+    for q in QUESTIONS[:2]:
+        await a.ask(q)
+        a.system = None
+    assert engine.caches.records["a"].branch and engine.caches.used() > 0
+    out = await engine.evict("a", "memory")
+    assert out.freed_memory_bytes > 0 and engine.caches.used() == 0
+    again = await a.ask(QUESTIONS[2])  # from disk, branch and all
+    assert again.tier == "disk" and again.tokens.cached > 0 and not again.warnings
+    await engine.aclose()
