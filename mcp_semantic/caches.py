@@ -86,8 +86,9 @@ class Caches:
             self.pool.hold([], record.ids)
         self.unsaved: set[str] = set()
         self.unsettled: list[Block] = []  # blocks cut lazily, not copied yet: see settle
-        # blocks stored as computed, on the CPU: read straight into the working cache (_build_on_host)
-        self.on_host = storage.kv_bits is None and mx.default_device() == mx.cpu
+        # on the CPU, blocks are copied into the working cache by numpy (_build_on_host): those stored as
+        # computed straight from their files, quantized ones dequantized (a float32 model's, as the CPU runs)
+        self.on_host = mx.default_device() == mx.cpu and (storage.kv_bits is None or storage.dtype == "float32")
         self.writer = Writer()
 
     def close(self) -> None:
@@ -314,12 +315,9 @@ class Caches:
         return [{n for leaf in leaves for n in self.names[leaf.name]}
                 for leaves in wanted_leaves(self.layout, ends, reuse, self.block_tokens)]
 
-    def _build(self, name: str, ids: list[str], ends: list[int], reuse: int, size: int,
-               warnings: list[str]) -> tuple[Tier, list[Any], list[str]]:
-        """The cache from blocks in the pool, and the arrays it needs that the pool lacks read
-        from disk into buffers of their own, which join the pool; then one copy into the working
-        cache (reconstruct). Returns the tier, the cache and the blocks that could not be read."""
-        wanted = self._wanted(ends, reuse)
+    def _read_into_pool(self, name: str, ids: list[str], wanted: list[set[str]], warnings: list[str]) -> tuple[bool, list[str]]:
+        """Read the wanted arrays the pool lacks from disk, each block into a buffer of its own,
+        and add them to the pool. Returns whether any were read, and the blocks that could not be."""
         lacking = [(bid, need) for bid, need in zip(ids, wanted) if not need <= set(getattr(self.pool.get(bid), "arrays", ()))]
         failed = []
         if lacking:
@@ -331,20 +329,38 @@ class Caches:
                     failed.append(bid)
                 else:
                     self.pool.add(block)
+        return bool(lacking), failed
+
+    def _build(self, name: str, ids: list[str], ends: list[int], reuse: int, size: int,
+               warnings: list[str]) -> tuple[Tier, list[Any], list[str]]:
+        """The cache from blocks in the pool, and the arrays it needs that the pool lacks read
+        from disk into the pool (_read_into_pool); then one copy into the working cache with MLX
+        (reconstruct: on a GPU). Returns the tier, the cache and the blocks that could not be read."""
+        read, failed = self._read_into_pool(name, ids, self._wanted(ends, reuse), warnings)
         if failed:
             return "new", [], failed
         cache = reconstruct(self.layout, self.storage, [self.pool.peek(bid) for bid in ids], reuse, size, self.block_tokens)
         self.enforce_budget()  # blocks read for this call count at once; the working cache is aside
-        return ("disk" if lacking else "hot"), cache, []
+        return ("disk" if read else "hot"), cache, []
 
     def _build_on_host(self, name: str, ids: list[str], ends: list[int], reuse: int, size: int,
                        warnings: list[str]) -> tuple[Tier, list[Any], list[str]]:
-        """On the CPU, for blocks stored as they are computed (no --kv-bits): the working cache
-        is made first and the arrays it needs from disk are read straight into it, so their bytes
-        land in fresh memory once rather than twice (a block buffer, then the cache); at 4K tokens
-        of the default model that is about 100 ms of a resumed turn. Those blocks join the pool
-        after the call (`remember` cuts them from the cache), not before."""
+        """On the CPU: the working cache is made first, and filled by numpy (read_into_cache).
+        Blocks stored as computed (no --kv-bits) that are on disk only are read straight into it,
+        so their bytes land in fresh memory once rather than twice (a block buffer, then the cache;
+        at 4K tokens of the default model about 100 ms of a resumed turn); they join the pool after
+        the call (`remember` cuts them from the cache). Quantized blocks are read into the pool
+        first (_read_into_pool), then dequantized into the cache."""
         wanted = self._wanted(ends, reuse)
+        leaves = wanted_leaves(self.layout, ends, reuse, self.block_tokens)
+        if self.storage.kv_bits is not None:
+            read, failed = self._read_into_pool(name, ids, wanted, warnings)
+            if failed:
+                return "new", [], failed
+            parts = [self.pool.peek(bid) for bid in ids]
+            cache, _ = read_into_cache(self.layout, self.store, parts, leaves, reuse, size, self.block_tokens, self.storage)
+            self.enforce_budget()
+            return ("disk" if read else "hot"), cache, []
         parts: list[Any] = [self.pool.get(bid) for bid in ids]  # a Block, or a block file still to read
         missing = [i for i, (part, need) in enumerate(zip(parts, wanted)) if part is None or not need <= set(part.arrays)]
         if missing:
@@ -357,8 +373,7 @@ class Caches:
             parts[i] = part
         if failed:
             return "new", [], failed
-        leaves = wanted_leaves(self.layout, ends, reuse, self.block_tokens)
-        cache, problems = read_into_cache(self.layout, self.store, parts, leaves, reuse, size, self.block_tokens, self.names)
+        cache, problems = read_into_cache(self.layout, self.store, parts, leaves, reuse, size, self.block_tokens, self.storage)
         for problem in problems.values():
             self._missed(name, problem, warnings)
         failed = [bid for bid, start in zip(ids, starts(parts)) if start in problems]

@@ -41,6 +41,7 @@ so saving never delays the next token.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import re
@@ -398,7 +399,7 @@ def _parse_header(path: Path, f, size: int, bid: str, storage: Storage, names: s
         per_token = ".state." not in name
         if not all(type(d) is int and d >= 0 for d in shape) or per_token and (len(shape) != 4 or shape[2] != len(tokens)):
             raise _Unusable(f"{name} has shape {tuple(shape)} for {len(tokens)} tokens")
-        if begin != end or stop - begin != int(np.prod(shape)) * dtype.size or begin % dtype.size:
+        if begin != end or stop - begin != math.prod(shape) * dtype.size or begin % dtype.size:
             raise _Unusable(f"is unreadable ({name} has data offsets {[begin, stop]})")
         layout[name], end = (dtype, shape, begin, stop), stop
     if 8 + n + end != size:

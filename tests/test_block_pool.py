@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx_lm.models.cache import KVCache
 
@@ -121,3 +122,17 @@ def test_reconstruct_refuses_blocks_that_do_not_join(dtype) -> None:
     other.arrays = {k: a[:, :1].astype(dtype) for k, a in other.arrays.items()}  # one head, not two
     with pytest.raises(ValueError):
         reconstruct(layout, storage, blocks[:2] + [other], 600, 600, 256)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_host_dequantization_is_mlx_s(bits: int) -> None:
+    """dequantize_into (numpy, on the host) gives what mx.dequantize gives, into a strided region."""
+    from mcp_semantic.block_pool import dequantize_into, host_view
+
+    a = mx.random.normal((1, 3, 40, 64))
+    w, scales, biases = mx.quantize(a, group_size=64, bits=bits)
+    expected = mx.dequantize(w, scales, biases, group_size=64, bits=bits)
+    target = np.zeros((1, 3, 100, 64), np.float32)
+    dequantize_into(target[:, :, 30:70, :], *(host_view(x) for x in (w, scales, biases)), bits)
+    assert np.allclose(target[:, :, 30:70, :], np.array(expected), rtol=1e-6, atol=1e-6)
+    assert not target[:, :, :30].any() and not target[:, :, 70:].any()
