@@ -86,7 +86,7 @@ class Caches:
             self.pool.hold([], record.ids)
         self.unsaved: set[str] = set()
         self.unsettled: list[Block] = []  # blocks cut lazily, not copied yet: see settle
-        # on the CPU, blocks are copied into the working cache by numpy (_build_on_host): those stored as
+        # on the CPU, blocks are copied into the working cache by numpy (_build, _build_straight): those stored as
         # computed straight from their files, quantized ones dequantized (a float32 model's, as the CPU runs)
         self.on_host = mx.default_device() == mx.cpu and (storage.kv_bits is None or storage.dtype == "float32")
         self.writer = Writer()
@@ -263,8 +263,9 @@ class Caches:
             # Buffers sized in whole blocks: an agent's next turns get the same size, which MLX's
             # allocator hands back from its cache instead of filling fresh memory (slow on some hosts).
             size = -(-(max(len(prompt), ends[-1]) + room) // self.block_tokens) * self.block_tokens
+            build = self._build_straight if self.on_host and self.storage.kv_bits is None else self._build
             try:
-                tier, cache, failed_ids = (self._build_on_host if self.on_host else self._build)(name, ids, ends, reuse, size, warnings)
+                tier, cache, failed_ids = build(name, ids, ends, reuse, size, warnings)
             except Exception as e:  # noqa: BLE001 - blocks that do not fit together: a miss, never a failed call
                 log.warning("agent %s: its KV blocks do not fit together (%s); re-prefilling", name, e)
                 warnings.append(f"agent {name}: its saved KV blocks do not fit the model; re-prefilling its history")
@@ -310,10 +311,9 @@ class Caches:
         log.warning("agent %s: %s", name, problem)
         warnings.append(f"agent {name}: {problem}; re-prefilling from there")
 
-    def _wanted(self, ends: list[int], reuse: int) -> list[set[str]]:
-        """The arrays each block must give a cache of `reuse` tokens (wanted_leaves)."""
-        return [{n for leaf in leaves for n in self.names[leaf.name]}
-                for leaves in wanted_leaves(self.layout, ends, reuse, self.block_tokens)]
+    def _wanted(self, leaves: list[list[Any]]) -> list[set[str]]:
+        """The arrays each block must give, from the leaves it must give (wanted_leaves)."""
+        return [{n for leaf in part for n in self.names[leaf.name]} for part in leaves]
 
     def _read_into_pool(self, name: str, ids: list[str], wanted: list[set[str]], warnings: list[str]) -> tuple[bool, list[str]]:
         """Read the wanted arrays the pool lacks from disk, each block into a buffer of its own,
@@ -333,36 +333,33 @@ class Caches:
 
     def _build(self, name: str, ids: list[str], ends: list[int], reuse: int, size: int,
                warnings: list[str]) -> tuple[Tier, list[Any], list[str]]:
-        """The cache from blocks in the pool, and the arrays it needs that the pool lacks read
-        from disk into the pool (_read_into_pool); then one copy into the working cache with MLX
-        (reconstruct: on a GPU). Returns the tier, the cache and the blocks that could not be read."""
-        read, failed = self._read_into_pool(name, ids, self._wanted(ends, reuse), warnings)
+        """The cache from blocks in the pool, the arrays it needs that the pool lacks read from
+        disk into the pool first (_read_into_pool); then one copy into the working cache: by numpy
+        on the CPU (read_into_cache, which dequantizes there too), with MLX elsewhere
+        (reconstruct: a GPU). Returns the tier, the cache and the blocks that could not be read."""
+        leaves = wanted_leaves(self.layout, ends, reuse, self.block_tokens)
+        read, failed = self._read_into_pool(name, ids, self._wanted(leaves), warnings)
         if failed:
             return "new", [], failed
-        cache = reconstruct(self.layout, self.storage, [self.pool.peek(bid) for bid in ids], reuse, size, self.block_tokens)
+        blocks = [self.pool.peek(bid) for bid in ids]
+        if self.on_host:
+            cache, _ = read_into_cache(self.layout, self.store, blocks, leaves, reuse, size, self.block_tokens, self.storage)
+        else:
+            cache = reconstruct(self.layout, self.storage, blocks, reuse, size, self.block_tokens)
         self.enforce_budget()  # blocks read for this call count at once; the working cache is aside
         return ("disk" if read else "hot"), cache, []
 
-    def _build_on_host(self, name: str, ids: list[str], ends: list[int], reuse: int, size: int,
-                       warnings: list[str]) -> tuple[Tier, list[Any], list[str]]:
-        """On the CPU: the working cache is made first, and filled by numpy (read_into_cache).
-        Blocks stored as computed (no --kv-bits) that are on disk only are read straight into it,
-        so their bytes land in fresh memory once rather than twice (a block buffer, then the cache;
-        at 4K tokens of the default model about 100 ms of a resumed turn); they join the pool after
-        the call (`remember` cuts them from the cache). Quantized blocks are read into the pool
-        first (_read_into_pool), then dequantized into the cache."""
-        wanted = self._wanted(ends, reuse)
+    def _build_straight(self, name: str, ids: list[str], ends: list[int], reuse: int, size: int,
+                        warnings: list[str]) -> tuple[Tier, list[Any], list[str]]:
+        """On the CPU, for blocks stored as computed (no --kv-bits): the working cache is made
+        first and the arrays it needs from disk are read straight into it, so their bytes land in
+        fresh memory once rather than twice (a block buffer, then the cache); at 4K tokens of the
+        default model that is about 100 ms of a resumed turn. Those blocks join the pool after the
+        call (`remember` cuts them from the cache), not before."""
         leaves = wanted_leaves(self.layout, ends, reuse, self.block_tokens)
-        if self.storage.kv_bits is not None:
-            read, failed = self._read_into_pool(name, ids, wanted, warnings)
-            if failed:
-                return "new", [], failed
-            parts = [self.pool.peek(bid) for bid in ids]
-            cache, _ = read_into_cache(self.layout, self.store, parts, leaves, reuse, size, self.block_tokens, self.storage)
-            self.enforce_budget()
-            return ("disk" if read else "hot"), cache, []
         parts: list[Any] = [self.pool.get(bid) for bid in ids]  # a Block, or a block file still to read
-        missing = [i for i, (part, need) in enumerate(zip(parts, wanted)) if part is None or not need <= set(part.arrays)]
+        missing = [i for i, (part, need) in enumerate(zip(parts, self._wanted(leaves)))
+                   if part is None or not need <= set(part.arrays)]
         if missing:
             self.writer.wait()  # a block may be in a write not done yet
         failed = []
