@@ -206,9 +206,7 @@ class _SpanCache(_BaseCache):
 
     step = 256
 
-    def __init__(self, size: int, keys: mx.array | None = None, values: mx.array | None = None, offset: int = 0,
-                 first: int = 0):
-        self.size_ = size
+    def __init__(self, keys: mx.array | None = None, values: mx.array | None = None, offset: int = 0, first: int = 0):
         self.keys, self.values, self.offset, self.first = keys, values, offset, first
 
     def _append(self, keys: mx.array, values: mx.array) -> int:
@@ -232,14 +230,6 @@ class _SpanCache(_BaseCache):
     def state(self) -> tuple[mx.array | None, mx.array | None]:
         return self.keys, self.values
 
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, n: int) -> int:
-        n = min(self.offset - self.first, n)
-        self.offset -= n
-        return n
-
     def size(self) -> int:
         return self.offset
 
@@ -258,7 +248,7 @@ class WindowCache(_SpanCache):
 
     def __init__(self, max_size: int, keys: mx.array | None = None, values: mx.array | None = None, offset: int = 0,
                  first: int = 0):
-        super().__init__(max_size, keys, values, offset, first)
+        super().__init__(keys, values, offset, first)
         self.max_size = max_size
         self._seen = 0  # where the keys last shown begin, in the buffer
 
@@ -289,7 +279,7 @@ class ChunkCache(_SpanCache):
 
     def __init__(self, chunk_size: int, keys: mx.array | None = None, values: mx.array | None = None, offset: int = 0,
                  first: int = 0):
-        super().__init__(chunk_size, keys, values, offset, first)
+        super().__init__(keys, values, offset, first)
         self.chunk_size = chunk_size
         self.start_position = max(first, offset - chunk_size) if offset > chunk_size else first
 

@@ -432,13 +432,19 @@ def _fill(p: _Pending, targets: list[tuple[str, list[memoryview]]]) -> None:
                 raise _Unusable(f"fails its checksum ({name}): its data was damaged on disk")
 
 
-def _arrays(p: _Pending, buffer: mx.array, names: list[str]) -> dict[str, mx.array]:
-    """The block's arrays `names`, read one after another into `buffer`: views of it, no copy."""
-    arrays, at = {}, 0
+def _spans(p: _Pending, names: list[str]) -> list[tuple[str, int, int]]:
+    """Where each of the block's arrays `names` goes in a buffer that holds them one after another."""
+    spans, at = [], 0
     for name in names:
-        dtype, shape, begin, end = p.layout[name]
-        arrays[name] = buffer[at : at + end - begin].view(dtype).reshape(shape)
+        _, _, begin, end = p.layout[name]
+        spans.append((name, at, at + end - begin))
         at += end - begin
+    return spans
+
+
+def _arrays(p: _Pending, buffer: mx.array, spans: list[tuple[str, int, int]]) -> dict[str, mx.array]:
+    """The block's arrays, read into `buffer` at `spans`: views of it, no copy."""
+    arrays = {name: buffer[begin:end].view(p.layout[name][0]).reshape(p.layout[name][1]) for name, begin, end in spans}
     mx.eval(list(arrays.values()))
     return arrays
 
@@ -716,28 +722,21 @@ class Store:
         on the reading threads; of block i only the arrays `wanted[i]` (all by default). MLX is
         called on this thread only."""
         opened = self.open_blocks(bids, storage, names)
-        files, buffers, targets = [], [], []
+        files = []  # (file, its arrays' spans in its buffer, the buffer)
         for i, p in enumerate(opened):
             if isinstance(p, _Pending):
-                keep = [n for n in p.layout if wanted is None or n in wanted[i]]
-                buffer = mx.zeros((sum(p.layout[n][3] - p.layout[n][2] for n in keep),), mx.uint8, stream=mx.cpu)
-                files.append(p)
-                buffers.append((buffer, keep))
-        mx.eval([b for b, _ in buffers])
-        for p, (buffer, keep) in zip(files, buffers):
-            views, at = [], 0
-            for n in keep:
-                nbytes = p.layout[n][3] - p.layout[n][2]
-                views.append((n, [memoryview(buffer)[at : at + nbytes]]))
-                at += nbytes
-            targets.append(views)
-        problems = iter(self.fill_blocks(files, targets))
-        arrays = iter(_arrays(p, buffer, keep) for p, (buffer, keep) in zip(files, buffers))
+                spans = _spans(p, [n for n in p.layout if wanted is None or n in wanted[i]])
+                files.append((p, spans, mx.zeros((spans[-1][2] if spans else 0,), mx.uint8, stream=mx.cpu)))
+        mx.eval([buffer for _, _, buffer in files])
+        targets = [[(n, [memoryview(buffer)[begin:end]]) for n, begin, end in spans] for _, spans, buffer in files]
+        problems = iter(zip(files, self.fill_blocks([p for p, _, _ in files], targets)))
         results: list[tuple[Block | None, str | None]] = []
         for p in opened:
-            problem = p if isinstance(p, str) else next(problems)
-            found = None if isinstance(p, str) else next(arrays)
-            results.append((None, problem) if problem else (Block(p.bid, p.parent, p.tokens, found), None))
+            if isinstance(p, str):
+                results.append((None, p))
+                continue
+            (_, spans, buffer), problem = next(problems)
+            results.append((None, problem) if problem else (Block(p.bid, p.parent, p.tokens, _arrays(p, buffer, spans)), None))
         return results
 
     def open_blocks(self, bids: list[str], storage: Storage, names: set[str]) -> list[_Pending | str]:
