@@ -43,12 +43,14 @@ DOCUMENT = (
     "disappeared. Today the mill is a museum, the dam holds a small lake, and the old towpath is a "
     "trail for walkers and cyclists. "
 )
+# Each 12 tokens with the default model's tokenizer: tiers compared read the same number of new tokens.
 FOLLOW_UPS = [
     "When was the mill built, and what did it grind?",
-    "What happened to the dam in 1888, and how was it rebuilt?",
     "How did the railway change the river trade in the town?",
-    "What is the old mill used for today, and who visits it?",
-    "Where did the barges carry the flour, and why did they stop?",
+    "What did the town build after the flood broke the dam?",
+    "When did the railway arrive, and what did it replace?",
+    "Where did the barges carry the flour from the mill?",
+    "Why did the barges stop carrying flour down the river?",
 ]
 
 

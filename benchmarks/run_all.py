@@ -34,6 +34,7 @@ from typing import Any, Callable
 from tqdm import tqdm
 
 import peers
+from bench_resume import FOLLOW_UPS  # of one length: the disk and hot turns read as many new tokens
 from peers import LlamaCpp, MlxPlain, MlxServer, Ours, Turn, dir_bytes, rss_bytes
 from report import RESULTS, header, pyplot, save
 
@@ -151,11 +152,11 @@ def resume(f: Factory, contexts: list[int], reply: int, repeats: int, bar: tqdm)
         disk, hot = [], []
         for i in range(n):
             system.restart()
-            disk.append(system.ask(conv, QUESTIONS[2 * i % len(QUESTIONS)], reply))
+            disk.append(system.ask(conv, FOLLOW_UPS[2 * i % len(FOLLOW_UPS)], reply))
             if name == "mlx-lm":  # its follow-up re-prefills it all (`disk`); a hot turn would do the same: not run
                 continue
             kw = {"disk": False} if name == "llama.cpp" else {}  # llama.cpp: its in-context prefix reuse
-            hot.append(system.ask(conv, QUESTIONS[(2 * i + 1) % len(QUESTIONS)], reply, **kw))
+            hot.append(system.ask(conv, FOLLOW_UPS[(2 * i + 1) % len(FOLLOW_UPS)], reply, **kw))
         med = lambda turns: statistics.median(t.ttft_ms for t in turns)  # noqa: E731
         row.update(disk_ms=med(disk), disk_runs_ms=[t.ttft_ms for t in disk], disk_cached_tokens=disk[-1].cached,
                    disk_tier=disk[-1].tier)

@@ -22,12 +22,15 @@ arrays per block, and an error in one carries into every later token.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
+import math
 import os
 import threading
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import mlx.core as mx
@@ -62,14 +65,15 @@ class Storage:
         """How one layer's keys or values are named in a block: as is, or quantized in three parts."""
         return (".weight", ".scales", ".biases") if self.kv_bits in (8, 4) else ("",)
 
-    def encode(self, a: mx.array) -> dict[str, mx.array]:
-        """One layer's keys or values as stored (always a new array: a block owns its memory)."""
+    def encode(self, a: mx.array, view: bool = False) -> dict[str, mx.array]:
+        """One layer's keys or values as stored: new arrays, or with `view` `a` itself where it is
+        stored as computed (a slice of a working cache: see cut_blocks)."""
         if self.kv_bits == 16 and a.dtype not in (mx.float16, mx.bfloat16):
             return {"": a.astype(mx.float16)}
         if self.kv_bits in (8, 4):
             w, scales, biases = mx.quantize(mx.contiguous(a), group_size=group_size(a.shape[-1]), bits=self.kv_bits)
             return {".weight": w, ".scales": scales, ".biases": biases}
-        return {"": mx.contiguous(a)}
+        return {"": a if view else mx.array(a)}  # mx.array copies (mx.contiguous keeps a contiguous view)
 
     def decode(self, arrays: dict[str, mx.array], name: str) -> mx.array:
         dtype = getattr(mx, self.dtype)
@@ -92,9 +96,9 @@ def kv_bits_supported(head_dim: int, kv_bits: int | None) -> bool:
 def block_id(parent: str, tokens: list[int], key: str) -> str:
     """A block's id: a hash of its parent's id, its storage key and its token ids (128 bits)."""
     h = hashlib.sha256()
-    for field in (parent.encode(), key.encode(), np.asarray(tokens, dtype=np.int64).tobytes()):
-        h.update(len(field).to_bytes(8, "little"))  # lengths too: no two inputs run together
-        h.update(field)
+    for part in (parent.encode(), key.encode(), np.asarray(tokens, dtype=np.int64).tobytes()):
+        h.update(len(part).to_bytes(8, "little"))  # lengths too: no two inputs run together
+        h.update(part)
     return h.hexdigest()[:32]
 
 
@@ -122,12 +126,22 @@ class Block:
     `.biases` when quantized), `<leaf>.state.<j>` of every recurrent one (cache_kinds.py).
 
     A block read from disk for one call may hold only the arrays that call needed (the K/V of a
-    window's last blocks, the state of the last block): its file has the rest."""
+    window's last blocks, the state of the last block): its file has the rest. A block cut
+    lazily from a working cache may hold `views` of it until `own` copies them out."""
 
     id: str
     parent: str
     tokens: list[int]
     arrays: dict[str, mx.array]
+    views: set[str] = field(default_factory=set)
+
+    def own(self) -> None:
+        """Copy the arrays that are views of a working cache into memory of their own (so that
+        cache's memory can go), and compute those cut lazily."""
+        for name in self.views:
+            self.arrays[name] = mx.array(self.arrays[name])
+        self.views = set()
+        mx.eval(list(self.arrays.values()))
 
     @property
     def nbytes(self) -> int:
@@ -174,6 +188,7 @@ def cut_blocks(
     checkpoints: dict[int, list[list[mx.array | None]]] | None = None,
     skip: Iterable[str] = (),
     evaluate: bool = True,
+    views: bool = False,
 ) -> list[Block]:
     """The blocks of a working cache holding `tokens`, copied out of it, except the ids in `skip`.
 
@@ -181,9 +196,11 @@ def cut_blocks(
     Layout.states). A block whose tokens a window's cache no longer holds, or whose end has no
     checkpoint, is cut with the arrays there are: such a block came from disk, which has the rest.
     The engine passes the blocks it already holds as `skip`: a turn copies only its new tokens.
-    With `evaluate` False the copies are left to MLX's lazy evaluation: they are made when the
-    blocks are first used (saved, or built into a cache), not while other calls wait for their
-    next token; the cache's arrays must not change until then.
+    With `evaluate` False the copies are left to MLX's lazy evaluation, made when the blocks are
+    first used or `Block.own` makes them (Caches.settle, when no call waits for its next token),
+    and with `views` K/V stored as computed are not copied at all until then: they are views of
+    the cache (`Block.views`), which a next turn or a fork builds from with one copy. Either way
+    the cache's arrays must not change until the blocks own their memory.
     """
     skip, checkpoints = set(skip), checkpoints or {}
     leaves = layout.flatten(cache)
@@ -193,7 +210,7 @@ def cut_blocks(
         if bid in skip:
             continue
         start, end = i * block_tokens, min((i + 1) * block_tokens, len(tokens))
-        arrays, states = {}, iter(checkpoints.get(end) or ())
+        arrays, kept, states = {}, set(), iter(checkpoints.get(end) or ())
         for leaf, c in zip(layout.leaves, leaves):
             if leaf.kind == "state":
                 for j, a in enumerate(next(states, ())):
@@ -204,9 +221,12 @@ def cut_blocks(
             if start < first:
                 continue
             for kind, a in (("keys", c.keys), ("values", c.values)):
-                for suffix, part in storage.encode(a[..., start - first : end - first, :]).items():
+                piece = a[..., start - first : end - first, :]
+                for suffix, part in storage.encode(piece, view=views).items():
                     arrays[f"{leaf.name}.{kind}{suffix}"] = part
-        blocks.append(Block(bid, ids[i - 1] if i else "", tokens[start:end], arrays))
+                    if part is piece:
+                        kept.add(f"{leaf.name}.{kind}{suffix}")
+        blocks.append(Block(bid, ids[i - 1] if i else "", tokens[start:end], arrays, kept))
     if evaluate:
         mx.eval([a for b in blocks for a in b.arrays.values()])
     return blocks
@@ -250,6 +270,79 @@ def reconstruct(layout: Layout, storage: Storage, blocks: list[Block], reuse: in
     return layout.nest(out)
 
 
+def gather_into_cache(layout: Layout, storage: Storage, parts: list[Any], buffer: mx.array, rows: dict[int, int],
+                      reuse: int, size: int, block_tokens: int) -> list[Any]:
+    """`reconstruct` for parts that are blocks or block files read whole into one `buffer`
+    (`Store.read_into_one`; part i's data in row `rows[i]`), built with MLX (any device, any
+    --kv-bits): each run of files alike gives a layer's keys (or values) as one strided view of the
+    buffer, so a load of a long cache is a few array operations per layer, not one per block and
+    layer (on a GPU each is a kernel launch and Python's work: they were most of a 32K-token load)."""
+    ends = list(itertools.accumulate(len(p.tokens) for p in parts))
+    typed: dict[mx.Dtype, mx.array] = {}
+
+    def from_file(i: int, name: str, count: int = 0) -> mx.array:
+        """The array `name` of part i, or of `count` files alike from it on, stacked on its first axis."""
+        dtype, shape, begin, _ = parts[i].layout[name]
+        rows_of = typed.setdefault(dtype, buffer.view(dtype))
+        strides = [math.prod(shape[k + 1 :]) for k in range(len(shape))]
+        span = 1
+        if count:
+            span = rows[i + count - 1] - rows[i] + 1
+            shape, strides = [count, *shape[1:]], [rows_of.shape[1] * (rows[i + 1] - rows[i] if count > 1 else 0), *strides[1:]]
+        # as_strided over the rows it reads (MLX's offsets are 32-bit: not over the whole buffer)
+        return mx.as_strided(rows_of[rows[i] : rows[i] + span], shape, strides, begin // dtype.size)
+
+    def alike(i: int, j: int, name: str) -> bool:
+        """Whether file j continues the run of files alike from file i (same array place and shape, same spacing)."""
+        a, b = parts[i], parts[j]
+        return not isinstance(b, Block) and a.layout[name][1:3] == b.layout[name][1:3] and rows[j] - rows[j - 1] == rows[i + 1] - rows[i]
+
+    out = []
+    for leaf in layout.leaves:
+        if leaf.kind == "state":
+            c = ArraysCache(leaf.size)
+            i = len(parts) - 1
+            c.cache = [None] * leaf.size
+            if ends[-1] == reuse:
+                for j in range(leaf.size):
+                    name = f"{leaf.name}.state.{j}"
+                    if isinstance(parts[i], Block):
+                        c.cache[j] = parts[i].arrays.get(name)
+                    elif name in parts[i].layout:
+                        c.cache[j] = from_file(i, name)
+            if any(f"{leaf.name}.state.{j}" in layout.shapes and a is None for j, a in enumerate(c.cache)):
+                raise ValueError(f"no block holds the state of {leaf.name} after {reuse} tokens")
+            out.append(c)
+            continue
+        first = span_start(leaf, reuse, block_tokens)
+        use = [i for i, end in enumerate(ends) if end > first]
+        kv = []
+        for kind in ("keys", "values"):
+            name, pieces, k = f"{leaf.name}.{kind}", [], 0
+            shape, dtype = layout.shapes[name]
+            while k < len(use):
+                i = use[k]
+                if isinstance(parts[i], Block):
+                    pieces.append(storage.decode(parts[i].arrays, name))
+                    k += 1
+                    continue
+                n = 1
+                while k + n < len(use) and alike(i, use[k + n], name + storage.suffixes[0]) and (n + 1) * buffer.shape[1] < 1 << 31:
+                    n += 1
+                stacked = storage.decode({name + sfx: from_file(i, name + sfx, n) for sfx in storage.suffixes}, name)
+                g, heads, t, dim = stacked.shape
+                pieces.append(stacked.transpose(1, 0, 2, 3).reshape(1, heads, g * t, dim))
+                k += n
+            for a in pieces:
+                if a.shape[:2] != shape[:2] or a.shape[3] != shape[3]:
+                    raise ValueError(f"a block's {name} of shape {a.shape} does not fit {shape}")
+            pieces.append(mx.zeros((1, shape[1], size - first - sum(a.shape[2] for a in pieces), shape[3]), pieces[0].dtype))
+            kv.append(mx.concatenate(pieces, axis=2))
+        out.append(_working(leaf, kv[0], kv[1], reuse, first))
+    mx.eval([c.state for c in out])
+    return layout.nest(out)
+
+
 def _working(leaf: Leaf, keys: mx.array, values: mx.array, offset: int, first: int) -> Any:
     """An attention leaf's working cache over `keys` and `values` (tokens from `first`)."""
     if leaf.kind == "kv":
@@ -288,7 +381,7 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
             buffers[name] = mx.zeros(shape, dtype, stream=streams[len(buffers) % len(streams)])
     mx.eval(list(buffers.values()))
     views = {k: host_view(a) for k, a in buffers.items()}
-    files, targets = [], []
+    files, targets, dequantize = [], [], []
     for start, part, leaves in zip(starts(parts), parts, wanted):
         heads: list[tuple[str, list[memoryview]]] = []
         for leaf in leaves:
@@ -297,7 +390,7 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
                 if isinstance(part, Block) and name + ".weight" in part.arrays:
                     w, scales, biases = (host_view(part.arrays[f"{name}.{k}"]) for k in ("weight", "scales", "biases"))
                     shape = w.shape[:-1] + (w.shape[-1] * 32 // storage.kv_bits,)
-                    dequantize_into(_region(views, name, at, shape, views[name].itemsize, True), w, scales, biases, storage.kv_bits)
+                    dequantize.append((_region(views, name, at, shape, views[name].itemsize, True), w, scales, biases))
                 elif isinstance(part, Block):
                     if name not in part.arrays:
                         raise ValueError(f"block {part.id} lacks {name}")
@@ -314,6 +407,10 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
         if not isinstance(part, Block):
             files.append((start, part))
             targets.append(heads)
+    # numpy lets go of the GIL in its loops: the dequantization runs on every core, a share each
+    n = os.cpu_count() or 1
+    list(_host_threads().map(lambda jobs: [dequantize_into(*job, storage.kv_bits) for job in jobs],
+                             [dequantize[i::n] for i in range(n)]))
     problems = store.fill_blocks([f for _, f in files], targets) if files else []
     failed = {start: problem for (start, _), problem in zip(files, problems) if problem}
     out = []
@@ -357,6 +454,11 @@ def _fill_streams() -> list[mx.Stream]:
         if (os.cpu_count() or 1) > 1:
             _local.streams.append(mx.new_stream(mx.cpu))
     return _local.streams
+
+
+@functools.cache
+def _host_threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="mcp-semantic-copy")
 
 
 def starts(parts: list[Any]) -> list[int]:
@@ -421,6 +523,7 @@ class BlockPool:
         elif held is not block:
             new = {k: a for k, a in block.arrays.items() if k not in held.arrays}
             held.arrays.update(new)
+            held.views |= block.views & new.keys()
             self.nbytes += sum(a.nbytes for a in new.values())
         self._blocks.move_to_end(block.id)
 

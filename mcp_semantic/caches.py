@@ -47,11 +47,13 @@ from mcp_semantic.block_pool import (
     block_names,
     chain_ids,
     cut_blocks,
+    gather_into_cache,
     read_into_cache,
     reconstruct,
     starts,
     wanted_leaves,
 )
+from mcp_semantic import cuda
 from mcp_semantic.cache_kinds import Layout
 from mcp_semantic.store import Agent, KVRecord, Store, Writer, host_block
 
@@ -85,11 +87,19 @@ class Caches:
             self.records[name] = record
             self.pool.hold([], record.ids)
         self.unsaved: set[str] = set()
-        self.unsettled: list[Block] = []  # blocks cut lazily, not copied yet: see settle
+        self.unsettled: list[str] = []  # blocks cut lazily, not copied yet: see settle
         # on the CPU, blocks are copied into the working cache by numpy (_build, _build_straight): those stored as
         # computed straight from their files, quantized ones dequantized (a float32 model's, as the CPU runs)
         self.on_host = mx.default_device() == mx.cpu and (storage.kv_bits is None or storage.dtype == "float32")
+        self.gather = cuda.available()  # on CUDA, blocks read from disk go to one GPU buffer (_build_straight)
         self.writer = Writer()
+        # MLX keeps freed buffers for reuse up to its cache limit: a call's working cache and blocks
+        # then come back in memory already touched, instead of fresh pages (on this CPU about 2.5 GB/s
+        # against 14 for memory reused). Its CPU default, 32 MB, holds no working cache of a
+        # 1K-token agent of the default model (46 MB); Metal's default is larger and kept.
+        previous = mx.set_cache_limit(memory_budget)
+        if previous > memory_budget:
+            mx.set_cache_limit(previous)
 
     def close(self) -> None:
         """Hand every unsaved cache to the writer, and wait until all are written."""
@@ -166,19 +176,25 @@ class Caches:
         self.unsaved.add(name)
 
     def _cut(self, cache: list[Any], tokens: list[int], checkpoints: Checkpoints) -> list[str]:
-        """Copy the blocks of `tokens` the pool lacks out of `cache` into it (lazily: the copies are
-        made when the blocks are saved or used, not in a decode step's time); returns the ids of the
-        blocks there are, which stop before a block that neither memory nor disk has whole."""
+        """Put the blocks of `tokens` the pool lacks into it, cut from `cache` lazily (views of it
+        until `settle` copies them out, not in a decode step's time); returns the ids of the blocks
+        there are, which stop before a block that neither memory nor disk has whole."""
         ids = chain_ids(tokens, self.storage.key, self.block_tokens)
         skip = [b for b in ids if b in self.pool]
-        cut = cut_blocks(self.layout, cache, tokens, self.storage, self.block_tokens, checkpoints, skip, evaluate=False)
+        # Views when the new blocks are most of the cache (a first turn, or a turn after a restart
+        # read straight into its cache): building from them is the one copy. A turn's few new
+        # blocks are copied instead, so the cache they came from goes at once and the next
+        # call's working cache reuses its memory (MLX's buffer cache), not fresh pages.
+        views = 2 * len(skip) < len(ids)
+        cut = cut_blocks(self.layout, cache, tokens, self.storage, self.block_tokens, checkpoints, skip, evaluate=False,
+                         views=views)
         for i, block in zip([ids.index(b.id) for b in cut], cut):
             if not self.whole(block) and not self.store.has_block(block.id):
                 log.warning("KV block %s is neither whole in memory nor on disk; the cache ends before it", block.id)
                 ids = ids[:i]
                 break
             self.pool.add(block)
-            self.unsettled.append(block)
+            self.unsettled.append(block.id)
         return ids
 
     def kept(self, prompt: list[int]) -> int:
@@ -193,13 +209,16 @@ class Caches:
         return n
 
     def settle(self, stop: Callable[[], bool] = lambda: False) -> None:
-        """Make the copies of the blocks cut lazily: the engine calls this when no call is
-        running, so the copies never sit between a generating call and its next token. A few
-        blocks at a time, until `stop()` (a call has arrived): a call that comes at once after
-        another waits for a few blocks' copy (~25 ms at most), not for all of them."""
+        """Make the copies of the blocks cut lazily (`Block.own`), so that the working caches they
+        were cut from can go: the engine calls this when no call is running, so the copies never
+        sit between a generating call and its next token. A few blocks at a time, until `stop()`
+        (a call has arrived): a call that comes at once after another waits for a few blocks' copy
+        (~25 ms at most), not for all of them, and builds from the views it finds (one copy)."""
         while self.unsettled and not stop():
             group, self.unsettled = self.unsettled[:SETTLE_GROUP], self.unsettled[SETTLE_GROUP:]
-            mx.eval([a for b in group for a in b.arrays.values()])
+            for bid in group:
+                if (block := self.pool.peek(bid)) is not None:  # a block dropped meanwhile needs no copy
+                    block.own()
 
     def share_prompt(self, cache: list[Any], prompt: list[int], checkpoints: Checkpoints) -> None:
         """Once a prompt is read, its full blocks go into the pool (held by no agent yet, so the
@@ -260,10 +279,9 @@ class Caches:
             ids, ends, reuse = self._choose(record, prompt, bad)
             if not reuse:
                 return "new", self.layout.new_cache(), 0
-            # Buffers sized in whole blocks: an agent's next turns get the same size, which MLX's
-            # allocator hands back from its cache instead of filling fresh memory (slow on some hosts).
-            size = -(-(max(len(prompt), ends[-1]) + room) // self.block_tokens) * self.block_tokens
-            build = self._build_straight if self.on_host and self.storage.kv_bits is None else self._build
+            size = self.cache_size(max(len(prompt), ends[-1]) + room)
+            straight = self.on_host and self.storage.kv_bits is None or self.gather
+            build = self._build_straight if straight else self._build
             try:
                 tier, cache, failed_ids = build(name, ids, ends, reuse, size, warnings)
             except Exception as e:  # noqa: BLE001 - blocks that do not fit together: a miss, never a failed call
@@ -275,6 +293,15 @@ class Caches:
             if not failed_ids:
                 return tier, cache, reuse
             bad.update(failed_ids)
+
+    def cache_size(self, n: int) -> int:
+        """The tokens a working cache for `n` tokens has room for: `n` rounded up to a multiple of
+        an eighth of the next power of two (at most a quarter more) and of a block. An agent's next turns mostly
+        get the same size, and MLX's allocator hands back a buffer of the same size from its cache
+        (mx.set_cache_limit above) instead of new memory, which costs page faults (on this VM from
+        0.6 GB/s, for pages it has not backed yet, to 15 GB/s; memory reused: 30)."""
+        step = max(self.block_tokens, (1 << max(n - 1, 1).bit_length()) // 8)
+        return -(-n // step) * step
 
     def _choose(self, record: KVRecord | None, prompt: list[int], bad: set[str]) -> tuple[list[str], list[int], int]:
         """The blocks to build from (the agent's own, or the prompt's full blocks that memory or
@@ -351,11 +378,14 @@ class Caches:
 
     def _build_straight(self, name: str, ids: list[str], ends: list[int], reuse: int, size: int,
                         warnings: list[str]) -> tuple[Tier, list[Any], list[str]]:
-        """On the CPU, for blocks stored as computed (no --kv-bits): the working cache is made
-        first and the arrays it needs from disk are read straight into it, so their bytes land in
-        fresh memory once rather than twice (a block buffer, then the cache); at 4K tokens of the
-        default model that is about 100 ms of a resumed turn. Those blocks join the pool after the
-        call (`remember` cuts them from the cache), not before."""
+        """The cache straight from the blocks in memory and the block files, not through the
+        pool. On the CPU, for blocks stored as computed (no --kv-bits), the working cache is made
+        first and the arrays it needs from disk are read straight into it (read_into_cache), so
+        their bytes land in fresh memory once rather than twice (a block buffer, then the cache);
+        at 4K tokens of the default model that is about 100 ms of a resumed turn. On CUDA
+        (`gather`) the files are read into one GPU buffer by DMA and the cache gathered from it
+        with a few operations per layer (Store.read_into_one, gather_into_cache). The blocks read
+        join the pool after the call (`remember` cuts them from the cache), not before."""
         leaves = wanted_leaves(self.layout, ends, reuse, self.block_tokens)
         parts: list[Any] = [self.pool.get(bid) for bid in ids]  # a Block, or a block file still to read
         missing = [i for i, (part, need) in enumerate(zip(parts, self._wanted(leaves)))
@@ -370,10 +400,17 @@ class Caches:
             parts[i] = part
         if failed:
             return "new", [], failed
-        cache, problems = read_into_cache(self.layout, self.store, parts, leaves, reuse, size, self.block_tokens, self.storage)
+        if self.on_host:
+            cache, problems = read_into_cache(self.layout, self.store, parts, leaves, reuse, size, self.block_tokens, self.storage)
+            failed = [bid for bid, start in zip(ids, starts(parts)) if start in problems]
+        else:
+            buffer, errors = self.store.read_into_one([parts[i] for i in missing], gpu=cuda.available())
+            problems = {i: e for i, e in zip(missing, errors) if e}
+            failed = [ids[i] for i in problems]
+            cache = [] if failed else gather_into_cache(self.layout, self.storage, parts, buffer,
+                                                       {i: row for row, i in enumerate(missing)}, reuse, size, self.block_tokens)
         for problem in problems.values():
             self._missed(name, problem, warnings)
-        failed = [bid for bid, start in zip(ids, starts(parts)) if start in problems]
         return ("disk" if missing else "hot"), cache, failed
 
     # reports

@@ -55,12 +55,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
 import xxhash
 
+from mcp_semantic import cuda
 from mcp_semantic.block_pool import Block, Storage, block_id, host_view
 
 log = logging.getLogger(__name__)
@@ -413,23 +414,56 @@ def _parse_header(path: Path, f, size: int, bid: str, storage: Storage, names: s
     return _Pending(path, bid, parent, tokens, 8 + n, checksums, layout)
 
 
-def _fill(p: _Pending, targets: list[tuple[str, list[memoryview]]]) -> None:
-    """Read the named arrays into their views (bytes, in file order, as many as the array
-    holds), checksumming each chunk as it comes. No MLX call: this runs on the reading threads."""
+Target = memoryview | tuple[int, int]  # host memory, or (address, bytes) on a CUDA GPU (cuda.py)
+
+
+def _fill(p: _Pending, targets: list[tuple[str, list[Target]]]) -> None:
+    """Read the named arrays into their targets (bytes, in file order, as many as the array
+    holds), checksumming each chunk as it comes. GPU targets are read into this thread's pinned
+    buffer, then copied in one DMA copy per run of adjacent targets (per file, as read_into_one
+    and read_blocks place them). No MLX call: this runs on the reading threads."""
+    ordered = sorted(targets, key=lambda t: p.layout[t[0]][2])
+    on_gpu = [view for _, views in ordered for view in views if not isinstance(view, memoryview)]
+    staging = cuda.staging(sum(n for _, n in on_gpu)) if on_gpu else None
     with open(p.path, "rb", buffering=0) as f:
-        for name, views in sorted(targets, key=lambda t: p.layout[t[0]][2]):
+        at = 0
+        for name, views in ordered:
             checksum = xxhash.xxh3_64()
             f.seek(p.start + p.layout[name][2])
             for view in views:
-                at = 0
-                while at < len(view):
-                    got = f.readinto(view[at : at + _CHUNK])
-                    if not got:
-                        raise _Unusable("is unreadable (shorter than when it was opened)")
-                    checksum.update(view[at : at + got])
-                    at += got
+                if isinstance(view, memoryview):
+                    _read(f, view, checksum)
+                else:
+                    _read(f, staging.view[at : at + view[1]], checksum)
+                    at += view[1]
             if checksum.hexdigest() != p.checksums[name]:
                 raise _Unusable(f"fails its checksum ({name}): its data was damaged on disk")
+    at = 0
+    for address, n in _adjacent(on_gpu):
+        cuda.copy_in(address, staging, n, at)
+        at += n
+
+
+def _adjacent(regions: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(address, bytes) regions, those that follow one another merged."""
+    out: list[tuple[int, int]] = []
+    for address, n in regions:
+        if out and out[-1][0] + out[-1][1] == address:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((address, n))
+    return out
+
+
+def _read(f, view: memoryview, checksum: xxhash.xxh3_64) -> None:
+    """Fill `view` from the file, updating `checksum` a chunk at a time (while it is in the CPU's cache)."""
+    at = 0
+    while at < len(view):
+        got = f.readinto(view[at : at + _CHUNK])
+        if not got:
+            raise _Unusable("is unreadable (shorter than when it was opened)")
+        checksum.update(view[at : at + got])
+        at += got
 
 
 def _spans(p: _Pending, names: list[str]) -> list[tuple[str, int, int]]:
@@ -722,22 +756,46 @@ class Store:
         on the reading threads; of block i only the arrays `wanted[i]` (all by default). MLX is
         called on this thread only."""
         opened = self.open_blocks(bids, storage, names)
-        files = []  # (file, its arrays' spans in its buffer, the buffer)
+        files = []  # (file, its arrays' spans in its buffer, the buffer, where each span goes)
         for i, p in enumerate(opened):
             if isinstance(p, _Pending):
                 spans = _spans(p, [n for n in p.layout if wanted is None or n in wanted[i]])
-                files.append((p, spans, mx.zeros((spans[-1][2] if spans else 0,), mx.uint8, stream=mx.cpu)))
-        mx.eval([buffer for _, _, buffer in files])
-        targets = [[(n, [memoryview(buffer)[begin:end]]) for n, begin, end in spans] for _, spans, buffer in files]
-        problems = iter(zip(files, self.fill_blocks([p for p, _, _ in files], targets)))
+                size = spans[-1][2] if spans else 0
+                if cuda.available():  # straight to GPU memory by DMA (cuda.py says why)
+                    buffer, address = cuda.gpu_buffer((size,))
+                    where = [(n, [(address + begin, end - begin)]) for n, begin, end in spans]
+                else:
+                    buffer, where = mx.zeros((size,), mx.uint8, stream=mx.cpu), None
+                files.append((p, spans, buffer, where))
+        mx.eval([buffer for _, _, buffer, _ in files])
+        targets = [where or [(n, [memoryview(buffer)[begin:end]]) for n, begin, end in spans] for _, spans, buffer, where in files]
+        problems = iter(zip(files, self.fill_blocks([p for p, *_ in files], targets)))
         results: list[tuple[Block | None, str | None]] = []
         for p in opened:
             if isinstance(p, str):
                 results.append((None, p))
                 continue
-            (_, spans, buffer), problem = next(problems)
+            (_, spans, buffer, _), problem = next(problems)
             results.append((None, problem) if problem else (Block(p.bid, p.parent, p.tokens, _arrays(p, buffer, spans)), None))
         return results
+
+    def read_into_one(self, files: list[_Pending], gpu: bool) -> tuple[mx.array, list[str | None]]:
+        """Each file's data, whole, into one buffer, file i in row i (with `gpu`, in CUDA GPU memory
+        by DMA: cuda.py): a load of many blocks makes one allocation, and its arrays come out of
+        it by strided views (block_pool.gather_into_cache), not an array per block and layer.
+        Returns the buffer and, per file, None or why it could not be used."""
+        row = -(-max((end for p in files for *_, end in p.layout.values()), default=1) // 16) * 16  # aligned
+        shape = (max(len(files), 1), row)  # 2-D: MLX's dimensions are 32-bit, a 32K-token load is 4 GB
+        if gpu:
+            buffer, address = cuda.gpu_buffer(shape)
+            where: Any = lambda i, begin, end: (address + i * row + begin, end - begin)  # noqa: E731
+        else:
+            buffer = mx.zeros(shape, mx.uint8, stream=mx.cpu)
+            mx.eval(buffer)
+            view = memoryview(buffer).cast("B")
+            where = lambda i, begin, end: view[i * row + begin : i * row + end]  # noqa: E731
+        targets = [[(n, [where(i, begin, end)]) for n, (_, _, begin, end) in p.layout.items()] for i, p in enumerate(files)]
+        return buffer, self.fill_blocks(files, targets)
 
     def open_blocks(self, bids: list[str], storage: Storage, names: set[str]) -> list[_Pending | str]:
         """Each block file with its header checked (nothing of its data read yet), or why it
@@ -754,14 +812,14 @@ class Store:
                 opened.append(self._unusable(path, bid, e))
         return opened
 
-    def fill_blocks(self, files: list[_Pending], targets: list[list[tuple[str, list[memoryview]]]]) -> list[str | None]:
+    def fill_blocks(self, files: list[_Pending], targets: list[list[tuple[str, list[Target]]]]) -> list[str | None]:
         """Read each file's named arrays into their views on the reading threads, checksummed:
         None for a block whose arrays were read whole, else why not (and the file is deleted)."""
         errors = self._readers.map(self._try_fill, files, targets)
         return [None if e is None else self._unusable(p.path, p.bid, e) for p, e in zip(files, errors)]
 
     @staticmethod
-    def _try_fill(p: _Pending, targets: list[tuple[str, list[memoryview]]]) -> Exception | None:
+    def _try_fill(p: _Pending, targets: list[tuple[str, list[Target]]]) -> Exception | None:
         try:
             _fill(p, targets)
             return None

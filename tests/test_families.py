@@ -162,27 +162,34 @@ def first_prompt(engine, c: Conversation) -> list[int]:
     return engine.lm.tokenizer.apply_chat_template(c.messages[:2], add_generation_prompt=True)
 
 
+@pytest.mark.parametrize("path", ["pool", "gather"])
 @pytest.mark.parametrize("family", ["gemma3_text", "qwen3_next", "falcon_h1"])
-async def test_the_gpu_build_path_and_kv_bits_resume_too(family: str, family_dirs, tmp_path: Path) -> None:
-    """The path a GPU takes (blocks read into buffers of their own, joining the pool, then
-    `reconstruct`), run here on the CPU: lossless it is exact; at --kv-bits 8 the K/V are
-    quantized (states are not) and the agent still resumes from disk."""
+async def test_the_gpu_build_paths_and_kv_bits_resume_too(family: str, path: str, family_dirs, tmp_path: Path) -> None:
+    """The paths a GPU takes, run here on the CPU with MLX: `pool`, Metal's (blocks read into
+    buffers of their own, joining the pool, then `reconstruct`) and `gather`, CUDA's (the files
+    read into one buffer, the cache gathered from strided views of it, the blocks joining the
+    pool after the call). Lossless it is exact, after a restart and on the next, hot turn; at
+    --kv-bits 8 the K/V are quantized (states are not) and the agent still resumes from disk."""
     for kv_bits in ("lossless", "8"):
-        settings = Settings(model=str(family_dirs(family, config_overrides={"head_dim": 32})), cache_dir=tmp_path / kv_bits,
-                            block_tokens=16, kv_bits=kv_bits)
-        engine = open_engine(settings)
-        engine.caches.on_host = False
-        a = Conversation(engine, "a", SYSTEM)
+        settings = Settings(model=str(family_dirs(family, config_overrides={"head_dim": 32})),
+                            cache_dir=tmp_path / kv_bits, block_tokens=16, kv_bits=kv_bits)
+
+        def engine_on_the_path():
+            engine = open_engine(settings)
+            engine.caches.on_host, engine.caches.gather = False, path == "gather"
+            return engine
+
+        a = Conversation(engine_on_the_path(), "a", SYSTEM)
         await a.ask(QUESTIONS[0])
         a.system = None
-        await engine.aclose()
-        engine = a.engine = open_engine(settings)
-        engine.caches.on_host = False
-        if kv_bits == "lossless":
-            result = await a.ask(QUESTIONS[1])
-        else:
-            result = await engine.ask(AskRequest("a", QUESTIONS[1], max_tokens=N))
-        assert result.tier == "disk" and result.tokens.cached > 0 and not result.warnings
+        await a.engine.aclose()
+        engine = a.engine = engine_on_the_path()
+        for question, tier in zip(QUESTIONS[1:3], ("disk", "hot")):
+            if kv_bits == "lossless":
+                result = await a.ask(question)
+            else:
+                result = await engine.ask(AskRequest("a", question, max_tokens=N))
+            assert result.tier == tier and result.tokens.cached > 0 and not result.warnings
         listed = (await engine.list_agents()).agents[0]
         assert listed.tier == "hot" and listed.memory_bytes > 0
         await engine.aclose()
