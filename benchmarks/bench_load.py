@@ -133,16 +133,20 @@ def measure_load(cache_dir: Path, agent: str, runs: int = 9, storage: Storage | 
     }
 
 
-def save_agent(cache_dir: Path, agent: str, tokens: int, storage: Storage) -> None:
-    """Save an agent of `tokens` tokens of random KV (the default model's shape) with the store's writer."""
+def save_agent(cache_dir: Path, agent: str, tokens: int, storage: Storage, layout: Layout | None = None) -> None:
+    """Save an agent of `tokens` tokens of random KV with the store's writer: of a full-attention
+    `layout` (by default the default model's)."""
+    layout = layout or Layout.full_attention(LAYERS, KV_HEADS, HEAD_DIM)
     cache = []
-    for _ in range(LAYERS):
+    for leaf in layout.leaves:
+        if leaf.kind != "kv":
+            raise ValueError(f"save_agent makes full-attention caches only, not {leaf.kind}")
         c = KVCache()
-        shape = (1, KV_HEADS, tokens, HEAD_DIM)
-        c.update_and_fetch(mx.random.normal(shape), mx.random.normal(shape))
+        (_, heads, _, dim), dtype = layout.shapes[f"{leaf.name}.keys"]
+        c.update_and_fetch(mx.random.normal((1, heads, tokens, dim)).astype(dtype), mx.random.normal((1, heads, tokens, dim)).astype(dtype))
         cache.append(c)
     ids = list(range(tokens))
-    blocks = cut_blocks(Layout.full_attention(LAYERS, KV_HEADS, HEAD_DIM), cache, ids, storage, BLOCK_TOKENS)
+    blocks = cut_blocks(layout, layout.nest(cache), ids, storage, BLOCK_TOKENS)
     store = Store(cache_dir)
     try:
         store.commit_kv(agent, KVRecord([b.id for b in blocks], ids), [host_block(b) for b in blocks], storage)

@@ -146,11 +146,14 @@ def test_peers_benchmark_quick_on_the_default_model(tmp_path: Path) -> None:
     assert list(modes) == ["lossless", "8"]
     assert 0 < modes["8"]["disk_bytes_per_token"] < modes["lossless"]["disk_bytes_per_token"]
     assert all(r["load"]["load_gbps"] > 0 and r["load"]["read_gbps"] > 0 for r in modes.values())
+    assert all(r["loads"]["512"]["tokens"] == 512 and r["loads"]["512"]["load_gbps"] > 0 for r in modes.values())
     assert set(data["targets"]) == {
         "resume_4k_at_least_100x_plain_mlx_lm",
         "resume_4k_faster_than_llama_cpp_disk_cache",
         "hot_no_slower_than_mlx_lm_server_hit",
-        "cache_load_at_least_70pct_of_sequential_read",
+        "hot_no_slower_than_after_restart",
+        "lossless_load_at_least_90pct_of_plain_read",
+        "every_kv_bits_load_no_slower_than_lossless",
     }
     for target in data["targets"].values():  # a boolean, or no verdict because a peer is missing (and why)
         assert isinstance(target["met"], bool) or (target["met"] is None and target["why"])
