@@ -24,6 +24,8 @@ def test_resume_benchmark_writes_its_result(tiny_model_dir: Path, tmp_path: Path
         "prefill_512_at_least_120_tokens_per_s",
         "disk_resume_at_least_25x_cold",
         "disk_within_1.5x_hot",
+        "hot_no_slower_than_after_restart",
+        "fork_within_1.1x_hot",
     }
     assert result.with_suffix(".png").stat().st_size > 0
 
