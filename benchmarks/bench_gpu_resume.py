@@ -168,7 +168,7 @@ def run_context(model, layout: Layout, n: int, args, root: Path, h2d: float | No
 
         key = "lossless" if bits is None else str(bits)
         row["resume"][key] = {"bytes": nbytes, "write_s": round(write_s, 2)}
-        for page_cache in ("warm", "cold"):
+        for page_cache in args.page_cache:
             before = (lambda: drop_page_cache(paths)) if page_cache == "cold" else (lambda: None)
             load_ms = median_ms(lambda: mx.eval([c.state for c in resume()]), args.repeats, before)
             ttft_ms = median_ms(lambda: first_token(model, resume(), follow), args.repeats, before)
@@ -210,7 +210,7 @@ def plot(result: dict, path: Path) -> None:
     styles = {"lossless": "#48c", "8": "#4a4", "4": "#a4c"}
     for key, color in styles.items():
         for page_cache, style in (("warm", "o-"), ("cold", "o--")):
-            if all(key in r["resume"] for r in rows):
+            if all(page_cache in r["resume"].get(key, {}) for r in rows):
                 ax.plot(x, [r["resume"][key][page_cache]["ttft_ms"] for r in rows], style, color=color,
                         label=f"resume, kv-bits {key}, page cache {page_cache}")
     ax.set_xscale("log", base=2)
@@ -229,6 +229,7 @@ def main() -> None:
     parser.add_argument("--contexts", default="1024,2048,4096,8192,16384,32768")
     parser.add_argument("--kv-bits", default="lossless,8,4")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--page-cache", default="warm,cold", help="warm, cold or both")
     parser.add_argument("--layers", type=int, default=32, help="fewer for a quick try")
     parser.add_argument("--tiny", action="store_true", help="a small model of the same kind, to try the script on a CPU")
     parser.add_argument("--dir", type=Path, default=None, help="where blocks are written (default: a temporary dir)")
@@ -240,6 +241,7 @@ def main() -> None:
         return
     args.contexts = [int(c) for c in args.contexts.split(",")]
     args.kv_bits = [None if b == "lossless" else int(b) for b in args.kv_bits.split(",")]
+    args.page_cache = args.page_cache.split(",")
     config = LLAMA_8B | {"num_hidden_layers": args.layers}
     if args.tiny:
         config |= {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1000}
@@ -271,7 +273,7 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     result["crossover"] = {f"{key} {page_cache}": crossover(result["contexts"], key, page_cache)
-                           for key in result["contexts"][0]["resume"] for page_cache in ("warm", "cold")}
+                           for key in result["contexts"][0]["resume"] for page_cache in args.page_cache}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["crossover"]))
 

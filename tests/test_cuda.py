@@ -17,7 +17,7 @@ from mcp_semantic.cache_kinds import Layout
 from mcp_semantic.engine import AskRequest
 from mcp_semantic.server import open_engine
 from mcp_semantic.settings import Settings
-from mcp_semantic.store import KVRecord, Store, host_block, _adjacent
+from mcp_semantic.store import KVRecord, Store, host_block
 from mcp_semantic.tiny_model import make_tiny_model
 
 pytestmark = pytest.mark.anyio
@@ -52,10 +52,6 @@ def fake_cuda(monkeypatch):
     return copies
 
 
-def test_adjacent_regions_are_merged() -> None:
-    assert _adjacent([(100, 10), (110, 5), (200, 1), (201, 2), (300, 4)]) == [(100, 15), (200, 3), (300, 4)]
-
-
 def test_blocks_read_into_gpu_buffers_equal_their_arrays(fake_cuda, tmp_path: Path) -> None:
     layout = Layout.full_attention(3, 2, 32)
     cache = layout.new_cache()
@@ -76,6 +72,14 @@ def test_blocks_read_into_gpu_buffers_equal_their_arrays(fake_cuda, tmp_path: Pa
         opened = store.open_blocks([b.id for b in blocks], storage, names)
         buffer, problems = store.read_into_one(opened, gpu=True)
         assert problems == [None] * 3 and buffer.shape[0] == 3
+        path = store.block_path(blocks[1].id)  # a flipped byte in its data: that block alone fails, by name
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0xFF
+        path.write_bytes(bytes(data))
+        opened = store.open_blocks([b.id for b in blocks], storage, names)
+        _, problems = store.read_into_one(opened, gpu=True)
+        assert problems[0] is None and problems[2] is None and "fails its checksum" in problems[1]
+        assert not path.exists()  # deleted: the next save of an agent holding it writes it anew
     finally:
         store.close()
 
