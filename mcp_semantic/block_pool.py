@@ -31,6 +31,7 @@ import threading
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Iterable, Iterator
 
 import mlx.core as mx
@@ -362,11 +363,12 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
                     block_tokens: int, storage: Storage) -> tuple[list[Any], dict[int, str]]:
     """A working cache of `reuse` tokens with room up to `size`, built on the host (CPU) from
     `parts`, one after another, each giving its `wanted` leaves: blocks (copied in by numpy, about
-    twice as fast as MLX's strided copy here, and dequantized by numpy: `dequantize_into`) and
+    twice as fast as MLX's strided copy here, and dequantized by numpy: `dequantize_into`; their
+    arrays MLX's or numpy's) and
     block files from `Store.open_blocks`, stored as computed (their arrays read straight in by
     `store.fill_blocks`, checksummed). Returns the cache and, by the token where it begins, why
     each file that failed could not be used."""
-    mx.eval([a for part in parts if isinstance(part, Block) for a in part.arrays.values()])  # cut lazily, maybe
+    mx.eval([a for part in parts if isinstance(part, Block) for a in part.arrays.values() if isinstance(a, mx.array)])  # cut lazily
     firsts = {leaf.name: span_start(leaf, reuse, block_tokens) for leaf in layout.leaves}
     names = block_names(layout)  # the arrays as the model computes them
     # Fresh memory is filled at about 2.5 GB/s by one thread here (page faults): two streams,
@@ -381,7 +383,7 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
             buffers[name] = mx.zeros(shape, dtype, stream=streams[len(buffers) % len(streams)])
     mx.eval(list(buffers.values()))
     views = {k: host_view(a) for k, a in buffers.items()}
-    files, targets, dequantize = [], [], []
+    files, targets, dequantize, copies = [], [], [], []
     for start, part, leaves in zip(starts(parts), parts, wanted):
         heads: list[tuple[str, list[memoryview]]] = []
         for leaf in leaves:
@@ -396,7 +398,7 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
                         raise ValueError(f"block {part.id} lacks {name}")
                     data = host_view(part.arrays[name])
                     itemsize = views[name].itemsize if data.dtype == np.float16 else data.itemsize  # numpy converts float16
-                    _region(views, name, at, data.shape, itemsize, leaf.attention)[...] = data
+                    copies.append((_region(views, name, at, data.shape, itemsize, leaf.attention), data))
                 else:
                     if name not in part.layout:
                         raise ValueError(f"block file {part.path.name} lacks {name}")
@@ -407,10 +409,12 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
         if not isinstance(part, Block):
             files.append((start, part))
             targets.append(heads)
-    # numpy lets go of the GIL in its loops: the dequantization runs on every core, a share each
+    # numpy lets go of the GIL in its loops: the copies (a conversion at --kv-bits 16) and the
+    # dequantization run on every core, a share each
+    jobs = [partial(np.copyto, region, data) for region, data in copies]
+    jobs += [partial(dequantize_into, *job, storage.kv_bits) for job in dequantize]
     n = os.cpu_count() or 1
-    list(_host_threads().map(lambda jobs: [dequantize_into(*job, storage.kv_bits) for job in jobs],
-                             [dequantize[i::n] for i in range(n)]))
+    list(_host_threads().map(lambda share: [job() for job in share], [jobs[i::n] for i in range(n)]))
     problems = store.fill_blocks([f for _, f in files], targets) if files else []
     failed = {start: problem for (start, _), problem in zip(files, problems) if problem}
     out = []

@@ -90,6 +90,7 @@ class Caches:
             self.pool.hold([], record.ids)
         self.unsaved: set[str] = set()
         self.unsettled: list[str] = []  # blocks cut lazily, not copied yet: see settle
+        self.loaded: dict[str, tuple[list[Any], mx.array]] = {}  # by agent: files its call read into one buffer
         # on the CPU, blocks are copied into the working cache by numpy (_build, _build_straight): those stored as
         # computed straight from their files, quantized ones dequantized (a float32 model's, as the CPU runs)
         self.on_host = mx.default_device() == mx.cpu and (storage.kv_bits is None or storage.dtype == "float32")
@@ -164,6 +165,9 @@ class Caches:
         `checkpoints` the recurrent states at block ends); copy the new ones into the pool. With
         recurrent layers, the cache of `tokens[:turn]` (the call's turn began there) is kept too:
         its last, partial block is the record's branch."""
+        if name in self.loaded:  # blocks the call read from disk, quantized: into the pool as they are
+            for block in self.store.blocks_in_one(*self.loaded.pop(name), host=False):
+                self.pool.add(block)
         if self.layout.recurrent:
             checkpoints = {**checkpoints, len(tokens): self.layout.states(cache)}
         ids = self._cut(cache, tokens, checkpoints)
@@ -265,6 +269,7 @@ class Caches:
         if failed:
             warnings.append(f"agent {agent.name}: saving its KV cache failed ({failed}); it is saved again after this call")
         record = self.records.get(agent.name)
+        self.loaded.pop(agent.name, None)  # of a call that ended without its cache remembered
         tier, cache, reuse = self._find(agent.name, record, prompt, room, warnings)
         if agent.tokens and record is None:
             why = self.problems.get(agent.name) or "it has no saved KV cache"
@@ -282,7 +287,7 @@ class Caches:
             if not reuse:
                 return "new", self.layout.new_cache(), 0
             size = self.cache_size(max(len(prompt), ends[-1]) + room)
-            straight = self.on_host and self.storage.kv_bits is None or self.gather
+            straight = self.on_host or self.gather
             build = self._build_straight if straight else self._build
             try:
                 tier, cache, failed_ids = build(name, ids, ends, reuse, size, warnings)
@@ -402,7 +407,19 @@ class Caches:
             parts[i] = part
         if failed:
             return "new", [], failed
-        if self.on_host:
+        if self.on_host and self.storage.kv_bits is not None and missing:
+            # quantized: the files into one buffer, dequantized from numpy's views of it; the pool
+            # gets MLX's views of it after the call (`remember`), the bytes of the files as they are
+            files = [parts[i] for i in missing]
+            buffer, errors = self.store.read_into_one(files, gpu=False)
+            problems = {i: e for i, e in zip(missing, errors) if e}
+            failed = [ids[i] for i in problems]
+            if not failed:
+                for i, block in zip(missing, self.store.blocks_in_one(files, buffer, host=True)):
+                    parts[i] = block
+                cache, _ = read_into_cache(self.layout, self.store, parts, leaves, reuse, size, self.block_tokens, self.storage)
+                self.loaded[name] = (files, buffer)
+        elif self.on_host:
             cache, problems = read_into_cache(self.layout, self.store, parts, leaves, reuse, size, self.block_tokens, self.storage)
             failed = [bid for bid, start in zip(ids, starts(parts)) if start in problems]
         else:

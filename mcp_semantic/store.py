@@ -295,6 +295,8 @@ _ST_DTYPES = {
     "float32": "F32", "float64": "F64",
 }
 _MX_DTYPES = {code: getattr(mx, "bool_" if name == "bool" else name) for name, code in _ST_DTYPES.items()}
+_NP_DTYPES = {getattr(mx, "bool_" if name == "bool" else name): np.dtype("uint16" if name == "bfloat16" else name)
+              for name in _ST_DTYPES}
 _CHUNK = 1 << 20  # read and checksum in 1 MiB steps: the checksum reads each chunk from the CPU's cache
 _MAX_HEADER = 1 << 24
 
@@ -798,6 +800,22 @@ class Store:
             where = lambda i, begin, end: view[i * row + begin : i * row + end]  # noqa: E731
         targets = [[(n, [where(i, begin, end)]) for n, (_, _, begin, end) in p.layout.items()] for i, p in enumerate(files)]
         return buffer, self.fill_blocks(files, targets)
+
+    @staticmethod
+    def blocks_in_one(files: list[_Pending], buffer: mx.array, host: bool) -> list[Block]:
+        """The blocks `read_into_one` read into `buffer`: with `host`, their arrays as numpy's views
+        (a microsecond each: what a CPU build reads from), else as MLX's (views too, but MLX's
+        work per array is about a millisecond a block: done after the call, for the pool)."""
+        rows = np.array(buffer, copy=False) if host else buffer
+        blocks = []
+        for i, p in enumerate(files):
+            if host:
+                arrays: dict = {name: rows[i, begin:end].view(_NP_DTYPES[dtype]).reshape(shape)
+                                for name, (dtype, shape, begin, end) in p.layout.items()}
+            else:
+                arrays = _arrays(p, rows[i], [(name, begin, end) for name, (_, _, begin, end) in p.layout.items()])
+            blocks.append(Block(p.bid, p.parent, p.tokens, arrays))
+        return blocks
 
     def open_blocks(self, bids: list[str], storage: Storage, names: set[str]) -> list[_Pending | str]:
         """Each block file with its header checked (nothing of its data read yet), or why it

@@ -466,3 +466,39 @@ async def test_blocks_of_the_wrong_shape_cost_a_reprefill(settings: Settings, re
     messages = [{"role": "user", "content": "Tell me about the sea."}, {"role": "assistant", "content": first.reply}]
     assert out.reply == replay(engine.lm, messages + [{"role": "user", "content": "And the shore?"}], 8)
     await engine.aclose()
+
+
+@pytest.mark.parametrize("kv_bits", ["16", "8", "4"])
+async def test_kv_bits_resume_on_the_cpu_reads_the_files_as_they_are(tmp_path, kv_bits: str) -> None:
+    """At --kv-bits on the CPU a restarted agent's quantized files are read into one buffer and
+    dequantized from it (Caches._build_straight); after the call its blocks join the pool with
+    the files' bytes unchanged, and its turns (after the restart, then hot) answer as on the
+    path through the pool and MLX's dequantization."""
+    import mlx.core as mx
+
+    from mcp_semantic.block_pool import array_names
+    from mcp_semantic.tiny_model import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "m64", hidden_size=128, num_heads=2, num_kv_heads=1)  # head_dim 64
+    replies = {}
+    for path in ("straight", "pool"):
+        settings = Settings(model=str(model), cache_dir=tmp_path / path, kv_bits=kv_bits, block_tokens=16)
+        engine = open_engine(settings)
+        await engine.ask(AskRequest("a", "Tell me about the river and the mill.", max_tokens=32))
+        await engine.aclose()
+        engine = open_engine(settings)
+        engine.caches.on_host = path == "straight"
+        turns = [await engine.ask(AskRequest("a", q, max_tokens=16)) for q in ("And then?", "Why?")]
+        assert [t.tier for t in turns] == ["disk", "hot"] and not any(t.warnings for t in turns)
+        replies[path] = [t.reply for t in turns]
+        await engine.flush()
+        caches = engine.caches
+        ids = [b for b in caches.records["a"].blocks if engine.store.has_block(b)]  # a last partial block is not saved
+        assert len(ids) >= 2
+        read = engine.store.read_blocks(ids, caches.storage, array_names(caches.layout, caches.storage))
+        for bid, (block, problem) in zip(ids, read):
+            held = caches.pool.peek(bid)
+            assert problem is None and held is not None and set(held.arrays) == set(block.arrays)
+            assert all(mx.array_equal(held.arrays[n], a).item() for n, a in block.arrays.items()), bid
+        await engine.aclose()
+    assert replies["straight"] == replies["pool"]
