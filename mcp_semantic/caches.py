@@ -389,10 +389,13 @@ class Caches:
         pool. On the CPU, for blocks stored as computed (no --kv-bits), the working cache is made
         first and the arrays it needs from disk are read straight into it (read_into_cache), so
         their bytes land in fresh memory once rather than twice (a block buffer, then the cache);
-        at 4K tokens of the default model that is about 100 ms of a resumed turn. On CUDA
-        (`gather`) the files are read into one GPU buffer by DMA and the cache gathered from it
-        with a few operations per layer (Store.read_into_one, gather_into_cache). The blocks read
-        join the pool after the call (`remember` cuts them from the cache), not before."""
+        at 4K tokens of the default model that is about 100 ms of a resumed turn. Quantized
+        files (--kv-bits) are read into one buffer and dequantized from numpy's views of it, on
+        every core; their blocks join the pool after the call with the files' bytes
+        (`remember`). On CUDA (`gather`) the files are read into one GPU buffer by DMA and the
+        cache gathered from it with a few operations per layer (Store.read_into_one,
+        gather_into_cache). Blocks read as computed join the pool after the call too (`remember`
+        cuts them from the cache), not before."""
         leaves = wanted_leaves(self.layout, ends, reuse, self.block_tokens)
         parts: list[Any] = [self.pool.get(bid) for bid in ids]  # a Block, or a block file still to read
         missing = [i for i, (part, need) in enumerate(zip(parts, self._wanted(leaves)))
