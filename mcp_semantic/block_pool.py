@@ -233,51 +233,23 @@ def cut_blocks(
     return blocks
 
 
-def reconstruct(layout: Layout, storage: Storage, blocks: list[Block], reuse: int, size: int,
-                block_tokens: int) -> list[Any]:
-    """A working cache holding the first `reuse` tokens of `blocks`, with room up to `size`
+def reconstruct(layout: Layout, storage: Storage, parts: list[Any], reuse: int, size: int, block_tokens: int,
+                buffer: mx.array | None = None, rows: dict[int, int] | None = None) -> list[Any]:
+    """A working cache holding the first `reuse` tokens of `parts`, with room up to `size`
     tokens, built with MLX (any device, any --kv-bits): per leaf one concatenation of the
-    blocks it needs (wanted_leaves) and the room, each byte written once.
+    parts it needs (wanted_leaves) and the room, each byte written once.
+
+    Parts are blocks, or block files read whole into one `buffer` (`Store.read_into_one`; part
+    i's data in row `rows[i]`): each run of files alike gives a layer's keys (or values) as one
+    strided view of the buffer, so a load of a long cache is a few array operations per layer,
+    not one per block and layer (on a GPU each is a kernel launch and Python's work: they were
+    most of a 32K-token load).
 
     Why not KVCache.update_and_fetch block by block: it grows its buffer in steps and copies the
     whole prefix each time; one copy per layer writes every byte once, and the room lets the
     call's prompt and reply go in place. On the CPU, blocks stored at the model's dtype are
     copied by numpy instead (read_into_cache).
     """
-    ends = list(itertools.accumulate(len(b.tokens) for b in blocks))
-    out = []
-    for leaf in layout.leaves:
-        if leaf.kind == "state":
-            c = ArraysCache(leaf.size)
-            last = blocks[-1].arrays if ends[-1] == reuse else {}
-            c.cache = [last.get(f"{leaf.name}.state.{j}") for j in range(leaf.size)]
-            if any(f"{leaf.name}.state.{j}" in layout.shapes and a is None for j, a in enumerate(c.cache)):
-                raise ValueError(f"no block holds the state of {leaf.name} after {reuse} tokens")
-            out.append(c)
-            continue
-        first = span_start(leaf, reuse, block_tokens)
-        parts = [b for b, end in zip(blocks, ends) if end > first]
-        kv = []
-        for kind in ("keys", "values"):
-            arrays = [storage.decode(b.arrays, f"{leaf.name}.{kind}") for b in parts]
-            shape, _ = layout.shapes[f"{leaf.name}.{kind}"]
-            for a in arrays:
-                if a.shape[:2] != shape[:2] or a.shape[3] != shape[3]:
-                    raise ValueError(f"a block's {leaf.name}.{kind} of shape {a.shape} does not fit {shape}")
-            arrays.append(mx.zeros((1, shape[1], size - first - sum(a.shape[2] for a in arrays), shape[3]), arrays[0].dtype))
-            kv.append(mx.concatenate(arrays, axis=2))
-        out.append(_working(leaf, kv[0], kv[1], reuse, first))
-    mx.eval([c.state for c in out])
-    return layout.nest(out)
-
-
-def gather_into_cache(layout: Layout, storage: Storage, parts: list[Any], buffer: mx.array, rows: dict[int, int],
-                      reuse: int, size: int, block_tokens: int) -> list[Any]:
-    """`reconstruct` for parts that are blocks or block files read whole into one `buffer`
-    (`Store.read_into_one`; part i's data in row `rows[i]`), built with MLX (any device, any
-    --kv-bits): each run of files alike gives a layer's keys (or values) as one strided view of the
-    buffer, so a load of a long cache is a few array operations per layer, not one per block and
-    layer (on a GPU each is a kernel launch and Python's work: they were most of a 32K-token load)."""
     ends = list(itertools.accumulate(len(p.tokens) for p in parts))
     typed: dict[mx.Dtype, mx.array] = {}
 

@@ -49,7 +49,6 @@ from mcp_semantic.block_pool import (
     block_names,
     chain_ids,
     cut_blocks,
-    gather_into_cache,
     read_into_cache,
     reconstruct,
     starts,
@@ -394,7 +393,7 @@ class Caches:
         every core; their blocks join the pool after the call with the files' bytes
         (`remember`). On CUDA (`gather`) the files are read into one GPU buffer by DMA and the
         cache gathered from it with a few operations per layer (Store.read_into_one,
-        gather_into_cache). Blocks read as computed join the pool after the call too (`remember`
+        reconstruct). Blocks read as computed join the pool after the call too (`remember`
         cuts them from the cache), not before."""
         leaves = wanted_leaves(self.layout, ends, reuse, self.block_tokens)
         parts: list[Any] = [self.pool.get(bid) for bid in ids]  # a Block, or a block file still to read
@@ -429,8 +428,8 @@ class Caches:
             buffer, errors = self.store.read_into_one([parts[i] for i in missing], gpu=cuda.available())
             problems = {i: e for i, e in zip(missing, errors) if e}
             failed = [ids[i] for i in problems]
-            cache = [] if failed else gather_into_cache(self.layout, self.storage, parts, buffer,
-                                                       {i: row for row, i in enumerate(missing)}, reuse, size, self.block_tokens)
+            cache = [] if failed else reconstruct(self.layout, self.storage, parts, reuse, size, self.block_tokens, buffer,
+                                                  {i: row for row, i in enumerate(missing)})
         for problem in problems.values():
             self._missed(name, problem, warnings)
         return ("disk" if missing else "hot"), cache, failed

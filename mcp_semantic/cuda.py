@@ -3,8 +3,8 @@
 Why this exists: MLX has no Python call that copies host memory into a GPU array. An array made
 from host memory lives in CUDA managed memory written by the CPU, and moves to the GPU page by
 page when a kernel first reads it: about 2 GB/s on an H200, where a DMA copy from pinned host
-memory runs at 55. So where MLX runs on CUDA, `Store.read_blocks` reads block files into pinned
-buffers of its own and copies them with `cudaMemcpy` into buffers MLX made on the GPU (managed
+memory runs at 55. So where MLX runs on CUDA, `Store.read_into_one` reads block files into pinned
+buffers of its own and copies them with `cudaMemcpy` into a buffer MLX made on the GPU (managed
 memory, the same address on host and GPU, moved to the GPU first by `cudaMemPrefetchAsync`).
 
 The runtime is the libcudart MLX's CUDA build loads; nothing here is used on the CPU or on Apple

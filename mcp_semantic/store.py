@@ -760,33 +760,27 @@ class Store:
         on the reading threads; of block i only the arrays `wanted[i]` (all by default). MLX is
         called on this thread only."""
         opened = self.open_blocks(bids, storage, names)
-        files = []  # (file, its arrays' spans in its buffer, the buffer, where each span goes)
+        files = []  # (file, its arrays' spans in its buffer, the buffer)
         for i, p in enumerate(opened):
             if isinstance(p, _Pending):
                 spans = _spans(p, [n for n in p.layout if wanted is None or n in wanted[i]])
-                size = spans[-1][2] if spans else 0
-                if cuda.available():  # straight to GPU memory by DMA (cuda.py says why)
-                    buffer, address = cuda.gpu_buffer((size,))
-                    where = [(n, [(address + begin, end - begin)]) for n, begin, end in spans]
-                else:
-                    buffer, where = mx.zeros((size,), mx.uint8, stream=mx.cpu), None
-                files.append((p, spans, buffer, where))
-        mx.eval([buffer for _, _, buffer, _ in files])
-        targets = [where or [(n, [memoryview(buffer)[begin:end]]) for n, begin, end in spans] for _, spans, buffer, where in files]
-        problems = iter(zip(files, self.fill_blocks([p for p, *_ in files], targets)))
+                files.append((p, spans, mx.zeros((spans[-1][2] if spans else 0,), mx.uint8, stream=mx.cpu)))
+        mx.eval([buffer for _, _, buffer in files])
+        targets = [[(n, [memoryview(buffer)[begin:end]]) for n, begin, end in spans] for _, spans, buffer in files]
+        problems = iter(zip(files, self.fill_blocks([p for p, _, _ in files], targets)))
         results: list[tuple[Block | None, str | None]] = []
         for p in opened:
             if isinstance(p, str):
                 results.append((None, p))
                 continue
-            (_, spans, buffer, _), problem = next(problems)
+            (_, spans, buffer), problem = next(problems)
             results.append((None, problem) if problem else (Block(p.bid, p.parent, p.tokens, _arrays(p, buffer, spans)), None))
         return results
 
     def read_into_one(self, files: list[_Pending], gpu: bool) -> tuple[mx.array, list[str | None]]:
         """Each file's data, whole, into one buffer, file i in row i (with `gpu`, in CUDA GPU memory
         by DMA: cuda.py): a load of many blocks makes one allocation, and its arrays come out of
-        it by strided views (block_pool.gather_into_cache), not an array per block and layer.
+        it by strided views (block_pool.reconstruct), not an array per block and layer.
         Returns the buffer and, per file, None or why it could not be used."""
         row = -(-max((end for p in files for *_, end in p.layout.values()), default=1) // 16) * 16  # aligned
         shape = (max(len(files), 1), row)  # 2-D: MLX's dimensions are 32-bit, a 32K-token load is 4 GB

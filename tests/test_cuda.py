@@ -1,5 +1,4 @@
-"""The CUDA load path (cuda.py, Store.read_into_one and read_blocks into GPU buffers,
-gather_into_cache) run on the CPU, the CUDA runtime replaced by host memory copies: the reading
+"""The CUDA load path (cuda.py, Store.read_into_one into a GPU buffer, block_pool.reconstruct) run on the CPU, the CUDA runtime replaced by host memory copies: the reading
 threads' pinned buffers, the copies by address, and the engine's resume through them, exact."""
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ def fake_cuda(monkeypatch):
     return copies
 
 
-def test_blocks_read_into_gpu_buffers_equal_their_arrays(fake_cuda, tmp_path: Path) -> None:
+def test_blocks_read_into_a_gpu_buffer_equal_their_arrays(fake_cuda, tmp_path: Path) -> None:
     layout = Layout.full_attention(3, 2, 32)
     cache = layout.new_cache()
     for c in cache:
@@ -63,15 +62,13 @@ def test_blocks_read_into_gpu_buffers_equal_their_arrays(fake_cuda, tmp_path: Pa
     try:
         store.commit_kv("a", KVRecord([b.id for b in blocks], list(range(40))), [host_block(b) for b in blocks], storage)
         names = array_names(layout, storage)
-        read = store.read_blocks([b.id for b in blocks], storage, names)
-        for block, (got, problem) in zip(blocks, read):
-            assert problem is None
-            for name, a in block.arrays.items():
-                assert mx.array_equal(got.arrays[name], a).item(), name
-        assert len(fake_cuda) == len(blocks)  # one copy per file: its arrays lie one after another
         opened = store.open_blocks([b.id for b in blocks], storage, names)
         buffer, problems = store.read_into_one(opened, gpu=True)
         assert problems == [None] * 3 and buffer.shape[0] == 3
+        for block, got in zip(blocks, store.blocks_in_one(opened, buffer, host=False)):
+            for name, a in block.arrays.items():
+                assert mx.array_equal(got.arrays[name], a).item(), name
+        assert len(fake_cuda) == len(blocks)  # one copy per file: its arrays lie one after another
         path = store.block_path(blocks[1].id)  # a flipped byte in its data: that block alone fails, by name
         data = bytearray(path.read_bytes())
         data[-5] ^= 0xFF
