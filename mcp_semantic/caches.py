@@ -409,27 +409,24 @@ class Caches:
             parts[i] = part
         if failed:
             return "new", [], failed
-        if self.on_host and self.storage.kv_bits is not None and missing:
-            # quantized: the files into one buffer, dequantized from numpy's views of it; the pool
-            # gets MLX's views of it after the call (`remember`), the bytes of the files as they are
+        if self.on_host and (self.storage.kv_bits is None or not missing):
+            cache, problems = read_into_cache(self.layout, self.store, parts, leaves, reuse, size, self.block_tokens, self.storage)
+            failed = [bid for bid, start in zip(ids, starts(parts)) if start in problems]
+        else:  # the files into one buffer (on CUDA in GPU memory)
             files = [parts[i] for i in missing]
-            buffer, errors = self.store.read_into_one(files, gpu=False)
+            buffer, errors = self.store.read_into_one(files, gpu=cuda.available())
             problems = {i: e for i, e in zip(missing, errors) if e}
-            failed = [ids[i] for i in problems]
-            if not failed:
+            failed, cache = [ids[i] for i in problems], []
+            if not failed and self.on_host:
+                # quantized: dequantized from numpy's views of the buffer; the pool gets MLX's views
+                # of it after the call (`remember`), the bytes of the files as they are
                 for i, block in zip(missing, self.store.blocks_in_one(files, buffer, host=True)):
                     parts[i] = block
                 cache, _ = read_into_cache(self.layout, self.store, parts, leaves, reuse, size, self.block_tokens, self.storage)
                 self.loaded[name] = (files, buffer)
-        elif self.on_host:
-            cache, problems = read_into_cache(self.layout, self.store, parts, leaves, reuse, size, self.block_tokens, self.storage)
-            failed = [bid for bid, start in zip(ids, starts(parts)) if start in problems]
-        else:
-            buffer, errors = self.store.read_into_one([parts[i] for i in missing], gpu=cuda.available())
-            problems = {i: e for i, e in zip(missing, errors) if e}
-            failed = [ids[i] for i in problems]
-            cache = [] if failed else reconstruct(self.layout, self.storage, parts, reuse, size, self.block_tokens, buffer,
-                                                  {i: row for row, i in enumerate(missing)})
+            elif not failed:
+                cache = reconstruct(self.layout, self.storage, parts, reuse, size, self.block_tokens, buffer,
+                                    {i: row for row, i in enumerate(missing)})
         for problem in problems.values():
             self._missed(name, problem, warnings)
         return ("disk" if missing else "hot"), cache, failed

@@ -502,3 +502,26 @@ async def test_kv_bits_resume_on_the_cpu_reads_the_files_as_they_are(tmp_path, k
             assert all(mx.array_equal(held.arrays[n], a).item() for n, a in block.arrays.items()), bid
         await engine.aclose()
     assert replies["straight"] == replies["pool"]
+
+
+async def test_a_damaged_quantized_block_on_the_cpu_is_a_named_miss(tmp_path, caplog) -> None:
+    """At --kv-bits on the CPU, a block file that fails its checksum ends the cache before it,
+    with a warning naming the file's problem (not a failure to build), and the agent answers."""
+    from mcp_semantic.tiny_model import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "m64", hidden_size=128, num_heads=2, num_kv_heads=1)  # head_dim 64
+    settings = Settings(model=str(model), cache_dir=tmp_path / "c", kv_bits="8", block_tokens=16)
+    engine = open_engine(settings)
+    await engine.ask(AskRequest("a", "Tell me about the river and the mill.", max_tokens=32))
+    await engine.aclose()
+    engine = open_engine(settings)
+    record = engine.caches.records["a"]
+    path = engine.store.block_path(record.blocks[1])
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    out = await engine.ask(AskRequest("a", "And then?", max_tokens=8))
+    assert out.reply and out.tier == "disk" and out.tokens.cached == 16  # the first block, before the damaged one
+    assert any("fails its checksum" in w for w in out.warnings), out.warnings
+    assert not any("do not fit" in w for w in out.warnings), out.warnings
+    await engine.aclose()
