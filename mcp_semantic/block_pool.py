@@ -332,14 +332,17 @@ def host_view(a: mx.array) -> np.ndarray:
 
 
 def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[list[Leaf]], reuse: int, size: int,
-                    block_tokens: int, storage: Storage) -> tuple[list[Any], dict[int, str]]:
+                    block_tokens: int, storage: Storage, buffer: np.ndarray | None = None,
+                    rows: dict[int, int] | None = None) -> tuple[list[Any], dict[int, str]]:
     """A working cache of `reuse` tokens with room up to `size`, built on the host (CPU) from
     `parts`, one after another, each giving its `wanted` leaves: blocks (copied in by numpy, about
     twice as fast as MLX's strided copy here, and dequantized by numpy: `dequantize_into`; their
     arrays MLX's or numpy's) and
     block files from `Store.open_blocks`, stored as computed (their arrays read straight in by
-    `store.fill_blocks`, checksummed). Returns the cache and, by the token where it begins, why
-    each file that failed could not be used."""
+    `store.fill_blocks`, checksummed), or read already into one `buffer` (numpy's view of
+    `Store.read_into_one`'s; part i in row `rows[i]`: quantized or float16 files, converted from
+    there a run of files at a time, `_from_buffer`). Returns the cache and, by the token where
+    it begins, why each file that failed could not be used."""
     mx.eval([a for part in parts if isinstance(part, Block) for a in part.arrays.values() if isinstance(a, mx.array)])  # cut lazily
     firsts = {leaf.name: span_start(leaf, reuse, block_tokens) for leaf in layout.leaves}
     names = block_names(layout)  # the arrays as the model computes them
@@ -356,12 +359,15 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
     mx.eval(list(buffers.values()))
     views = {k: host_view(a) for k, a in buffers.items()}
     files, targets, dequantize, copies = [], [], [], []
-    for start, part, leaves in zip(starts(parts), parts, wanted):
-        heads: list[tuple[str, list[memoryview]]] = []
+    in_buffer: dict[str, list[tuple[int, int]]] = {}  # per array, the files in `buffer` that give it: (part, token)
+    for i, (start, part, leaves) in enumerate(zip(starts(parts), parts, wanted)):
+        heads: list[tuple[str, np.ndarray]] = []
         for leaf in leaves:
             at = start - firsts[leaf.name]
             for name in names[leaf.name]:
-                if isinstance(part, Block) and name + ".weight" in part.arrays:
+                if rows is not None and i in rows:
+                    in_buffer.setdefault(name, []).append((i, at))
+                elif isinstance(part, Block) and name + ".weight" in part.arrays:
                     w, scales, biases = (host_view(part.arrays[f"{name}.{k}"]) for k in ("weight", "scales", "biases"))
                     shape = w.shape[:-1] + (w.shape[-1] * 32 // storage.kv_bits,)
                     dequantize.append((_region(views, name, at, shape, views[name].itemsize, True), w, scales, biases))
@@ -375,16 +381,16 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
                     if name not in part.layout:
                         raise ValueError(f"block file {part.path.name} lacks {name}")
                     dtype, shape, _, _ = part.layout[name]
-                    region = _region(views, name, at, shape, dtype.size, leaf.attention)
-                    regions = [region[b, h] for b in range(shape[0]) for h in range(shape[1])] if leaf.attention else [region]
-                    heads.append((name, [memoryview(r).cast("B") for r in regions]))
-        if not isinstance(part, Block):
+                    heads.append((name, _region(views, name, at, shape, dtype.size, leaf.attention)))
+        if not isinstance(part, Block) and not (rows is not None and i in rows):
             files.append((start, part))
             targets.append(heads)
     # numpy lets go of the GIL in its loops: the copies (a conversion at --kv-bits 16) and the
     # dequantization run on every core, a share each
-    jobs = [partial(np.copyto, region, data) for region, data in copies]
+    jobs = [partial(copy_into, region, data) for region, data in copies]
     jobs += [partial(dequantize_into, *job, storage.kv_bits) for job in dequantize]
+    for name, found in in_buffer.items():
+        jobs += _from_buffer(views, name, found, parts, buffer, rows, storage.kv_bits)
     n = os.cpu_count() or 1
     list(_host_threads().map(lambda share: [job() for job in share], [jobs[i::n] for i in range(n)]))
     problems = store.fill_blocks([f for _, f in files], targets) if files else []
@@ -400,6 +406,96 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
     return layout.nest(out), failed
 
 
+def _from_buffer(views: dict[str, np.ndarray], name: str, found: list[tuple[int, int]], parts: list[Any],
+                 buffer: np.ndarray, rows: dict[int, int], kv_bits: int | None) -> list[Any]:
+    """Jobs that put the array `name` of the files `found` (part, token where it goes), read into
+    `buffer`, into the working cache (`views`), converting or dequantizing it: one per run of
+    files alike (the array at the same place in rows one after another, tokens one after
+    another), as a strided view of the buffer (a job per block and array, 1,680 for 7K tokens of
+    the default model, was most of a quantized load), cut so that each writes about 1 MB."""
+    jobs: list[Any] = []
+    quantized = name + ".weight" in parts[found[0][0]].layout
+    first = name + ".weight" if quantized else name
+
+    def alike(a: tuple[int, int], b: tuple[int, int]) -> bool:
+        (i, at), (j, bt) = a, b
+        _, shape, begin, _ = parts[i].layout[first]
+        return rows[j] == rows[i] + 1 and parts[j].layout[first][1:3] == (shape, begin) and bt == at + shape[2]
+
+    run: list[tuple[int, int]] = []
+    for k, item in enumerate(found):
+        run.append(item)
+        if k + 1 < len(found) and ".state." not in name and alike(item, found[k + 1]):
+            continue
+        (i, at), n = run[0], len(run)
+        arrays = {}
+        for sfx in (".weight", ".scales", ".biases") if quantized else ("",):
+            dtype, shape, begin, end = parts[i].layout[name + sfx]
+            stacked = buffer[rows[i] : rows[i] + n, begin:end].view(_np_dtype(dtype)).reshape(n, *shape)
+            # K/V (n, 1, heads, tokens, dim) as (heads, n, tokens, dim); a state as it is
+            arrays[sfx] = stacked[:, 0].transpose(1, 0, 2, 3) if ".state." not in name else stacked[0]
+        target = views[name]
+        if ".state." in name:
+            if arrays[""].shape != target.shape or arrays[""].dtype.itemsize != target.dtype.itemsize:
+                raise ValueError(f"a block's {name} of shape {arrays[''].shape} does not fit a cache of {target.shape}")
+            jobs.append(partial(np.copyto, target, arrays[""]))
+            run = []
+            continue
+        lead = arrays[".weight" if quantized else ""]
+        heads, tokens = lead.shape[0], lead.shape[2]
+        dim = lead.shape[3] * 32 // kv_bits if quantized else lead.shape[3]
+        # a view: the token axis split in two
+        out = _region(views, name, at, (1, heads, n * tokens, dim), target.itemsize, True)[0].reshape(heads, n, tokens, dim)
+        step = max(1, (1 << 20) // (heads * tokens * dim * target.itemsize))
+        for s in range(0, n, step):
+            part = {sfx: a[:, s : s + step] for sfx, a in arrays.items()}
+            if quantized:
+                jobs.append(partial(dequantize_into, out[:, s : s + step], part[".weight"], part[".scales"], part[".biases"], kv_bits))
+            else:
+                jobs.append(partial(copy_into, out[:, s : s + step], part[""]))
+        run = []
+    return jobs
+
+
+def copy_into(out: np.ndarray, data: np.ndarray) -> None:
+    """np.copyto(out, data), float16 to float32 by bits at about 3x numpy's cast here.
+
+    numpy's float16 cast runs one element at a time (2.8 GB/s on this CPU; MLX's, 3.8): at
+    --kv-bits 16 it was most of a resume's load. The bits of a float16 shifted into a float32's
+    place are the value times 2^-112, exactly, so a multiply by 2^112 gives it (subnormals
+    included: their float32 is normal); infinities and NaNs then get the float32's top exponent,
+    their payload kept (as numpy keeps it). Where denormals are flushed to zero on this thread
+    (a library built with -ffast-math), the multiply would zero the subnormals: numpy's cast then."""
+    if data.dtype != np.float16 or out.dtype != np.float32 or np.float32(1e-45) * np.float32(2) == 0:
+        np.copyto(out, data)
+        return
+    bits, raw = data.view(np.uint16), out.view(np.uint32)
+    (magnitude,), (special,) = _scratch(data.shape, np.uint32), _scratch(data.shape, np.bool_, slot=1)
+    np.bitwise_and(bits, 0x7FFF, out=magnitude)
+    np.left_shift(magnitude, 13, out=magnitude)
+    np.multiply(magnitude.view(np.float32), np.float32(2.0**112), out=out)
+    np.greater_equal(magnitude, 0x7C00 << 13, out=special)  # infinities and NaNs
+    np.bitwise_or(raw, 0x7F800000, out=raw, where=special)
+    np.bitwise_and(bits, 0x8000, out=magnitude)  # the sign
+    np.left_shift(magnitude, 16, out=magnitude)
+    np.bitwise_or(raw, magnitude, out=raw)
+
+
+def _scratch(shape: tuple[int, ...], dtype: Any, count: int = 1, slot: int = 0) -> list[np.ndarray]:
+    """`count` arrays of `shape` in this thread's scratch memory `slot`, reused from call to call:
+    fresh memory costs page faults (on this VM more than the work done in it)."""
+    n = math.prod(shape) * np.dtype(dtype).itemsize
+    buffers = _local.__dict__.setdefault("scratch", {})
+    if slot not in buffers or len(buffers[slot]) < n * count:
+        buffers[slot] = np.empty(n * count, np.uint8)
+    return [buffers[slot][i * n : (i + 1) * n].view(dtype).reshape(shape) for i in range(count)]
+
+
+def _np_dtype(dtype: mx.Dtype) -> np.dtype:
+    """numpy's dtype for an MLX one (bfloat16, which numpy lacks, as uint16)."""
+    return np.dtype("uint16" if dtype == mx.bfloat16 else str(dtype).rsplit(".", 1)[1])
+
+
 def dequantize_into(out: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int) -> None:
     """MLX's affine dequantization (`mx.dequantize`: each group of the last axis is q * scale +
     bias, q packed `bits` to a uint32 from the low bits up) on the host, into `out`.
@@ -410,10 +506,13 @@ def dequantize_into(out: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: 
     packed = w.view(np.uint8)  # little-endian: the elements in order, a byte each (8 bits) or two (4)
     if bits == 8:
         q = packed
-    else:
-        q = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.uint8)
-        np.bitwise_and(packed, 15, out=q[..., 0::2])
-        np.right_shift(packed, 4, out=q[..., 1::2])
+    else:  # byte 0xab as the uint16 0x0a0b, whose bytes are b, a: 1.5x the speed of two strided writes
+        wide, shifted = _scratch(packed.shape, np.uint16, 2)
+        np.copyto(wide, packed)
+        np.left_shift(wide, 4, out=shifted)
+        np.bitwise_or(wide, shifted, out=wide)
+        np.bitwise_and(wide, 0x0F0F, out=wide)
+        q = wide.view(np.uint8)
     grouped = out.reshape(out.shape[:-1] + (scales.shape[-1], -1))  # a view: the last axis is contiguous
     np.multiply(q.reshape(grouped.shape), scales[..., None], out=grouped)
     grouped += biases[..., None]

@@ -38,6 +38,7 @@ from functools import partial
 from typing import Any, Callable, Literal
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.utils import common_prefix_len
 
 from mcp_semantic.block_pool import (
@@ -165,7 +166,7 @@ class Caches:
         recurrent layers, the cache of `tokens[:turn]` (the call's turn began there) is kept too:
         its last, partial block is the record's branch."""
         if name in self.loaded:  # blocks the call read from disk, quantized: into the pool as they are
-            for block in self.store.blocks_in_one(*self.loaded.pop(name), host=False):
+            for block in self.store.blocks_in_one(*self.loaded.pop(name)):
                 self.pool.add(block)
         if self.layout.recurrent:
             checkpoints = {**checkpoints, len(tokens): self.layout.states(cache)}
@@ -420,9 +421,8 @@ class Caches:
             if not failed and self.on_host:
                 # quantized: dequantized from numpy's views of the buffer; the pool gets MLX's views
                 # of it after the call (`remember`), the bytes of the files as they are
-                for i, block in zip(missing, self.store.blocks_in_one(files, buffer, host=True)):
-                    parts[i] = block
-                cache, _ = read_into_cache(self.layout, self.store, parts, leaves, reuse, size, self.block_tokens, self.storage)
+                cache, _ = read_into_cache(self.layout, self.store, parts, leaves, reuse, size, self.block_tokens, self.storage,
+                                           np.array(buffer, copy=False), {i: row for row, i in enumerate(missing)})
                 self.loaded[name] = (files, buffer)
             elif not failed:
                 cache = reconstruct(self.layout, self.storage, parts, reuse, size, self.block_tokens, buffer,

@@ -65,7 +65,7 @@ def test_blocks_read_into_a_gpu_buffer_equal_their_arrays(fake_cuda, tmp_path: P
         opened = store.open_blocks([b.id for b in blocks], storage, names)
         buffer, problems = store.read_into_one(opened, gpu=True)
         assert problems == [None] * 3 and buffer.shape[0] == 3
-        for block, got in zip(blocks, store.blocks_in_one(opened, buffer, host=False)):
+        for block, got in zip(blocks, store.blocks_in_one(opened, buffer)):
             for name, a in block.arrays.items():
                 assert mx.array_equal(got.arrays[name], a).item(), name
         assert len(fake_cuda) == len(blocks)  # one copy per file: its arrays lie one after another
