@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import mlx.core as mx
 
-from mcp_semantic.cache_kinds import Layout, row_of, to_batch
+from mcp_semantic.cache_kinds import Layout, row_of, to_batch, whole_of
 
 Sampler = Callable[[mx.array], mx.array]
 
@@ -41,6 +41,7 @@ class Row:
     generated: int = 1  # `token` is generated already
     finish: str | None = None
     cache: list[Any] | None = None  # once removed: its cache, as views of the batch's arrays
+    whole: list[Any] | None = None  # once removed alone: the batch's arrays whole (cache_kinds.whole_of)
 
 
 @dataclass
@@ -103,6 +104,8 @@ class DecodeBatch:
         """Leave the batch; each removed row keeps a view of its cache in `row.cache`."""
         for r in rows:
             r.cache = self.row_cache(r)
+            if len(self.rows) == 1 and self.layout.batchable:
+                r.whole = whole_of(self.layout, self.cache)
         keep = [i for i, r in enumerate(self.rows) if r not in rows]
         self.rows = [self.rows[i] for i in keep]
         if not keep:

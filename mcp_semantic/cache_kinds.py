@@ -339,6 +339,20 @@ def to_batch(layout: Layout, cache: list[Any]) -> list[Any]:
     return layout.nest(out)
 
 
+def whole_of(layout: Layout, cache: list[Any]) -> list[tuple[mx.array, mx.array]] | None:
+    """A lone call's cache arrays whole, room included (its own KVCaches, or a one-row batch over
+    them starting at token 0), for its agent's next call to write on in place (Caches.remember);
+    None for other caches (windows, recurrent state, rows of a batch of several)."""
+    out = []
+    for leaf, c in zip(layout.leaves, layout.flatten(cache)):
+        if leaf.kind != "kv" or c.keys is None:
+            return None
+        if isinstance(c, BatchKVCache) and (c.keys.shape[0] != 1 or c.left_padding[0].item() != 0):
+            return None
+        out.append((c.keys, c.values))
+    return out
+
+
 def row_of(layout: Layout, batch: list[Any], i: int, n: int) -> list[Any]:
     """Row `i`'s working cache, holding its `n` tokens, as views of the batch's arrays (valid
     until the batch changes)."""

@@ -4,7 +4,7 @@ An agent's cache is a list of content-addressed blocks (block_pool.py): the `KVR
 tokens they hold. The blocks live in the pool in memory (each once, however many agents hold
 it) and in the store on disk. A call's working cache is built from its blocks, with room for its
 prompt; after the call, only the blocks of its new tokens go into the pool (views of the working
-cache until `settle` copies them, when no call waits), and the working cache goes. With recurrent layers a cache resumes only where a block ends (a state
+cache until `settle` copies them, when no call waits). With recurrent layers a cache resumes only where a block ends (a state
 cannot be trimmed back), so the engine keeps the states at every block end a call passes
 (`Checkpoints`), and each block gets the state after its last token. The next prompt renders
 the reply from its text, and a reply re-tokenized differently, or a template that rewrites it
@@ -12,17 +12,19 @@ the reply from its text, and a reply re-tokenized differently, or a template tha
 agent also keeps the cache where its reply's turn began, as a partial block (`KVRecord.branch`),
 as llama.cpp keeps a checkpoint after each prompt.
 
-Why not keep the working cache for the agent's next call: in a batch of several calls it is
-merged into the batch's arrays (mlx-lm's BatchKVCache), and the pool's views of it would stop
-MLX writing it in place; building from blocks costs one copy (at 2K tokens of the default model
-12 to 18 ms here, into memory MLX's allocator hands back) and keeps memory to one copy of each
-block. After a restart, the blocks read straight into a working cache join the pool as views of
-it, so the next turn or a fork copies them once too.
+An agent's next call goes on in its last working cache, in place, where that call ran alone
+(not in a batch of several, whose arrays are shared), its new blocks joined the pool as views
+of it (after a restart, or a turn of mostly new blocks: then they are most of the cache), and no
+other agent holds them (a fork): `Kept`, `_take_kept`. Those views leave the pool first (they
+are on disk; a block not written yet is copied out), since MLX writes an array in place only
+when nothing else refers to its memory. Otherwise the working cache is built from blocks: one
+copy of the whole cache (at 4K tokens of the default model 20 to 190 ms here, the more when the
+memory is new), and the last one goes once its views are copied out (`settle`).
 
 Memory, counted against the budget: the pool's blocks, at the storage precision. When room is
 needed the least recently used blocks go, after their agents' unsaved blocks are handed to the
-writer. Outside the budget: the running calls' working caches, and blocks queued for the
-writer until written.
+writer. Outside the budget: the running calls' working caches, a kept working cache's room
+beyond its blocks, and blocks queued for the writer until written.
 
 Everything here runs on the engine thread, except the store's writes, which the `Writer`
 thread runs in order.
@@ -34,11 +36,13 @@ import bisect
 import itertools
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Literal
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import common_prefix_len
 
 from mcp_semantic.block_pool import (
@@ -66,6 +70,16 @@ SETTLE_GROUP = 2  # blocks copied at a time when idle: 2 of the default model's 
 Checkpoints = dict[int, list[list[Any]]]  # token count -> the recurrent leaves' states then (Layout.states)
 
 
+@dataclass
+class Kept:
+    """An agent's last working cache, kept for its next call to go on writing in place: its arrays
+    whole (cache_kinds.whole_of), the tokens they hold, and the pool's blocks that are views of them."""
+
+    arrays: list[tuple[mx.array, mx.array]]
+    tokens: list[int]
+    views: list[str]
+
+
 class Caches:
     def __init__(self, layout: Layout, store: Store, storage: Storage, *, block_tokens: int, memory_budget: int,
                  agents: set[str]):
@@ -91,6 +105,7 @@ class Caches:
         self.unsaved: set[str] = set()
         self.unsettled: list[str] = []  # blocks cut lazily, not copied yet: see settle
         self.loaded: dict[str, tuple[list[Any], mx.array]] = {}  # by agent: files its call read into one buffer
+        self.working: dict[str, Kept] = {}  # by agent: its last call's working cache, for its next call (_take_kept)
         # on the CPU, blocks are copied into the working cache by numpy (_build, _build_straight): those stored as
         # computed straight from their files, quantized ones dequantized (a float32 model's, as the CPU runs)
         self.on_host = mx.default_device() == mx.cpu and (storage.kv_bits is None or storage.dtype == "float32")
@@ -143,10 +158,12 @@ class Caches:
             if self.used() <= self.memory_budget:
                 break
             self.pool.drop(bid)
+        self._drop_kept(*[name for name, k in self.working.items() if not all(b in self.pool for b in k.views)])
 
     def evict_memory(self, names: list[str]) -> None:
         """Drop these agents' blocks that no other agent holds (saved first)."""
         holders: Counter[str] = Counter()
+        self._drop_kept(*names)
         for name in names:
             self.save(name)
             holders.update(set(self.records[name].ids) if name in self.records else ())
@@ -160,17 +177,23 @@ class Caches:
         """Whether the block holds every array (one read from disk for a call may not: Block)."""
         return len(block.arrays) == len(self.all_names)
 
-    def remember(self, name: str, cache: list[Any], tokens: list[int], checkpoints: Checkpoints, turn: int = 0) -> None:
+    def remember(self, name: str, cache: list[Any], tokens: list[int], checkpoints: Checkpoints, turn: int = 0,
+                 whole: list[tuple[mx.array, mx.array]] | None = None) -> None:
         """After a call: the agent's blocks are those of `tokens` (`cache` holds them, and
         `checkpoints` the recurrent states at block ends); copy the new ones into the pool. With
         recurrent layers, the cache of `tokens[:turn]` (the call's turn began there) is kept too:
-        its last, partial block is the record's branch."""
+        its last, partial block is the record's branch. `whole`: the cache's arrays whole, when
+        the call ran alone: kept for the agent's next call when its blocks are views of them."""
+        self._drop_kept(name)
         if name in self.loaded:  # blocks the call read from disk, quantized: into the pool as they are
             for block in self.store.blocks_in_one(*self.loaded.pop(name)):
                 self.pool.add(block)
         if self.layout.recurrent:
             checkpoints = {**checkpoints, len(tokens): self.layout.states(cache)}
-        ids = self._cut(cache, tokens, checkpoints)
+        viewed: list[str] = []
+        ids = self._cut(cache, tokens, checkpoints, viewed)
+        if whole is not None and 2 * len(viewed) > len(ids):  # its memory is mostly the pool's views' (counted)
+            self.working[name] = Kept(whole, list(tokens), viewed)
         record = KVRecord(ids, tokens[: len(ids) * self.block_tokens])
         if self.layout.recurrent and turn in checkpoints and turn % self.block_tokens and turn < len(record.tokens):
             branch = self._cut(cache, tokens[:turn], checkpoints)
@@ -181,10 +204,11 @@ class Caches:
         self.records[name] = record
         self.unsaved.add(name)
 
-    def _cut(self, cache: list[Any], tokens: list[int], checkpoints: Checkpoints) -> list[str]:
+    def _cut(self, cache: list[Any], tokens: list[int], checkpoints: Checkpoints, viewed: list[str] | None = None) -> list[str]:
         """Put the blocks of `tokens` the pool lacks into it, cut from `cache` lazily (views of it
         until `settle` copies them out, not in a decode step's time); returns the ids of the blocks
-        there are, which stop before a block that neither memory nor disk has whole."""
+        there are, which stop before a block that neither memory nor disk has whole. The ids of
+        those added as views of `cache` go into `viewed`."""
         ids = chain_ids(tokens, self.storage.key, self.block_tokens)
         skip = [b for b in ids if b in self.pool]
         # Views when the new blocks are most of the cache (a first turn, or a turn after a restart
@@ -201,6 +225,8 @@ class Caches:
                 break
             self.pool.add(block)
             self.unsettled.append(block.id)
+            if block.views and viewed is not None:
+                viewed.append(block.id)
         return ids
 
     def kept(self, prompt: list[int]) -> int:
@@ -220,10 +246,11 @@ class Caches:
         sit between a generating call and its next token. A few blocks at a time, until `stop()`
         (a call has arrived): a call that comes at once after another waits for a few blocks' copy
         (~25 ms at most), not for all of them, and builds from the views it finds (one copy)."""
+        kept = {bid for k in self.working.values() for bid in k.views}  # views of a cache kept: they stay views
         while self.unsettled and not stop():
             group, self.unsettled = self.unsettled[:SETTLE_GROUP], self.unsettled[SETTLE_GROUP:]
             for bid in group:
-                if (block := self.pool.peek(bid)) is not None:  # a block dropped meanwhile needs no copy
+                if (block := self.pool.peek(bid)) is not None and bid not in kept:  # a block dropped meanwhile needs no copy
                     block.own()
 
     def share_prompt(self, cache: list[Any], prompt: list[int], checkpoints: Checkpoints) -> None:
@@ -236,6 +263,7 @@ class Caches:
     def forget(self, name: str) -> None:
         """Drop the agent's cache from memory and from the lists here (not from disk)."""
         self.unsaved.discard(name)
+        self._drop_kept(name)
         record = self.records.pop(name, None)
         if record is not None:
             self.pool.hold(record.ids, [])
@@ -270,13 +298,61 @@ class Caches:
             warnings.append(f"agent {agent.name}: saving its KV cache failed ({failed}); it is saved again after this call")
         record = self.records.get(agent.name)
         self.loaded.pop(agent.name, None)  # of a call that ended without its cache remembered
-        tier, cache, reuse = self._find(agent.name, record, prompt, room, warnings)
+        taken = self._take_kept(agent.name, record, prompt, room)
+        tier, cache, reuse = taken or self._find(agent.name, record, prompt, room, warnings)
         if agent.tokens and record is None:
             why = self.problems.get(agent.name) or "it has no saved KV cache"
             shared = f"{reuse} of them from blocks other agents share, " if reuse else ""
             warnings.append(f"agent {agent.name}: {why}; re-prefilling its {len(agent.tokens)} tokens of history ({shared}"
                             f"{len(prompt) - reuse} prompt tokens computed)")
         return tier, cache, reuse
+
+    def _take_kept(self, name: str, record: KVRecord | None, prompt: list[int], room: int) -> tuple[Tier, list[Any], int] | None:
+        """The agent's last working cache itself, for its next call (hot, nothing copied), where it
+        holds at least what its blocks would give (out of room for the prompt and reply, it is
+        copied into a larger one first, as a build from blocks would copy it); else None.
+
+        The pool's blocks that are views of it (held by this agent alone) leave memory first, or
+        are copied out where they are not on disk yet: MLX writes an array in place only when
+        nothing else refers to its memory, and otherwise copies it whole at the first write. The call's blocks are cut from
+        it again afterwards, as views. Why: building a working cache from blocks is a copy of the
+        whole cache, into new memory when the blocks are views of the last one (after a restart,
+        or a turn of new blocks): at 4K tokens of the default model 20 to 190 ms here."""
+        kept = self.working.get(name)
+        if kept is None or record is None:
+            return None
+        reuse = min(common_prefix_len(kept.tokens, prompt), len(prompt) - 1)
+        if reuse <= 0 or reuse < self._choose(record, prompt, set())[2] or any(self.pool.refs[b] > 1 for b in kept.views):
+            self._drop_kept(name)
+            return None
+        arrays = kept.arrays
+        if arrays[0][0].shape[2] < len(prompt) + room:  # out of room: copied into a larger one, once
+            size = self.cache_size(len(prompt) + 2 * room + self.block_tokens)
+            grown = [mx.concatenate([a[..., :reuse, :], mx.zeros((*a.shape[:2], size - reuse, a.shape[3]), a.dtype)], axis=2)
+                     for pair in arrays for a in pair]
+            mx.eval(grown)
+            arrays = list(zip(grown[0::2], grown[1::2]))
+        if name not in self.unsaved and not all(self.store.has_block(b) for b in kept.views):
+            self.writer.wait()  # the writer refers to the blocks it writes until they are written
+        del self.working[name]
+        for bid in kept.views:
+            if self.store.has_block(bid):
+                self.pool.drop(bid)
+            else:  # a block of the last call's new tokens, not saved yet: copied out (a block or two)
+                self.pool.peek(bid).own()
+        cache = []
+        kept.arrays = []  # only the cache below refers to them now
+        for keys, values in arrays:
+            c = KVCache()
+            c.keys, c.values, c.offset = keys, values, reuse
+            cache.append(c)
+        return "hot", self.layout.nest(cache), reuse
+
+    def _drop_kept(self, *names: str) -> None:
+        """Let the agents' kept working caches go: their blocks' views are copied out when idle (settle)."""
+        for name in names:
+            if (kept := self.working.pop(name, None)) is not None:
+                self.unsettled.extend(kept.views)
 
     def _find(self, name: str, record: KVRecord | None, prompt: list[int], room: int,
               warnings: list[str]) -> tuple[Tier, list[Any], int]:
@@ -286,7 +362,8 @@ class Caches:
             ids, ends, reuse = self._choose(record, prompt, bad)
             if not reuse:
                 return "new", self.layout.new_cache(), 0
-            size = self.cache_size(max(len(prompt), ends[-1]) + room)
+            # room for a next turn as long again and a block: the agent's next call goes on in it in place (_take_kept)
+            size = self.cache_size(max(len(prompt), ends[-1]) + 2 * room + self.block_tokens)
             straight = self.on_host or self.gather
             build = self._build_straight if straight else self._build
             try:

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict
 from mcp_semantic import attention
 from mcp_semantic.batch import DecodeBatch, Row
 from mcp_semantic.block_pool import BLOCK_TOKENS, Storage, kv_bits_supported
-from mcp_semantic.cache_kinds import Layout, probe
+from mcp_semantic.cache_kinds import Layout, probe, whole_of
 from mcp_semantic.caches import Caches, Checkpoints, Tier
 from mcp_semantic.models import LoadedModel
 from mcp_semantic.store import Agent, Store, check_name
@@ -709,10 +709,11 @@ class Engine:
             agent.last_used_at = time.time()
             self.store.save_agent(agent)  # the transcript is saved before the reply goes out
             self._agents[agent.name] = agent
-            self.caches.remember(agent.name, r.cache, tokens, r.checkpoints, r.turn)
+            whole = r.row.whole if r.row is not None else whole_of(self.layout, r.cache)
+            self.caches.remember(agent.name, r.cache, tokens, r.checkpoints, r.turn, whole)
             self.caches.enforce_budget()
         if r.row is not None:  # let the cache's memory go now (the row and the call refer to each other)
-            r.row.cache = r.row.key = None
+            r.row.cache = r.row.key = r.row.whole = None
         r.cache = r.row = None
         r.checkpoints = {}
         ended = time.perf_counter()

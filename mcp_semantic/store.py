@@ -182,6 +182,7 @@ class Writer:
                 log.error("could not save the KV cache of agent %s: %s", name, e)
                 with self._cond:
                     self.errors[name] = str(e)
+            del item, job  # the blocks' arrays go now, not when the next job comes (MLX writes a cache in place only when nothing else refers to it)
             with self._cond:
                 self._jobs.popleft()
                 self._cond.notify_all()

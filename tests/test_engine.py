@@ -525,3 +525,46 @@ async def test_a_damaged_quantized_block_on_the_cpu_is_a_named_miss(tmp_path, ca
     assert any("fails its checksum" in w for w in out.warnings), out.warnings
     assert not any("do not fit" in w for w in out.warnings), out.warnings
     await engine.aclose()
+
+
+def _address(engine, agent: str) -> int | None:
+    """Where the agent's kept working cache (Caches.working) begins in memory, or None."""
+    from mcp_semantic.block_pool import host_view
+
+    kept = engine.caches.working.get(agent)
+    return None if kept is None else host_view(kept.arrays[0][0]).__array_interface__["data"][0]
+
+
+async def test_hot_turns_write_on_in_the_last_cache_in_place(settings: Settings, replay) -> None:
+    """After a restart and after each hot turn, the agent's next turn goes on in the working cache
+    of its last call, in place (the same memory), and answers as a replay from scratch; a fork
+    shares the blocks, so its source's next turn builds a cache of its own, still exact."""
+    engine = open_engine(settings)
+    first = await engine.ask(AskRequest("a", QUESTIONS[0], system="You are terse.", max_tokens=12))
+    await engine.aclose()
+    engine = open_engine(settings)  # a restart: the blocks are read straight into a working cache
+    replies, messages = [first], [{"role": "system", "content": "You are terse."}, {"role": "user", "content": QUESTIONS[0]},
+                                  {"role": "assistant", "content": first.reply}]
+    second = await engine.ask(AskRequest("a", QUESTIONS[1], max_tokens=12))
+    assert second.tier == "disk"
+    address = _address(engine, "a")
+    assert address is not None
+    await engine.flush()  # its new blocks written: the writer must have let go of them
+    for i, question in enumerate(["Go on.", "And then?"]):
+        r = await engine.ask(AskRequest("a", question, max_tokens=12))
+        assert r.tier == "hot" and r.tokens.cached > second.tokens.context - 1
+        if i == 0:  # the cache made after the restart has room for a turn like the last one
+            assert _address(engine, "a") == address, "the cache was copied, not written on in place"
+        replies.append(r)
+    address = _address(engine, "a")
+    assert address is not None
+    await engine.fork("a", "b")
+    after_fork = await engine.ask(AskRequest("a", "Stop.", max_tokens=12))
+    assert after_fork.tier == "hot" and _address(engine, "a") != address  # its blocks are the fork's too
+    for question, answer in zip([QUESTIONS[1], "Go on.", "And then?", "Stop."], [second, *replies[1:], after_fork]):
+        messages.append({"role": "user", "content": question})
+        assert answer.reply == replay(engine.lm, messages, 12)
+        messages.append({"role": "assistant", "content": answer.reply})
+    await engine.evict("a")
+    assert "a" not in engine.caches.working  # its memory goes with its blocks
+    await engine.aclose()
