@@ -90,6 +90,7 @@ async def run(args: argparse.Namespace) -> dict:
         disk.append(await engine.ask(AskRequest(f"doc-{i}", q, max_tokens=16)))
         # a fork of it holds the same blocks, now in memory: its cache is built from the pool
         await engine.fork(f"doc-{i}", f"doc-{i}-b")
+        await engine.flush()  # as for the hot turns: the writer quiet (it shares the 2 cores with the prefill)
         blocks.append(await engine.ask(AskRequest(f"doc-{i}-b", FOLLOW_UPS[(i + 1) % len(FOLLOW_UPS)], max_tokens=16)))
     await engine.aclose()
 

@@ -245,13 +245,17 @@ class Caches:
         were cut from can go: the engine calls this when no call is running, so the copies never
         sit between a generating call and its next token. A few blocks at a time, until `stop()`
         (a call has arrived): a call that comes at once after another waits for a few blocks' copy
-        (~25 ms at most), not for all of them, and builds from the views it finds (one copy)."""
-        kept = {bid for k in self.working.values() for bid in k.views}  # views of a cache kept: they stay views
+        (~25 ms at most), not for all of them, and builds from the views it finds (one copy).
+        A kept working cache (`working`) whose views are all copied out goes too: an agent that
+        comes back after a pause builds from its blocks into the memory it leaves."""
         while self.unsettled and not stop():
             group, self.unsettled = self.unsettled[:SETTLE_GROUP], self.unsettled[SETTLE_GROUP:]
             for bid in group:
-                if (block := self.pool.peek(bid)) is not None and bid not in kept:  # a block dropped meanwhile needs no copy
+                if (block := self.pool.peek(bid)) is not None:  # a block dropped meanwhile needs no copy
                     block.own()
+        for name, kept in list(self.working.items()):  # a kept cache no view refers to any more: memory twice
+            if not any((block := self.pool.peek(bid)) is not None and block.views for bid in kept.views):
+                del self.working[name]
 
     def share_prompt(self, cache: list[Any], prompt: list[int], checkpoints: Checkpoints) -> None:
         """Once a prompt is read, its full blocks go into the pool (held by no agent yet, so the
@@ -273,6 +277,7 @@ class Caches:
         record = self.records.get(source)
         if record is None:
             return
+        self._drop_kept(source)  # its blocks are the fork's too: the source's next call builds its own cache
         self.records[target] = KVRecord(list(record.blocks), list(record.tokens), record.branch, record.branch_tokens)
         self.pool.hold([], record.ids)
         self.save(source)  # the source's blocks are queued first, so the fork's list finds them on disk
