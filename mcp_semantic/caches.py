@@ -343,8 +343,8 @@ class Caches:
         for bid in kept.views:
             if self.store.has_block(bid):
                 self.pool.drop(bid)
-            else:  # a block of the last call's new tokens, not saved yet: copied out (a block or two)
-                self.pool.peek(bid).own()
+            elif (block := self.pool.peek(bid)) is not None:  # of the last call's new tokens, not saved yet: copied out
+                block.own()
         cache = []
         kept.arrays = []  # only the cache below refers to them now
         for keys, values in arrays:
