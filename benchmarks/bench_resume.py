@@ -4,10 +4,13 @@ Measures, in one process and one run:
   * cold prefill tokens/s (a 512-token prompt, and the whole conversation);
   * for a conversation of about 2,000 tokens, the time to first token (TTFT) of
       new   - a new agent reading the whole conversation (cold prefill),
-      hot   - the agent's next turn, its blocks in memory,
+      hot   - the agent's next turn, its blocks in memory (the agent has forks: its cache is
+              built from its blocks),
       fork  - the next turn of a fork of the agent just resumed: its cache is built from the
               blocks it shares with it, in memory, not read from disk,
-      disk  - the same turn after a server restart (cache loaded from safetensors);
+      disk  - the same turn after a server restart (cache loaded from safetensors),
+      hot, alone - an agent without forks, after a restart: its turns go on in its working
+              cache in place;
     each follow-up question is about 20 tokens.
 Targets (issue 4): disk resume >= 25x faster than the cold prefill of the same context,
 and disk TTFT within 1.5x of hot TTFT; (issue 14) hot no slower than after a restart, and the
@@ -85,6 +88,10 @@ async def run(args: argparse.Namespace) -> dict:
         await engine.fork("doc", f"doc-{i}")
     await engine.flush()  # the forks' lists and the source's blocks on disk: the writer is quiet below
     hot = [await engine.ask(AskRequest("doc", q, max_tokens=16)) for q in FOLLOW_UPS[: args.repeats]]
+    # an agent no other holds blocks of (its own system prompt): after the restart its next turns
+    # go on in its working cache in place (Caches._take_kept), where "doc", forked, builds from blocks
+    await engine.ask(AskRequest("solo", "Summarise the document in one sentence.", system="Answer from this text.\n\n"
+                                + DOCUMENT * n_doc, max_tokens=32))
     await engine.aclose()
 
     engine = open_engine(settings)  # the restart: model reloaded, every cache comes from disk
@@ -96,6 +103,9 @@ async def run(args: argparse.Namespace) -> dict:
         await engine.fork(f"doc-{i}", f"doc-{i}-b")
         await engine.flush()  # as for the hot turns: the writer quiet (it shares the 2 cores with the prefill)
         blocks.append(await engine.ask(AskRequest(f"doc-{i}-b", FOLLOW_UPS[(i + 1) % len(FOLLOW_UPS)], max_tokens=16)))
+    await engine.evict(None, "memory")
+    solo_disk = await engine.ask(AskRequest("solo", FOLLOW_UPS[-1], max_tokens=16))
+    in_place = [await engine.ask(AskRequest("solo", q, max_tokens=16)) for q in FOLLOW_UPS[: args.repeats]]
     await engine.aclose()
 
     med = lambda rs, f: statistics.median(f(r) for r in rs)  # noqa: E731
@@ -113,6 +123,12 @@ async def run(args: argparse.Namespace) -> dict:
             "ttft_ms": med(blocks, ttft),
             "cache_load_ms": med(blocks, lambda r: r.timings_ms.cache_load),
             "tiers": [r.tier for r in blocks],
+        },
+        "hot_in_place": {
+            "ttft_ms": med(in_place, ttft),
+            "after_restart_ms": ttft(solo_disk),
+            "tiers": [r.tier for r in in_place],
+            "runs": [ttft(r) for r in in_place],
         },
         "disk": {
             "ttft_ms": med(disk, ttft),
@@ -138,11 +154,12 @@ async def run(args: argparse.Namespace) -> dict:
 def plot(result: dict, path: Path) -> None:
     plt = pyplot()
 
-    tiers = ["cold", "disk", "blocks_in_memory", "hot"]
+    tiers = ["cold", "disk", "blocks_in_memory", "hot"] + (["hot_in_place"] if "hot_in_place" in result else [])
     values = [result[t]["ttft_ms"] for t in tiers]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    labels = ["new agent\n(cold prefill)", "after restart\n(blocks from disk)", "fork\n(source's blocks in memory)", "hot\n(blocks in memory)"]
-    bars = ax.bar(labels, values, color=["#c44", "#48c", "#7ab", "#4a4"])
+    fig, ax = plt.subplots(figsize=(8.5, 3.5))
+    labels = ["new agent\n(cold prefill)", "after restart\n(blocks from disk)", "fork\n(source's blocks in memory)",
+              "hot, forked\n(built from blocks)", "hot, alone\n(in place)"][: len(tiers)]
+    bars = ax.bar(labels, values, color=["#c44", "#48c", "#7ab", "#4a4", "#2a7"][: len(tiers)])
     ax.set_yscale("log")
     ax.set_ylim(top=max(values) * 4)  # room for the labels
     ax.set_ylabel("time to first token (ms, log)")
@@ -172,6 +189,7 @@ def main() -> None:
     print(f"{'after restart (disk)':24}{result['disk']['ttft_ms']:>10.0f}   cache load {result['disk']['cache_load_ms']:.0f} ms")
     print(f"{'blocks in memory':24}{result['blocks_in_memory']['ttft_ms']:>10.0f}   build {result['blocks_in_memory']['cache_load_ms']:.0f} ms")
     print(f"{'hot (memory)':24}{result['hot']['ttft_ms']:>10.0f}")
+    print(f"{'hot, alone (in place)':24}{result['hot_in_place']['ttft_ms']:>10.0f}   after its restart {result['hot_in_place']['after_restart_ms']:.0f} ms")
     print(f"cold prefill: {result['prefill_tokens_per_s_512']} tokens/s at 512 tokens, {result['cold']['prefill_tokens_per_s']} at {result['context_tokens']}")
     print(f"disk vs cold: {result['speedup_disk_vs_cold']}x faster; disk/hot: {result['disk_over_hot']}")
     for name, ok in result["targets"].items():
