@@ -157,8 +157,8 @@ def plot(result: dict, path: Path) -> None:
     tiers = ["cold", "disk", "blocks_in_memory", "hot"] + (["hot_in_place"] if "hot_in_place" in result else [])
     values = [result[t]["ttft_ms"] for t in tiers]
     fig, ax = plt.subplots(figsize=(8.5, 3.5))
-    labels = ["new agent\n(cold prefill)", "after restart\n(blocks from disk)", "fork\n(source's blocks in memory)",
-              "hot, forked\n(built from blocks)", "hot, alone\n(in place)"][: len(tiers)]
+    labels = ["new agent\n(cold prefill)", "after restart\n(from disk)", "fork\n(blocks in memory)",
+              "hot, forked\n(from blocks)", "hot, alone\n(in place)"][: len(tiers)]
     bars = ax.bar(labels, values, color=["#c44", "#48c", "#7ab", "#4a4", "#2a7"][: len(tiers)])
     ax.set_yscale("log")
     ax.set_ylim(top=max(values) * 4)  # room for the labels
