@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 
 Tier = Literal["new", "hot", "disk"]
 SETTLE_GROUP = 2  # blocks copied at a time when idle: 2 of the default model's are 24 MB
+KEPT_COPY_TOKENS = 512  # of blocks not on disk yet, at most what a next call copies out to go on in place (_take_kept)
 Checkpoints = dict[int, list[list[Any]]]  # token count -> the recurrent leaves' states then (Layout.states)
 
 
@@ -318,8 +319,11 @@ class Caches:
         copied into a larger one first, as a build from blocks would copy it); else None.
 
         The pool's blocks that are views of it (held by this agent alone) leave memory first, or
-        are copied out where they are not on disk yet: MLX writes an array in place only when
-        nothing else refers to its memory, and otherwise copies it whole at the first write. The call's blocks are cut from
+        are copied out where they are not on disk yet (up to 512 tokens of the last call's new
+        tokens, not handed to the writer: with more, as after a new agent's first turn, or with
+        writes under way, which refer to them, it builds from blocks): MLX writes an array in
+        place only when nothing else refers to its memory, and otherwise copies it whole at the
+        first write. The call's blocks are cut from
         it again afterwards, as views. Why: building a working cache from blocks is a copy of the
         whole cache, into new memory when the blocks are views of the last one (after a restart,
         or a turn of new blocks): at 4K tokens of the default model 20 to 190 ms here."""
@@ -327,7 +331,9 @@ class Caches:
         if kept is None or record is None:
             return None
         reuse = min(common_prefix_len(kept.tokens, prompt), len(prompt) - 1)
-        if reuse <= 0 or reuse < self._choose(record, prompt, set())[2] or any(self.pool.refs[b] > 1 for b in kept.views):
+        unwritten = [b for b in kept.views if not self.store.has_block(b)]
+        if (reuse <= 0 or reuse < self._choose(record, prompt, set())[2] or any(self.pool.refs[b] > 1 for b in kept.views)
+                or unwritten and name not in self.unsaved or len(unwritten) * self.block_tokens > KEPT_COPY_TOKENS):
             self._drop_kept(name)
             return None
         arrays = kept.arrays
@@ -337,11 +343,9 @@ class Caches:
                      for pair in arrays for a in pair]
             mx.eval(grown)
             arrays = list(zip(grown[0::2], grown[1::2]))
-        if name not in self.unsaved and not all(self.store.has_block(b) for b in kept.views):
-            self.writer.wait()  # the writer refers to the blocks it writes until they are written
         del self.working[name]
         for bid in kept.views:
-            if self.store.has_block(bid):
+            if bid not in unwritten:
                 self.pool.drop(bid)
             elif (block := self.pool.peek(bid)) is not None:  # of the last call's new tokens, not saved yet: copied out
                 block.own()
