@@ -16,8 +16,8 @@ An agent's next call goes on in its last working cache, in place, where that cal
 (not in a batch of several, whose arrays are shared), its new blocks joined the pool as views
 of it (after a restart, or a turn of mostly new blocks: then they are most of the cache), and no
 other agent holds them (a fork): `Kept`, `_take_kept`. Those views leave the pool first (they
-are on disk; a block not written yet is copied out), since MLX writes an array in place only
-when nothing else refers to its memory. Otherwise the working cache is built from blocks: one
+are on disk; up to 512 tokens of blocks not written yet are copied out), since MLX writes an
+array in place only when nothing else refers to its memory. Otherwise the working cache is built from blocks: one
 copy of the whole cache (at 4K tokens of the default model 20 to 190 ms here, the more when the
 memory is new), and the last one goes once its views are copied out (`settle`).
 
