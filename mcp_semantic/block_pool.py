@@ -258,17 +258,11 @@ def reconstruct(layout: Layout, storage: Storage, parts: list[Any], reuse: int, 
         dtype, shape, begin, _ = parts[i].layout[name]
         rows_of = typed.setdefault(dtype, buffer.view(dtype))
         strides = [math.prod(shape[k + 1 :]) for k in range(len(shape))]
-        span = 1
+        span = max(count, 1)  # files of a run are in rows one after another (_continues)
         if count:
-            span = rows[i + count - 1] - rows[i] + 1
-            shape, strides = [count, *shape[1:]], [rows_of.shape[1] * (rows[i + 1] - rows[i] if count > 1 else 0), *strides[1:]]
+            shape, strides = [count, *shape[1:]], [rows_of.shape[1] if count > 1 else 0, *strides[1:]]
         # as_strided over the rows it reads (MLX's offsets are 32-bit: not over the whole buffer)
         return mx.as_strided(rows_of[rows[i] : rows[i] + span], shape, strides, begin // dtype.size)
-
-    def alike(i: int, j: int, name: str) -> bool:
-        """Whether file j continues the run of files alike from file i (same array place and shape, same spacing)."""
-        a, b = parts[i], parts[j]
-        return not isinstance(b, Block) and a.layout[name][1:3] == b.layout[name][1:3] and rows[j] - rows[j - 1] == rows[i + 1] - rows[i]
 
     out = []
     for leaf in layout.leaves:
@@ -300,7 +294,8 @@ def reconstruct(layout: Layout, storage: Storage, parts: list[Any], reuse: int, 
                     k += 1
                     continue
                 n = 1
-                while k + n < len(use) and alike(i, use[k + n], name + storage.suffixes[0]) and (n + 1) * buffer.shape[1] < 1 << 31:
+                while (k + n < len(use) and _continues(parts, rows, use[k + n - 1], use[k + n], name + storage.suffixes[0])
+                       and (n + 1) * buffer.shape[1] < 1 << 31):
                     n += 1
                 stacked = storage.decode({name + sfx: from_file(i, name + sfx, n) for sfx in storage.suffixes}, name)
                 g, heads, t, dim = stacked.shape
@@ -406,6 +401,14 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
     return layout.nest(out), failed
 
 
+def _continues(parts: list[Any], rows: dict[int, int], i: int, j: int, name: str) -> bool:
+    """Whether part j, a file read into one buffer, continues a run of files through part i: the
+    next part, in the next row, with its array `name` at the same place and of the same shape. A
+    run is then one strided view of the buffer (reconstruct, _from_buffer)."""
+    return (j == i + 1 and j in rows and rows[j] == rows[i] + 1
+            and parts[j].layout[name][1:3] == parts[i].layout[name][1:3])
+
+
 def _from_buffer(views: dict[str, np.ndarray], name: str, found: list[tuple[int, int]], parts: list[Any],
                  buffer: np.ndarray, rows: dict[int, int], kv_bits: int | None) -> list[Any]:
     """Jobs that put the array `name` of the files `found` (part, token where it goes), read into
@@ -416,16 +419,10 @@ def _from_buffer(views: dict[str, np.ndarray], name: str, found: list[tuple[int,
     jobs: list[Any] = []
     quantized = name + ".weight" in parts[found[0][0]].layout
     first = name + ".weight" if quantized else name
-
-    def alike(a: tuple[int, int], b: tuple[int, int]) -> bool:
-        (i, at), (j, bt) = a, b
-        _, shape, begin, _ = parts[i].layout[first]
-        return rows[j] == rows[i] + 1 and parts[j].layout[first][1:3] == (shape, begin) and bt == at + shape[2]
-
     run: list[tuple[int, int]] = []
     for k, item in enumerate(found):
         run.append(item)
-        if k + 1 < len(found) and ".state." not in name and alike(item, found[k + 1]):
+        if k + 1 < len(found) and ".state." not in name and _continues(parts, rows, item[0], found[k + 1][0], first):
             continue
         (i, at), n = run[0], len(run)
         arrays = {}
@@ -470,7 +467,7 @@ def copy_into(out: np.ndarray, data: np.ndarray) -> None:
         np.copyto(out, data)
         return
     bits, raw = data.view(np.uint16), out.view(np.uint32)
-    (magnitude,), (special,) = _scratch(data.shape, np.uint32), _scratch(data.shape, np.bool_, slot=1)
+    (magnitude,), (special,) = scratch(data.shape, np.uint32), scratch(data.shape, np.bool_, slot=1)
     np.bitwise_and(bits, 0x7FFF, out=magnitude)
     np.left_shift(magnitude, 13, out=magnitude)
     np.multiply(magnitude.view(np.float32), np.float32(2.0**112), out=out)
@@ -481,9 +478,10 @@ def copy_into(out: np.ndarray, data: np.ndarray) -> None:
     np.bitwise_or(raw, magnitude, out=raw)
 
 
-def _scratch(shape: tuple[int, ...], dtype: Any, count: int = 1, slot: int = 0) -> list[np.ndarray]:
+def scratch(shape: tuple[int, ...], dtype: Any, count: int = 1, slot: int = 0) -> list[np.ndarray]:
     """`count` arrays of `shape` in this thread's scratch memory `slot`, reused from call to call:
-    fresh memory costs page faults (on this VM more than the work done in it)."""
+    fresh memory costs page faults (on this VM more than the work done in it). Slots 0 and 1 are
+    the conversions' here, 2 the store's reads."""
     n = math.prod(shape) * np.dtype(dtype).itemsize
     buffers = _local.__dict__.setdefault("scratch", {})
     if slot not in buffers or len(buffers[slot]) < n * count:
@@ -507,7 +505,7 @@ def dequantize_into(out: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: 
     if bits == 8:
         q = packed
     else:  # byte 0xab as the uint16 0x0a0b, whose bytes are b, a: 1.5x the speed of two strided writes
-        wide, shifted = _scratch(packed.shape, np.uint16, 2)
+        wide, shifted = scratch(packed.shape, np.uint16, 2)
         np.copyto(wide, packed)
         np.left_shift(wide, 4, out=shifted)
         np.bitwise_or(wide, shifted, out=wide)

@@ -17,8 +17,8 @@ An agent's next call goes on in its last working cache, in place, where that cal
 of it (after a restart, or a turn of mostly new blocks: then they are most of the cache), and no
 other agent holds them (a fork): `Kept`, `_take_kept`. Those views leave the pool first (they
 are on disk; up to 512 tokens of blocks not written yet are copied out), since MLX writes an
-array in place only when nothing else refers to its memory. Otherwise the working cache is built from blocks: one
-copy of the whole cache (at 4K tokens of the default model 20 to 190 ms here, the more when the
+array in place only when nothing else refers to its memory. Otherwise the working cache is
+built from blocks: one copy of the whole cache (at 4K tokens of the default model 20 to 190 ms here, the more when the
 memory is new), and the last one goes once its views are copied out (`settle`).
 
 Memory, counted against the budget: the pool's blocks, at the storage precision. When room is
@@ -323,10 +323,10 @@ class Caches:
         tokens, not handed to the writer: with more, as after a new agent's first turn, or with
         writes under way, which refer to them, it builds from blocks): MLX writes an array in
         place only when nothing else refers to its memory, and otherwise copies it whole at the
-        first write. The call's blocks are cut from
-        it again afterwards, as views. Why: building a working cache from blocks is a copy of the
-        whole cache, into new memory when the blocks are views of the last one (after a restart,
-        or a turn of new blocks): at 4K tokens of the default model 20 to 190 ms here."""
+        first write. The call's blocks are cut from it again afterwards, as views. Why: building
+        a working cache from blocks is a copy of the whole cache, into new memory when the
+        blocks are views of the last one (after a restart, or a turn of new blocks): at 4K
+        tokens of the default model 20 to 190 ms here."""
         kept = self.working.get(name)
         if kept is None or record is None:
             return None

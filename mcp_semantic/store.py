@@ -63,7 +63,7 @@ import orjson
 import xxhash
 
 from mcp_semantic import cuda
-from mcp_semantic.block_pool import Block, Storage, block_id, host_view
+from mcp_semantic.block_pool import Block, Storage, block_id, host_view, scratch
 
 log = logging.getLogger(__name__)
 
@@ -453,28 +453,19 @@ def _fill(p: _Pending, targets: list[tuple[str, list[memoryview] | np.ndarray]] 
             dtype, shape, begin, end = p.layout[name]
             f.seek(p.start + begin)
             if isinstance(views, np.ndarray):  # a strided region (a working cache's, across heads)
-                staging = _staging(end - begin)
-                _read(f, staging, None)
+                # through this thread's reused buffer while the bytes are in the CPU's cache: one
+                # read and one copy per array, not a read per head
+                (staging,) = scratch((end - begin,), np.uint8, slot=2)
+                _read(f, memoryview(staging), None)
                 if xxhash.xxh3_64_hexdigest(staging) != p.checksums[name]:
                     raise _Unusable(f"fails its checksum ({name}): its data was damaged on disk")
-                np.copyto(views, np.frombuffer(staging, views.dtype).reshape(shape))
+                np.copyto(views, staging.view(views.dtype).reshape(shape))
                 continue
             checksum = xxhash.xxh3_64()
             for view in views:
                 _read(f, view, checksum)
             if checksum.hexdigest() != p.checksums[name]:
                 raise _Unusable(f"fails its checksum ({name}): its data was damaged on disk")
-
-
-_local = threading.local()
-
-
-def _staging(n: int) -> memoryview:
-    """n bytes of this reading thread's buffer, reused (an array's bytes pass through it while
-    they are in the CPU's cache: one read and one copy per array, not a read per head)."""
-    if len(getattr(_local, "staging", b"")) < n:
-        _local.staging = bytearray(n)
-    return memoryview(_local.staging)[:n]
 
 
 def _fill_whole(p: _Pending, f, target: Target) -> None:
