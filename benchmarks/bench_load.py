@@ -38,6 +38,7 @@ from report import RESULTS, header, pyplot, save
 from mcp_semantic.block_pool import BLOCK_TOKENS, BlockPool, Storage, cut_blocks
 from mcp_semantic.cache_kinds import Layout
 from mcp_semantic.caches import Caches
+from mcp_semantic.settings import default_memory_budget
 from mcp_semantic.store import Agent, KVRecord, Store, host_block
 
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M
@@ -87,6 +88,9 @@ def measure_load(cache_dir: Path, agent: str, runs: int = 9, storage: Storage | 
             storage, layout, block_tokens = block_storage(paths[0])
         nbytes = sum(p.stat().st_size for p in paths)
         caches = Caches(layout, store, storage, block_tokens=block_tokens, memory_budget=0, agents={agent})
+        # the pool keeps nothing, so each load reads the files; MLX keeps freed buffers for reuse as
+        # under the server's default budget (Caches sets its cache limit from it)
+        mx.set_cache_limit(max(mx.set_cache_limit(default_memory_budget()), default_memory_budget()))
         prompt = record.tokens + [0]  # the next prompt: the whole cache is reused
 
         def load() -> None:

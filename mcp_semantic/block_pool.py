@@ -27,6 +27,7 @@ import hashlib
 import itertools
 import math
 import os
+import sys
 import threading
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -328,7 +329,7 @@ def host_view(a: mx.array) -> np.ndarray:
 
 def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[list[Leaf]], reuse: int, size: int,
                     block_tokens: int, storage: Storage, buffer: np.ndarray | None = None,
-                    rows: dict[int, int] | None = None) -> tuple[list[Any], dict[int, str]]:
+                    rows: dict[int, int] | None = None, spares: Spares | None = None) -> tuple[list[Any], dict[int, str]]:
     """A working cache of `reuse` tokens with room up to `size`, built on the host (CPU) from
     `parts`, one after another, each giving its `wanted` leaves: blocks (copied in by numpy, about
     twice as fast as MLX's strided copy here, and dequantized by numpy: `dequantize_into`; their
@@ -336,22 +337,27 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
     block files from `Store.open_blocks`, stored as computed (their arrays read straight in by
     `store.fill_blocks`, checksummed), or read already into one `buffer` (numpy's view of
     `Store.read_into_one`'s; part i in row `rows[i]`: quantized or float16 files, converted from
-    there a run of files at a time, `_from_buffer`). Returns the cache and, by the token where
-    it begins, why each file that failed could not be used."""
+    there a run of files at a time, `_from_buffer`). Its K/V arrays are `spares`' where it has
+    them. Returns the cache and, by the token where it begins, why each file that failed could
+    not be used."""
     mx.eval([a for part in parts if isinstance(part, Block) for a in part.arrays.values() if isinstance(a, mx.array)])  # cut lazily
     firsts = {leaf.name: span_start(leaf, reuse, block_tokens) for leaf in layout.leaves}
     names = block_names(layout)  # the arrays as the model computes them
-    # Fresh memory is filled at about 2.5 GB/s by one thread here (page faults): two streams,
-    # each a thread of its own, fill half the buffers each.
-    streams = _fill_streams()
-    buffers = {}
+    shapes = {}
     for leaf in layout.leaves:
         for name in names[leaf.name]:
             shape, dtype = layout.shapes[name]
-            if leaf.attention:
-                shape = (1, shape[1], size - firsts[leaf.name], shape[3])
-            buffers[name] = mx.zeros(shape, dtype, stream=streams[len(buffers) % len(streams)])
+            shapes[name] = ((1, shape[1], size - firsts[leaf.name], shape[3]) if leaf.attention else tuple(shape)), dtype
+    # K/V arrays (every token they hold is written below) of a working cache that is gone, if
+    # any; the rest new, filled with zeros: fresh memory is filled at about 2.5 GB/s by one
+    # thread here (page faults), so two streams, each a thread of its own, fill half each
+    buffers = spares.take({k: v for k, v in shapes.items() if ".state." not in k}) if spares is not None else {}
+    streams = _fill_streams()
+    for i, name in enumerate(k for k in shapes if k not in buffers):
+        buffers[name] = mx.zeros(*shapes[name], stream=streams[i % len(streams)])
     mx.eval(list(buffers.values()))
+    if spares is not None:
+        spares.keep([a for k, a in buffers.items() if ".state." not in k])
     views = {k: host_view(a) for k, a in buffers.items()}
     files, targets, dequantize, copies = [], [], [], []
     in_buffer: dict[str, list[tuple[int, int]]] = {}  # per array, the files in `buffer` that give it: (part, token)
@@ -399,6 +405,53 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
         else:
             out.append(_working(leaf, buffers[f"{leaf.name}.keys"], buffers[f"{leaf.name}.values"], reuse, firsts[leaf.name]))
     return layout.nest(out), failed
+
+
+class Spares:
+    """The K/V arrays of the working caches read_into_cache made, for the next that needs arrays of
+    the same shape once their cache is gone: MLX fills every new array (zeros; on this CPU about
+    a fifth of a lossless load, and into fresh memory far more), where a build overwrites every
+    token it holds anyway (the room after them is never read: the caches show keys up to their
+    offset). Caches.cache_size rounds sizes, so an agent's next builds mostly match.
+
+    An array is taken only when nothing else refers to it (Python's count; the caller holds no
+    view of it), and MLX confirms that nothing shares its memory, such as a block cut from it as
+    a view: `mx.slice_update` writes in place only then, and otherwise copies (correct, slower)."""
+
+    def __init__(self) -> None:
+        self.arrays: list[mx.array] = []  # oldest first; those in use too
+
+    def _idle(self, i: int) -> bool:
+        return sys.getrefcount(self.arrays[i]) == 2  # this list's reference, and getrefcount's argument
+
+    def take(self, shapes: dict[str, tuple[tuple[int, ...], mx.Dtype]]) -> dict[str, mx.array]:
+        """For each name, an idle array of its (shape, dtype) if there is one, ours to write."""
+        found: dict[str, mx.array] = {}
+        for name, (shape, dtype) in shapes.items():
+            i = next((i for i in range(len(self.arrays)) if self.arrays[i].shape == shape and self.arrays[i].dtype == dtype
+                      and self._idle(i)), None)
+            if i is not None:
+                found[name] = self.arrays.pop(i)
+        for name, (shape, dtype) in shapes.items():
+            if name in found:  # the list's reference is gone: MLX may donate the memory to the update
+                found[name] = mx.slice_update(found[name], mx.zeros((1,) * len(shape), dtype), mx.array([0] * len(shape)),
+                                              tuple(range(len(shape))))
+        mx.eval(list(found.values()))
+        return found
+
+    def keep(self, arrays: list[mx.array]) -> None:
+        """Keep a new working cache's arrays, and of those idle at most as many bytes as these,
+        newest first (the rest go to MLX's buffer cache)."""
+        self.arrays.extend(arrays)
+        room = sum(a.nbytes for a in arrays)
+        for i in reversed(range(len(self.arrays) - len(arrays))):
+            if self._idle(i):
+                room -= self.arrays[i].nbytes
+                if room < 0:
+                    del self.arrays[i]
+
+    def clear(self) -> None:
+        self.arrays.clear()
 
 
 def _continues(parts: list[Any], rows: dict[int, int], i: int, j: int, name: str) -> bool:

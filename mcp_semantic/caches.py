@@ -48,6 +48,7 @@ from mlx_lm.utils import common_prefix_len
 from mcp_semantic.block_pool import (
     Block,
     BlockPool,
+    Spares,
     Storage,
     block_ids,
     array_names,
@@ -107,6 +108,7 @@ class Caches:
         self.unsettled: list[str] = []  # blocks cut lazily, not copied yet: see settle
         self.loaded: dict[str, tuple[list[Any], mx.array]] = {}  # by agent: files its call read into one buffer
         self.working: dict[str, Kept] = {}  # by agent: its last call's working cache, for its next call (_take_kept)
+        self.spares = Spares()  # the arrays of working caches gone, for the next (on the CPU)
         # on the CPU, blocks are copied into the working cache by numpy (_build, _build_straight): those stored as
         # computed straight from their files, quantized ones dequantized (a float32 model's, as the CPU runs)
         self.on_host = mx.default_device() == mx.cpu and (storage.kv_bits is None or storage.dtype == "float32")
@@ -162,8 +164,9 @@ class Caches:
         self._drop_kept(*[name for name, k in self.working.items() if not all(b in self.pool for b in k.views)])
 
     def evict_memory(self, names: list[str]) -> None:
-        """Drop these agents' blocks that no other agent holds (saved first)."""
+        """Drop these agents' blocks that no other agent holds (saved first), and the spare arrays."""
         holders: Counter[str] = Counter()
+        self.spares.clear()
         self._drop_kept(*names)
         for name in names:
             self.save(name)
@@ -357,6 +360,11 @@ class Caches:
             cache.append(c)
         return "hot", self.layout.nest(cache), reuse
 
+    def _spares(self) -> Spares | None:
+        """The spare arrays, unless blocks cut lazily may still refer to a working cache's memory (MLX
+        would copy such an array whole rather than hand it over: slower than a new one)."""
+        return None if self.unsettled else self.spares
+
     def _drop_kept(self, *names: str) -> None:
         """Let the agents' kept working caches go: their blocks' views are copied out when idle (settle)."""
         for name in names:
@@ -463,7 +471,8 @@ class Caches:
             return "new", [], failed
         blocks = [self.pool.peek(bid) for bid in ids]
         if self.on_host:
-            cache, _ = read_into_cache(self.layout, self.store, blocks, leaves, reuse, size, self.block_tokens, self.storage)
+            cache, _ = read_into_cache(self.layout, self.store, blocks, leaves, reuse, size, self.block_tokens, self.storage,
+                                       spares=self._spares())
         else:
             cache = reconstruct(self.layout, self.storage, blocks, reuse, size, self.block_tokens)
         self.enforce_budget()  # blocks read for this call count at once; the working cache is aside
@@ -497,7 +506,8 @@ class Caches:
         if failed:
             return "new", [], failed
         if self.on_host and (self.storage.kv_bits is None or not missing):
-            cache, problems = read_into_cache(self.layout, self.store, parts, leaves, reuse, size, self.block_tokens, self.storage)
+            cache, problems = read_into_cache(self.layout, self.store, parts, leaves, reuse, size, self.block_tokens,
+                                              self.storage, spares=self._spares())
             failed = [bid for bid, start in zip(ids, starts(parts)) if start in problems]
         else:  # the files into one buffer (on CUDA in GPU memory)
             files = [parts[i] for i in missing]
@@ -507,8 +517,9 @@ class Caches:
             if not failed and self.on_host:
                 # quantized: dequantized from numpy's views of the buffer; the pool gets MLX's views
                 # of it after the call (`remember`), the bytes of the files as they are
+                rows = {i: row for row, i in enumerate(missing)}
                 cache, _ = read_into_cache(self.layout, self.store, parts, leaves, reuse, size, self.block_tokens, self.storage,
-                                           np.array(buffer, copy=False), {i: row for row, i in enumerate(missing)})
+                                           np.array(buffer, copy=False), rows, self._spares())
                 self.loaded[name] = (files, buffer)
             elif not failed:
                 cache = reconstruct(self.layout, self.storage, parts, reuse, size, self.block_tokens, buffer,

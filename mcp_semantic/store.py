@@ -63,7 +63,7 @@ import orjson
 import xxhash
 
 from mcp_semantic import cuda
-from mcp_semantic.block_pool import Block, Storage, block_id, host_view, scratch
+from mcp_semantic.block_pool import Block, Storage, block_id, host_view
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,6 @@ _ST_DTYPES = {
     "float32": "F32", "float64": "F64",
 }
 _MX_DTYPES = {code: getattr(mx, "bool_" if name == "bool" else name) for name, code in _ST_DTYPES.items()}
-_CHUNK = 1 << 20  # read and checksum in 1 MiB steps: the checksum reads each chunk from the CPU's cache
 _MAX_HEADER = 1 << 24
 
 
@@ -441,31 +440,70 @@ Target = memoryview | tuple[int, int]  # host memory, or (address, bytes) on a C
 
 
 def _fill(p: _Pending, targets: list[tuple[str, list[memoryview] | np.ndarray]] | Target) -> None:
-    """Read the named arrays into their views (bytes, in file order, as many as the array
-    holds), checksumming each chunk as it comes, or into a numpy region of the array's shape;
-    or, given one target, the file's whole data region into it (_fill_whole). No MLX call:
-    this runs on the reading threads."""
+    """Read the named arrays into their targets, checksummed: a list of contiguous buffers (bytes,
+    in file order, as many as the array holds) or a numpy region of the array's shape (a working
+    cache's, a run of bytes per head); or, given one target, the file's whole data region into it
+    (_fill_whole). No MLX call: this runs on the reading threads."""
     with open(p.path, "rb", buffering=0) as f:
         if not isinstance(targets, list):
             _fill_whole(p, f, targets)
             return
-        for name, views in sorted(targets, key=lambda t: p.layout[t[0]][2]):
-            dtype, shape, begin, end = p.layout[name]
-            f.seek(p.start + begin)
-            if isinstance(views, np.ndarray):  # a strided region (a working cache's, across heads)
-                # through this thread's reused buffer while the bytes are in the CPU's cache: one
-                # read and one copy per array, not a read per head
-                (staging,) = scratch((end - begin,), np.uint8, slot=2)
-                _read(f, memoryview(staging), None)
-                if xxhash.xxh3_64_hexdigest(staging) != p.checksums[name]:
-                    raise _Unusable(f"fails its checksum ({name}): its data was damaged on disk")
-                np.copyto(views, staging.view(views.dtype).reshape(shape))
-                continue
-            checksum = xxhash.xxh3_64()
-            for view in views:
-                _read(f, view, checksum)
-            if checksum.hexdigest() != p.checksums[name]:
-                raise _Unusable(f"fails its checksum ({name}): its data was damaged on disk")
+        group: list[tuple[str, list[Any]]] = []
+        for name, into in sorted(targets, key=lambda t: p.layout[t[0]][2]):
+            if isinstance(into, np.ndarray):
+                into = [into[0, h] for h in range(into.shape[1])] if into.ndim == 4 else [into]
+            begin = p.layout[name][2]
+            if group and (begin - p.layout[group[0][0]][2] >= _GROUP_BYTES or p.layout[group[-1][0]][3] != begin
+                          or sum(len(bufs) for _, bufs in group) + len(into) > _GROUP_BUFFERS):
+                _fill_group(p, f.fileno(), group)
+                group = []
+            group.append((name, into))
+        if group:
+            _fill_group(p, f.fileno(), group)
+
+
+# What one call reads: arrays one after another, about 1 MB, few calls (an array is a call's
+# work under the GIL) while what is read stays in the CPU's cache to checksum; at most
+# IOV_MAX buffers (1024 on Linux)
+_GROUP_BYTES, _GROUP_BUFFERS = 1 << 20, 512
+
+
+def _fill_group(p: _Pending, fd: int, group: list[tuple[str, list[Any]]]) -> None:
+    """Arrays one after another in the file, read by one call straight into their buffers (the
+    bytes copied once, where they go), then checksummed there."""
+    begin, end = p.layout[group[0][0]][2], p.layout[group[-1][0]][3]
+    _preadv(fd, [b for _, into in group for b in into], p.start + begin, end - begin)
+    for name, into in group:
+        checksum = xxhash.xxh3_64()
+        for b in into:
+            checksum.update(b)
+        if checksum.hexdigest() != p.checksums[name]:
+            raise _Unusable(f"fails its checksum ({name}): its data was damaged on disk")
+
+
+def _preadv(fd: int, buffers: list[Any], offset: int, n: int) -> None:
+    """Fill `buffers` (each contiguous, `n` bytes in all) from the file at `offset`."""
+    done = _readv(fd, buffers, offset)
+    if done == n:
+        return
+    at = offset  # a short read (rare): the rest, a buffer at a time
+    for view in (memoryview(b).cast("B") for b in buffers):
+        filled = min(done, len(view))
+        done, at = done - filled, at + filled
+        while filled < len(view):
+            got = _readv(fd, [view[filled:]], at)
+            if not got:
+                raise _Unusable("is unreadable (shorter than when it was opened)")
+            filled, at = filled + got, at + got
+
+
+def _readv(fd: int, buffers: list[Any], offset: int) -> int:
+    """os.preadv; where Python lacks it (macOS before 11), a seek and os.readv: each read
+    opens the file anew, so no other thread moves its position."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, buffers, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.readv(fd, buffers)
 
 
 def _fill_whole(p: _Pending, f, target: Target) -> None:
@@ -476,25 +514,12 @@ def _fill_whole(p: _Pending, f, target: Target) -> None:
     n = max((end for *_, end in p.layout.values()), default=0)
     staging = None if isinstance(target, memoryview) else cuda.staging(n)
     view = target[:n] if staging is None else staging.view[:n]
-    f.seek(p.start)
-    _read(f, view, None)
+    _preadv(f.fileno(), [view], p.start, n)
     for name, (_, _, begin, end) in p.layout.items():
         if xxhash.xxh3_64_hexdigest(view[begin:end]) != p.checksums[name]:
             raise _Unusable(f"fails its checksum ({name}): its data was damaged on disk")
     if staging is not None:
         cuda.copy_in(target[0], staging, n, 0)
-
-
-def _read(f, view: memoryview, checksum: xxhash.xxh3_64 | None) -> None:
-    """Fill `view` from the file, updating `checksum` a chunk at a time (while it is in the CPU's cache)."""
-    at = 0
-    while at < len(view):
-        got = f.readinto(view[at : at + _CHUNK])
-        if not got:
-            raise _Unusable("is unreadable (shorter than when it was opened)")
-        if checksum is not None:
-            checksum.update(view[at : at + got])
-        at += got
 
 
 def _spans(p: _Pending, names: list[str]) -> list[tuple[str, int, int]]:

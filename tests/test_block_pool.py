@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import KVCache
 
-from mcp_semantic.block_pool import Block, BlockPool, Storage, block_ids, chain_ids, cut_blocks, reconstruct
+from mcp_semantic.block_pool import Block, BlockPool, Spares, Storage, block_ids, chain_ids, cut_blocks, host_view, reconstruct
 from mcp_semantic.cache_kinds import Layout
 
 EXACT = Storage("fp", "float32")
@@ -151,3 +151,42 @@ def test_float16_widening_is_bit_exact_for_every_value() -> None:
     finite = np.isfinite(every)
     assert np.array_equal(got[finite], np.array(mx.array(every).astype(mx.float32)).view(np.uint32)[finite])
     assert not target[:, :, :20].any() and not target[:, :, 276:].any()
+
+
+def _address(a: mx.array) -> int:
+    return host_view(a).ctypes.data
+
+
+def test_spares_hand_back_idle_arrays_in_place_and_never_shared_memory() -> None:
+    """A working cache's arrays come back for the next of the same shape once nothing refers to
+    them (the same memory, no zero fill); one something still refers to is not taken, and one
+    whose memory a view (a block cut from it) still shares is copied, the view left as it was."""
+    spares, shape = Spares(), (1, 2, 8, 4)
+    a = mx.ones(shape)
+    mx.eval(a)
+    spares.keep([a])
+    assert spares.take({"k": (shape, mx.float32)}) == {}  # `a` is still ours
+    address = _address(a)
+    del a
+    assert spares.take({"k": (shape, mx.float16)}) == {} and spares.take({"k": ((1, 2, 9, 4), mx.float32)}) == {}
+    taken = spares.take({"k": (shape, mx.float32)})["k"]
+    assert _address(taken) == address and spares.arrays == []
+    spares.keep([taken])
+    view = taken[..., :4, :]
+    before = np.array(view)
+    del taken
+    reused = spares.take({"k": (shape, mx.float32)})["k"]
+    assert _address(reused) != address  # copied: the view shares the memory
+    host_view(reused)[...] = 7
+    assert np.array_equal(np.array(view), before)
+
+
+def test_spares_keep_at_most_a_cache_s_worth_of_idle_arrays() -> None:
+    spares = Spares()
+    spares.keep([mx.zeros((4,)), mx.zeros((4,))])
+    spares.keep([mx.zeros((4,)), mx.zeros((4,))])  # idle now: the first two, newest kept
+    new = [mx.zeros((4,))]
+    spares.keep(new)
+    assert len(spares.arrays) == 2 and spares.arrays[-1] is new[0]
+    spares.clear()
+    assert spares.arrays == []

@@ -398,3 +398,47 @@ def test_a_store_of_before_branches_opens_and_reads(tmp_path: Path) -> None:
     store = Store(tmp_path)
     assert store.kv_record("a") == before and before.branch is None
     assert load(store, "a")[0].offset == 6
+
+
+def test_short_reads_are_read_on_to_the_end(tmp_path: Path, monkeypatch) -> None:
+    """A read may return fewer bytes than asked (the OS's right): what is missing is read on,
+    into the right places, by every way the store reads (arrays into buffers of their own,
+    one file whole, a working cache's regions)."""
+    import os
+
+    from mcp_semantic import store as store_module
+
+    real = os.preadv
+
+    def short(fd: int, buffers: list, offset: int) -> int:
+        return real(fd, [memoryview(buffers[0]).cast("B")[:3]], offset)  # 3 bytes at most
+
+    store = Store(tmp_path)
+    cache = make_cache(10)
+    save(store, "a", cache, list(range(10)))
+    monkeypatch.setattr(store_module.os, "preadv", short)
+    for original, c in zip(cache, load(store, "a")):
+        assert mx.array_equal(c.keys, original.keys[..., :10, :]).item()
+        assert mx.array_equal(c.values, original.values[..., :10, :]).item()
+    files = store.open_blocks(store.kv_record("a").blocks, EXACT, names())
+    buffer, problems = store.read_into_one(files, gpu=False)
+    whole = store.blocks_in_one(files, buffer)
+    assert problems == [None] * 3 and mx.array_equal(whole[1].arrays["layers.1.values"], cache[1].values[..., 4:8, :]).item()
+    out = np.zeros((1, 2, 12, 4), np.float32)
+    regions = [[(name, out[:, :, 4 * i : 4 * i + 4] if name == "layers.0.keys" else np.zeros((1, 2, 4, 4), np.float32))
+                for name in sorted(names())] for i in range(2)]
+    assert store.fill_blocks(files[:2], regions) == [None, None]
+    assert np.array_equal(out[:, :, :8], np.array(cache[0].keys[..., :8, :]))
+    store.close()
+
+
+def test_blocks_read_where_the_os_has_no_preadv(tmp_path: Path, monkeypatch) -> None:
+    from mcp_semantic import store as store_module
+
+    store = Store(tmp_path)
+    cache = make_cache(10)
+    save(store, "a", cache, list(range(10)))
+    monkeypatch.delattr(store_module.os, "preadv")
+    for original, c in zip(cache, load(store, "a")):
+        assert mx.array_equal(c.keys, original.keys[..., :10, :]).item()
+    store.close()
