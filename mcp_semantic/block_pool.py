@@ -420,6 +420,7 @@ class Spares:
 
     def __init__(self) -> None:
         self.arrays: list[mx.array] = []  # oldest first; those in use too
+        self._keys: list[tuple[tuple[int, ...], mx.Dtype]] = []  # each one's (shape, dtype)
 
     def _idle(self, i: int) -> bool:
         return sys.getrefcount(self.arrays[i]) == 2  # this list's reference, and getrefcount's argument
@@ -427,11 +428,11 @@ class Spares:
     def take(self, shapes: dict[str, tuple[tuple[int, ...], mx.Dtype]]) -> dict[str, mx.array]:
         """For each name, an idle array of its (shape, dtype) if there is one, ours to write."""
         found: dict[str, mx.array] = {}
-        for name, (shape, dtype) in shapes.items():
-            i = next((i for i in range(len(self.arrays)) if self.arrays[i].shape == shape and self.arrays[i].dtype == dtype
-                      and self._idle(i)), None)
+        for name, key in shapes.items():
+            i = next((i for i, k in enumerate(self._keys) if k == key and self._idle(i)), None)
             if i is not None:
                 found[name] = self.arrays.pop(i)
+                del self._keys[i]
         for name, (shape, dtype) in shapes.items():
             if name in found:  # the list's reference is gone: MLX may donate the memory to the update
                 found[name] = mx.slice_update(found[name], mx.zeros((1,) * len(shape), dtype), mx.array([0] * len(shape)),
@@ -443,15 +444,17 @@ class Spares:
         """Keep a new working cache's arrays, and of those idle at most as many bytes as these,
         newest first (the rest go to MLX's buffer cache)."""
         self.arrays.extend(arrays)
+        self._keys.extend((tuple(a.shape), a.dtype) for a in arrays)
         room = sum(a.nbytes for a in arrays)
         for i in reversed(range(len(self.arrays) - len(arrays))):
             if self._idle(i):
                 room -= self.arrays[i].nbytes
                 if room < 0:
-                    del self.arrays[i]
+                    del self.arrays[i], self._keys[i]
 
     def clear(self) -> None:
         self.arrays.clear()
+        self._keys.clear()
 
 
 def _continues(parts: list[Any], rows: dict[int, int], i: int, j: int, name: str) -> bool:
