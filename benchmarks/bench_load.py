@@ -172,8 +172,8 @@ def save_agent(cache_dir: Path, agent: str, tokens: int, storage: Storage, layou
 
 def plot(result: dict, path: Path) -> None:
     plt = pyplot()
-    labels = ["load into a working cache\n(checked)", "read()\n(all kept: malloc's memory)", "readinto\n(a buffer per file, reused)",
-              "readinto\n(one reused buffer)"]
+    labels = ["load into a working cache\n(checked)", "read()\n(all kept: malloc's memory)",
+              "readinto\n(a buffer per file, reused)", "readinto\n(one reused buffer)"]
     values = [result["load_gbps"], result["read_gbps"], result["read_reused_gbps"], result["readinto_gbps"]]
     fig, ax = plt.subplots(figsize=(9, 3.5))
     bars = ax.bar(labels, values, color=["#48c", "#c84", "#a96", "#aaa"])

@@ -340,10 +340,12 @@ def targets(r: dict) -> dict:
     sizes = [n for n in pers["load_tokens"] if all("load_s" in x["loads"].get(n, {}) for x in pers["rows"])]
     if "lossless" in modes and sizes:
         lossless = modes["lossless"]["loads"]
+        # whichever memory the read gets: malloc's (read()), or memory used before (read_reused)
         out["lossless_load_at_least_90pct_of_plain_read"] = {
-            "met": all(lossless[n]["ratio"] >= 0.9 for n in sizes), "tokens": sizes,
+            "met": all(min(lossless[n]["ratio"], lossless[n].get("ratio_reused", 0)) >= 0.9 for n in sizes), "tokens": sizes,
             "load_gbps": [lossless[n]["load_gbps"] for n in sizes], "read_gbps": [lossless[n]["read_gbps"] for n in sizes],
-            "ratio": [lossless[n]["ratio"] for n in sizes],
+            "read_reused_gbps": [lossless[n].get("read_reused_gbps") for n in sizes],
+            "ratio": [lossless[n]["ratio"] for n in sizes], "ratio_reused": [lossless[n].get("ratio_reused") for n in sizes],
         }
         out["every_kv_bits_load_no_slower_than_lossless"] = {
             "met": all(x["loads"][n]["load_s"] <= lossless[n]["load_s"] for x in pers["rows"] for n in sizes), "tokens": sizes,
@@ -441,7 +443,9 @@ def table(r: dict) -> None:
         loads = [(x["tokens"], x["load"]), *x["loads"].items()]
         print(f"{x['kv_bits']:>8}  {x['disk_bytes_per_token']:>8,.0f} B/token   " + "   ".join(
             f"{n} tokens: load {ld['load_s'] * 1000:.0f} ms ({ld['load_gbps']:.2f} GB/s), read {ld['read_gbps']:.2f} GB/s, "
-            f"ratio {ld['ratio']:.2f}" if "ratio" in ld else f"{n} tokens: {ld['why']}" for n, ld in loads))
+            f"into memory used before {ld.get('read_reused_gbps', 0):.2f}, "
+            f"ratios {ld['ratio']:.2f} / {ld.get('ratio_reused', 0):.2f}"
+            if "ratio" in ld else f"{n} tokens: {ld['why']}" for n, ld in loads))
     print("\ntargets")
     for name, t in r["targets"].items():
         nums = ", ".join(f"{k} {v:,.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in t.items() if k != "met")

@@ -530,6 +530,10 @@ class Caches:
 
     # reports
 
+    def hot_agents(self) -> int:
+        """Agents whose whole cache is in memory."""
+        return sum(bool(r.ids) and all(b in self.pool for b in r.ids) for r in self.records.values())
+
     def agent_memory(self, name: str) -> dict[str, Any]:
         """What list_agents says of an agent's cache."""
         record = self.records.get(name)

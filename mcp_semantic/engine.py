@@ -21,6 +21,7 @@ reports progress through an async callback.
 from __future__ import annotations
 
 import atexit
+import bisect
 import logging
 import queue
 import threading
@@ -46,13 +47,16 @@ from mcp_semantic.block_pool import BLOCK_TOKENS, Storage, kv_bits_supported
 from mcp_semantic.cache_kinds import Layout, probe, whole_of
 from mcp_semantic.caches import Caches, Checkpoints, Tier
 from mcp_semantic.models import LoadedModel
-from mcp_semantic.store import Agent, Store, check_name
+from mcp_semantic.store import Agent, InvalidName, Store, check_name
 
 log = logging.getLogger(__name__)
 
 EvictLevel = Literal["memory", "disk", "agent"]
 ProgressFn = Callable[[float, float, str], Awaitable[None]]
 Finish = Literal["stop", "length", "cancelled"]
+
+LIST_LIMIT, MAX_LIST_LIMIT = 100, 1000
+"""list_agents' page: by default, and at most."""
 
 SAVE_AFTER_IDLE_S = 0.5
 """Caches are saved once the engine has had no work for this long: a host's back-to-back
@@ -163,6 +167,11 @@ class MemoryInfo(_Result):
 
 class AgentList(_Result):
     agents: list[AgentInfo]
+    """A page of the agents, by name."""
+    total: int
+    """Agents in all."""
+    next_cursor: str | None
+    """The `cursor` for the next page; None after the last."""
     memory: MemoryInfo
 
 
@@ -440,8 +449,17 @@ class Engine:
         check_name(agent)
         return await self._call(lambda: self._fork(source, agent), frozenset([source, agent]))
 
-    async def list_agents(self) -> AgentList:
-        return await self._call(self._list, frozenset())
+    async def list_agents(self, limit: int = LIST_LIMIT, cursor: str | None = None) -> AgentList:
+        """A page of at most `limit` agents by name, after the agent named `cursor` (the last
+        page's next_cursor)."""
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise RequestError(f"limit {limit} is out of range: list 1 to {MAX_LIST_LIMIT} agents a page")
+        if cursor is not None:
+            try:
+                check_name(cursor)
+            except InvalidName:
+                raise RequestError(f"cursor {cursor!r} is not one list_agents gave: pass its next_cursor as it is") from None
+        return await self._call(lambda: self._list(limit, cursor), frozenset())
 
     async def evict(self, agent: str | None = None, level: EvictLevel = "memory") -> EvictResult:
         if agent is not None:
@@ -784,9 +802,13 @@ class Engine:
         self.caches.fork(source, name)
         return ForkResult(agent=name, source=source, tokens=len(agent.tokens))
 
-    def _list(self) -> AgentList:
+    def _list(self, limit: int, cursor: str | None) -> AgentList:
+        names = sorted(self._agents)
+        page = names[bisect.bisect_right(names, cursor) if cursor is not None else 0 :][: limit + 1]
+        more = len(page) > limit
         infos = []
-        for name, a in sorted(self._agents.items()):
+        for name in page[:limit]:
+            a = self._agents[name]
             infos.append(
                 AgentInfo(
                     name=name,
@@ -806,11 +828,11 @@ class Engine:
             block_tokens=self.caches.block_tokens,
             blocks_in_memory=len(pool),
             blocks_on_disk=self.store.disk_blocks(),
-            hot_agents=sum(a.tier == "hot" for a in infos),
+            hot_agents=self.caches.hot_agents(),
             hit_rate=round(self._tiers["hot"] / calls, 3) if calls else 0.0,
             cached_token_rate=round(self._tokens["cached"] / self._tokens["prompt"], 3) if self._tokens["prompt"] else 0.0,
         )
-        return AgentList(agents=infos, memory=memory)
+        return AgentList(agents=infos, total=len(names), next_cursor=infos[-1].name if more else None, memory=memory)
 
     def _evict(self, agent: str | None, level: EvictLevel) -> EvictResult:
         """memory: drop the agent's blocks that no other agent holds (saved

@@ -7,6 +7,7 @@ among them and closes it when the last connection ends.
 
 # No `from __future__ import annotations`: the SDK evaluates tool signatures, which use `settings`.
 import hmac
+import json
 import logging
 import signal
 from contextlib import asynccontextmanager
@@ -24,6 +25,8 @@ from mcp_semantic.blas import blas_warning
 from mcp_semantic.cache_kinds import UnsupportedCache
 from mcp_semantic.models import LoadedModel
 from mcp_semantic.engine import (
+    LIST_LIMIT,
+    MAX_LIST_LIMIT,
     AgentList,
     AskRequest,
     AskResult,
@@ -100,6 +103,8 @@ def _summary(result: BaseModel) -> str:
         return f"forked {result.source} into {result.agent} ({result.tokens} tokens shared)"
     if isinstance(result, AgentList):
         rows = [f"{a.name}: {a.turns} turns, {a.tokens} tokens, tier {a.tier}" for a in result.agents]
+        if result.next_cursor:
+            rows.append(f"{len(result.agents)} of {result.total} agents; next page: cursor {result.next_cursor!r}")
         mem = result.memory
         rows.append(f"memory: {mem.used_bytes} of {mem.budget_bytes} bytes")
         return "\n".join(rows)
@@ -190,10 +195,15 @@ def create_server(settings: Settings, lm: LoadedModel | None = None) -> MCPServe
         return _result(await call(engine_of(ctx).fork(source, agent)))
 
     @server.tool(title="List agents")
-    async def list_agents(ctx: Context) -> Annotated[CallToolResult, AgentList]:
-        """List the agents with their size, turns, where their cache is (hot: memory, disk, none) and
-        the bytes they use and share, and the memory budget, use and hit rate of the KV block pool."""
-        return _result(await call(engine_of(ctx).list_agents()))
+    async def list_agents(
+        ctx: Context,
+        limit: Annotated[int, Field(ge=1, le=MAX_LIST_LIMIT, description="agents a page, by name")] = LIST_LIMIT,
+        cursor: Annotated[str | None, Field(description="the next_cursor of the page before; omit for the first")] = None,
+    ) -> Annotated[CallToolResult, AgentList]:
+        """List the agents by name, a page at a time (`next_cursor` gets the next), with their size,
+        turns, where their cache is (hot: memory, disk, none) and the bytes they use and share,
+        and the memory budget, use and hit rate of the KV block pool."""
+        return _result(await call(engine_of(ctx).list_agents(limit, cursor)))
 
     @server.tool(title="Evict caches")
     async def evict_cache(
@@ -262,7 +272,7 @@ def _serve_http(server: MCPServer, settings: Settings) -> None:
     if settings.transport == "sse":
         app = server.sse_app(host=settings.host)
     else:
-        app = server.streamable_http_app(host=settings.host)
+        app = CancelOnDisconnect(server.streamable_http_app(host=settings.host))
     if token:
         app = BearerToken(app, token)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
@@ -288,3 +298,83 @@ class BearerToken:
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
+
+
+class CancelOnDisconnect:
+    """ASGI middleware for Streamable HTTP: a request whose client goes away before its response
+    is complete is cancelled, by a `notifications/cancelled` for it sent in as its client would
+    (same session), so the engine stops it and the agent stays as it was.
+
+    Why: the SDK keeps serving a request after its POST's connection drops, for a client that
+    reconnects and has the stream replayed from an event store. This server keeps no event
+    store, so nobody can receive that reply: a client killed 3 s into a 400-token call left it
+    generating for 25 s, holding the agent, and its unreceived turn was committed."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        chunks, more = [], True
+        while more:  # the body, to learn the request's id (a JSON-RPC message is small)
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        request_id = _request_id(body)
+        answered = replayed = False
+
+        async def receiving() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            message = await receive()
+            if message["type"] == "http.disconnect" and not answered and request_id is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._cancel(scope, request_id)
+            return message
+
+        async def sending(message: dict) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
+            await send(message)
+
+        await self.app(scope, receiving, sending)
+
+    async def _cancel(self, scope: dict, request_id: Any) -> None:
+        log.info("request %s: its client went away before the reply; cancelling it", request_id)
+        keep = {b"host", b"origin", b"mcp-session-id", b"mcp-protocol-version"}
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() in keep]
+        headers += [(b"content-type", b"application/json"), (b"accept", b"application/json, text/event-stream")]
+        body = json.dumps({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                           "params": {"requestId": request_id, "reason": "the client disconnected"}}).encode()
+        sent = False
+
+        async def receiving() -> dict:
+            nonlocal sent
+            message = {"type": "http.disconnect"} if sent else {"type": "http.request", "body": body, "more_body": False}
+            sent = True
+            return message
+
+        async def discard(message: dict) -> None:
+            pass
+
+        await self.app({**scope, "headers": headers}, receiving, discard)
+
+
+def _request_id(body: bytes) -> Any:
+    """The id of the JSON-RPC request in a POST body; None for anything else (a notification, a
+    response, a batch, not JSON)."""
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return None
+    if isinstance(message, dict) and "method" in message and isinstance(message.get("id"), (str, int)):
+        return message["id"]
+    return None

@@ -39,7 +39,8 @@ async def test_tool_schemas(settings: Settings) -> None:
         out["properties"]
     )
     assert set(tools["fork_agent"].output_schema["properties"]) >= {"agent", "source", "tokens"}
-    assert set(tools["list_agents"].output_schema["properties"]) == {"agents", "memory"}
+    assert set(tools["list_agents"].output_schema["properties"]) == {"agents", "total", "next_cursor", "memory"}
+    assert tools["list_agents"].input_schema["properties"]["limit"]["maximum"] == 1000
     assert set(tools["evict_cache"].output_schema["properties"]) == {
         "evicted",
         "freed_memory_bytes",
@@ -232,3 +233,25 @@ def test_wrong_tool_arguments_get_errors_never_tracebacks(settings: Settings) ->
         anyio.run(main)
 
     run()
+
+
+async def test_list_agents_pages_by_name(settings: Settings) -> None:
+    """Pages of `limit` agents in name order, each page's next_cursor giving the next; a bad limit
+    or cursor is an error that says what to pass, and changes nothing."""
+    async with Client(create_server(settings)) as client:
+        for name in ["b", "a", "d", "c", "e"]:
+            await call(client, "ask_agent", agent=name, message="Hi.", max_tokens=1)
+        pages, cursor = [], None
+        while True:
+            page = await call(client, "list_agents", limit=2, **({"cursor": cursor} if cursor else {}))
+            assert page["total"] == 5
+            pages.append([a["name"] for a in page["agents"]])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert pages == [["a", "b"], ["c", "d"], ["e"]]
+        assert [a["name"] for a in (await call(client, "list_agents"))["agents"]] == ["a", "b", "c", "d", "e"]
+        assert [a["name"] for a in (await call(client, "list_agents", cursor="bb"))["agents"]] == ["c", "d", "e"]
+        assert "limit" in await error_of(client, "list_agents", limit=0)
+        assert "next_cursor" in await error_of(client, "list_agents", cursor="../x")
+        assert (await call(client, "list_agents"))["total"] == 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -260,3 +261,91 @@ async def test_soak_short(settings: Settings) -> None:
 @pytest.mark.slow
 async def test_soak(settings: Settings) -> None:
     await soak(settings, calls=2000)
+
+
+# A client that asks for a long reply, says when the reply is being generated, and waits: the
+# test kills it (SIGKILL) there, as a host that crashes or is closed mid-call.
+LONG_CALL_CLIENT = """
+import json, sys
+import anyio
+from mcp import Client, StdioServerParameters
+from mcp.client.sse import sse_client
+
+async def main():
+    transport, target, mode = sys.argv[1:4]
+    if transport == "stdio":
+        target = StdioServerParameters(command=sys.executable, args=json.loads(target))
+    elif transport == "sse":
+        target = sse_client(target)
+    async with Client(target, mode=mode) as client:
+        said = []
+
+        async def progress(done, total, message):
+            if not said:
+                said.append(done)
+                print("generating", flush=True)
+
+        await client.call_tool("ask_agent", {"agent": "k", "message": "Talk for a long time. " * 20, "max_tokens": 1500},
+                               progress_callback=progress)
+        print("answered", flush=True)
+
+anyio.run(main)
+"""
+
+
+def kill_during_a_long_call(transport: str, target: str, mode: str) -> None:
+    """Run LONG_CALL_CLIENT and SIGKILL it once the server is generating its reply."""
+    client = subprocess.Popen([sys.executable, "-c", LONG_CALL_CLIENT, transport, target, mode], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        line = client.stdout.readline()
+        assert line == "generating\n", (line, client.stderr.read()[-2000:] if client.poll() is not None else "")
+    finally:
+        client.kill()
+        client.wait()
+
+
+def wait_for_cache_dir(settings: Settings, timeout: float = 120) -> None:
+    """Until no process holds the cache dir's lock (a server left without its client exits)."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    with open(settings.cache_dir / "lock", "a+") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the server did not exit after its client was killed") from None
+                time.sleep(0.2)
+
+
+async def check_the_killed_call_left_no_turn(client: Client) -> None:
+    """The killed call is not in the transcript, and the agent answers its next call (which a
+    call still generating for nobody would hold up behind it, then commit before it)."""
+    result = await client.call_tool("ask_agent", {"agent": "k", "message": "Next.", "max_tokens": 4})
+    assert not result.is_error, result.content
+    listed = await client.call_tool("list_agents", {})
+    assert {a["name"]: a["turns"] for a in listed.structured_content["agents"]}["k"] == 1
+
+
+# "legacy": the 2025 wire (an initialize handshake, a session), which hosts speak today; "auto":
+# the SDK's newest, where a request's stream closing is its cancellation
+@pytest.mark.parametrize("transport, mode", [("streamable-http", "legacy"), ("streamable-http", "auto"), ("sse", "legacy")])
+async def test_a_killed_client_s_call_is_cancelled_over_http(settings: Settings, transport: str, mode: str) -> None:
+    with http_server(settings, transport) as port:
+        url = f"http://127.0.0.1:{port}/mcp" if transport == "streamable-http" else f"http://127.0.0.1:{port}/sse"
+        await anyio.to_thread.run_sync(kill_during_a_long_call, transport, url, mode)
+        async with Client(url if transport == "streamable-http" else sse_client(url), mode=mode) as client:
+            await check_the_killed_call_left_no_turn(client)
+
+
+async def test_a_killed_client_s_call_is_cancelled_over_stdio(settings: Settings) -> None:
+    """The host dies: the server it started sees its input end, cancels the call, saves and exits."""
+    await anyio.to_thread.run_sync(kill_during_a_long_call, "stdio", json.dumps(serve_args(settings)), "legacy")
+    await anyio.to_thread.run_sync(wait_for_cache_dir, settings)
+    params = StdioServerParameters(command=sys.executable, args=serve_args(settings), env=dict(os.environ))
+    async with Client(params) as client:
+        await check_the_killed_call_left_no_turn(client)
