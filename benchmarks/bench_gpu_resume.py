@@ -180,7 +180,7 @@ def run_context(model, layout: Layout, n: int, args, root: Path, h2d: float | No
         del blocks
         paths = [store.block_path(b) for b in record.blocks]
         nbytes = sum(p.stat().st_size for p in paths)
-        caches = Caches(layout, store, storage, block_tokens=BLOCK, memory_budget=1 << 40, agents={"a"})
+        caches = Caches(layout, store, storage, block_tokens=BLOCK, memory_budget=1 << 40)
         agent = Agent("a", tokens=ids)
 
         def resume() -> list:

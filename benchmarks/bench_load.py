@@ -88,7 +88,7 @@ def measure_load(cache_dir: Path, agent: str, runs: int = 9, storage: Storage | 
         if storage is None or layout is None:
             storage, layout, block_tokens = block_storage(paths[0])
         nbytes = sum(p.stat().st_size for p in paths)
-        caches = Caches(layout, store, storage, block_tokens=block_tokens, memory_budget=0, agents={agent})
+        caches = Caches(layout, store, storage, block_tokens=block_tokens, memory_budget=0)
         # the pool keeps nothing, so each load reads the files; MLX keeps freed buffers for reuse as
         # under the server's default budget (Caches sets its cache limit from it)
         mx.set_cache_limit(max(mx.set_cache_limit(default_memory_budget()), default_memory_budget()))

@@ -83,8 +83,7 @@ class Kept:
 
 
 class Caches:
-    def __init__(self, layout: Layout, store: Store, storage: Storage, *, block_tokens: int, memory_budget: int,
-                 agents: set[str]):
+    def __init__(self, layout: Layout, store: Store, storage: Storage, *, block_tokens: int, memory_budget: int):
         self.layout = layout
         self.names = block_names(layout, storage)  # per leaf, the arrays a whole block holds for it
         self.all_names = array_names(layout, storage)
@@ -93,17 +92,10 @@ class Caches:
         self.block_tokens = block_tokens
         self.memory_budget = memory_budget
         self.pool = BlockPool()
-        self.records: dict[str, KVRecord] = {}  # each agent's blocks now (saved, or waiting for the writer)
-        self.problems: dict[str, str] = {}  # saved caches that cannot be used, and why
-        for name, record in store.kv_records().items():
-            if name not in agents:
-                continue
-            if chain_ids(record.tokens, storage.key, block_tokens) != record.blocks or record.branch and (
-                    chain_ids(record.tokens[: record.branch_tokens], storage.key, block_tokens)[-1:] != [record.branch]):
-                self.problems[name] = "its saved KV cache was made by another model, --kv-bits or --block-tokens"
-                continue
-            self.records[name] = record
-            self.pool.hold([], record.ids)
+        # each agent's blocks now (saved, or waiting for the writer), read from the store when the
+        # agent is first used (record), not at start: a store may hold many agents
+        self.records: dict[str, KVRecord] = {}
+        self.problems: dict[str, str] = {}  # agents read without a usable saved cache, and why
         self.unsaved: set[str] = set()
         self.unsettled: list[str] = []  # blocks cut lazily, not copied yet: see settle
         self.loaded: dict[str, tuple[list[Any], mx.array]] = {}  # by agent: files its call read into one buffer
@@ -177,6 +169,42 @@ class Caches:
 
     # an agent's cache
 
+    def record(self, name: str) -> KVRecord | None:
+        """The agent's block list: in memory, or read from the store once (`problems` says why
+        there is none)."""
+        if name in self.records or name in self.problems:
+            return self.records.get(name)
+        record = self._stored(name)
+        if isinstance(record, str):
+            self.problems[name] = record
+            return None
+        self.records[name] = record
+        self.pool.hold([], record.ids)
+        return record
+
+    def _stored(self, name: str) -> KVRecord | str:
+        """The agent's saved block list, or why it has none that this model can use."""
+        record = self.store.kv_record(name)
+        if record is None:
+            return "it has no saved KV cache"
+        key, B = self.storage.key, self.block_tokens
+        if chain_ids(record.tokens, key, B) != record.blocks or record.branch and (
+                chain_ids(record.tokens[: record.branch_tokens], key, B)[-1:] != [record.branch]):
+            return "its saved KV cache was made by another model, --kv-bits or --block-tokens"
+        return record
+
+    def release(self, name: str) -> bool:
+        """Let an idle agent's block list go from memory (it is read again when the agent is used):
+        not while it is unsaved, kept, or any of its blocks is in memory. Returns whether it went."""
+        record = self.records.get(name)
+        if record is not None and (name in self.unsaved or name in self.working or any(b in self.pool for b in record.ids)):
+            return False
+        if record is not None:
+            self.pool.hold(record.ids, [])
+            del self.records[name]
+        self.problems.pop(name, None)
+        return True
+
     def whole(self, block: Block) -> bool:
         """Whether the block holds every array (one read from disk for a call may not: Block)."""
         return len(block.arrays) == len(self.all_names)
@@ -206,6 +234,7 @@ class Caches:
         old = self.records.get(name)
         self.pool.hold(old.ids if old else [], record.ids)
         self.records[name] = record
+        self.problems.pop(name, None)
         self.unsaved.add(name)
 
     def _cut(self, cache: list[Any], tokens: list[int], checkpoints: Checkpoints, viewed: list[str] | None = None) -> list[str]:
@@ -273,16 +302,18 @@ class Caches:
         self.unsaved.discard(name)
         self._drop_kept(name)
         record = self.records.pop(name, None)
+        self.problems.pop(name, None)
         if record is not None:
             self.pool.hold(record.ids, [])
 
     def fork(self, source: str, target: str) -> None:
         """`target` holds the source's blocks: nothing is copied, nothing is written but its list."""
-        record = self.records.get(source)
+        record = self.record(source)
         if record is None:
             return
         self._drop_kept(source)  # its blocks are the fork's too: the source's next call builds its own cache
         self.records[target] = KVRecord(list(record.blocks), list(record.tokens), record.branch, record.branch_tokens)
+        self.problems.pop(target, None)
         self.pool.hold([], record.ids)
         self.save(source)  # the source's blocks are queued first, so the fork's list finds them on disk
         self.unsaved.add(target)
@@ -305,7 +336,7 @@ class Caches:
         failed = self.writer.take_error(agent.name)
         if failed:
             warnings.append(f"agent {agent.name}: saving its KV cache failed ({failed}); it is saved again after this call")
-        record = self.records.get(agent.name)
+        record = self.record(agent.name)
         self.loaded.pop(agent.name, None)  # of a call that ended without its cache remembered
         taken = self._take_kept(agent.name, record, prompt, room)
         tier, cache, reuse = taken or self._find(agent.name, record, prompt, room, warnings)
@@ -535,8 +566,10 @@ class Caches:
         return sum(bool(r.ids) and all(b in self.pool for b in r.ids) for r in self.records.values())
 
     def agent_memory(self, name: str) -> dict[str, Any]:
-        """What list_agents says of an agent's cache."""
+        """What list_agents says of an agent's cache (one not in use read from the store, not kept)."""
         record = self.records.get(name)
+        if record is None and name not in self.problems and isinstance(stored := self._stored(name), KVRecord):
+            record = stored
         ids = set(record.ids) if record else set()
         in_memory = [bid for bid in ids if bid in self.pool]
         disk, shared_disk = self.store.kv_bytes(name)

@@ -21,13 +21,12 @@ reports progress through an async callback.
 from __future__ import annotations
 
 import atexit
-import bisect
 import logging
 import queue
 import threading
 import time
 import weakref
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -57,6 +56,9 @@ Finish = Literal["stop", "length", "cancelled"]
 
 LIST_LIMIT, MAX_LIST_LIMIT = 100, 1000
 """list_agents' page: by default, and at most."""
+
+AGENTS_IN_MEMORY = 1024
+"""Transcripts kept in memory, the most recently used; the others are read from the store when named."""
 
 SAVE_AFTER_IDLE_S = 0.5
 """Caches are saved once the engine has had no work for this long: a host's back-to-back
@@ -335,23 +337,15 @@ class Engine:
         self.max_agents = max_agents
         self._asks = 0  # ask calls queued or running
         self._asks_lock = threading.Lock()
-        self._agents: dict[str, Agent] = {}
-        self.unreadable: list[str] = []
-        for name in store.names():
-            agent = store.load_agent(name)
-            if agent is None:
-                self.unreadable.append(name)
-            else:
-                self._agents[name] = agent
-        if self.unreadable:
-            log.warning("could not read the transcripts of agents: %s", ", ".join(self.unreadable))
+        # transcripts read from the store when an agent is named, the least recently used let go
+        # beyond AGENTS_IN_MEMORY (every answered turn is in the store already)
+        self._agents: OrderedDict[str, Agent] = OrderedDict()
         self.caches = Caches(
             self.layout,
             store,
             Storage(lm.fingerprint, lm.dtype, kv_bits),
             block_tokens=block_tokens,
             memory_budget=memory_budget,
-            agents=set(self._agents),
         )
         self._tiers: Counter[str] = Counter()  # where the caches of calls to existing agents came from
         self._tokens: Counter[str] = Counter()  # prompt tokens of all calls: "prompt", "cached"
@@ -554,7 +548,7 @@ class Engine:
                 raise RequestError(f"max_tokens must be between 1 and {self.max_tokens_limit}, got {req.max_tokens}")
             if req.temperature < 0 or not 0 < req.top_p <= 1:
                 raise RequestError("temperature must be >= 0 and top_p in (0, 1]")
-            agent = self._agents.get(req.agent)
+            agent = self._agent(req.agent)
             if agent is None:
                 self._check_room_for_an_agent()
                 agent = Agent(name=req.agent, system=req.system)
@@ -599,7 +593,7 @@ class Engine:
         read once, even by agents asked at once)."""
         started = time.perf_counter()
         r.tier, r.cache, r.reuse = self.caches.lookup(r.agent, r.prompt, r.max_new, r.warnings)
-        if r.agent.name in self._agents:
+        if r.agent.tokens:  # an agent with a turn before
             self._tiers[r.tier] += 1
         if self.layout.recurrent:
             if r.reuse:
@@ -726,7 +720,7 @@ class Engine:
             agent.tokens = tokens
             agent.last_used_at = time.time()
             self.store.save_agent(agent)  # the transcript is saved before the reply goes out
-            self._agents[agent.name] = agent
+            self._keep(agent)
             whole = r.row.whole if r.row is not None else whole_of(self.layout, r.cache)
             self.caches.remember(agent.name, r.cache, tokens, r.checkpoints, r.turn, whole)
             self.caches.enforce_budget()
@@ -771,14 +765,43 @@ class Engine:
     # The engine thread: the other calls
 
     def _check_room_for_an_agent(self) -> None:
-        if len(self._agents) >= self.max_agents:
+        if (n := self.store.count()) >= self.max_agents:
             raise RequestError(
-                f"the server keeps {len(self._agents)} agents, its --max-agents; forget some with "
+                f"the server keeps {n} agents, its --max-agents; forget some with "
                 "evict_cache(level='agent') first; nothing was changed"
             )
 
-    def _get(self, name: str) -> Agent:
+    def _agent(self, name: str) -> Agent | None:
+        """The agent's transcript (read from the store if it is not in memory), or None if there
+        is no such agent. One the store holds but cannot read is an error, never a new agent
+        over it."""
         agent = self._agents.get(name)
+        if agent is not None:
+            self._agents.move_to_end(name)
+            return agent
+        agent = self.store.load_agent(name)
+        if agent is None and self.store.exists(name):
+            raise RequestError(f"agent {name!r}: its stored transcript cannot be read (the server's log says why); "
+                               "evict_cache(agent, level='agent') forgets it")
+        if agent is not None:
+            self._keep(agent)
+        return agent
+
+    def _keep(self, agent: Agent) -> None:
+        """Hold the transcript in memory, the most recently used; let the least recently used
+        idle ones go beyond AGENTS_IN_MEMORY, with their block lists where nothing of them is in
+        memory."""
+        self._agents[agent.name] = agent
+        self._agents.move_to_end(agent.name)
+        if len(self._agents) <= AGENTS_IN_MEMORY:
+            return
+        busy = {r.agent.name for r in self._running} | {j.req.agent for j in self._waiting if j.req is not None}
+        for name in [n for n in self._agents if n not in busy][: len(self._agents) - AGENTS_IN_MEMORY]:
+            del self._agents[name]
+            self.caches.release(name)
+
+    def _get(self, name: str) -> Agent:
+        agent = self._agent(name)
         if agent is None:
             raise RequestError(f"unknown agent {name!r}; ask_agent creates agents, list_agents lists them")
         return agent
@@ -787,7 +810,7 @@ class Engine:
         """A fork copies the source's transcript and block list: it writes no KV, whatever the
         source's length, and holds the same blocks in memory and on disk until it diverges."""
         src = self._get(source)
-        if name in self._agents or self.store.exists(name):
+        if self.store.exists(name):
             raise RequestError(f"agent {name!r} already exists; fork onto a new name")
         self._check_room_for_an_agent()
         agent = Agent(
@@ -798,17 +821,18 @@ class Engine:
             tokens=list(src.tokens),
         )
         self.store.save_agent(agent)
-        self._agents[name] = agent
+        self._keep(agent)
         self.caches.fork(source, name)
         return ForkResult(agent=name, source=source, tokens=len(agent.tokens))
 
     def _list(self, limit: int, cursor: str | None) -> AgentList:
-        names = sorted(self._agents)
-        page = names[bisect.bisect_right(names, cursor) if cursor is not None else 0 :][: limit + 1]
+        page = self.store.names(after=cursor, limit=limit + 1)
         more = len(page) > limit
         infos = []
         for name in page[:limit]:
-            a = self._agents[name]
+            a = self._agents.get(name) or self.store.load_agent(name)  # not kept: a listing is no use
+            if a is None:
+                continue  # its transcript cannot be read (logged); asking it says so
             infos.append(
                 AgentInfo(
                     name=name,
@@ -832,12 +856,14 @@ class Engine:
             hit_rate=round(self._tiers["hot"] / calls, 3) if calls else 0.0,
             cached_token_rate=round(self._tokens["cached"] / self._tokens["prompt"], 3) if self._tokens["prompt"] else 0.0,
         )
-        return AgentList(agents=infos, total=len(names), next_cursor=infos[-1].name if more else None, memory=memory)
+        return AgentList(agents=infos, total=self.store.count(), next_cursor=page[limit - 1] if more else None, memory=memory)
 
     def _evict(self, agent: str | None, level: EvictLevel) -> EvictResult:
         """memory: drop the agent's blocks that no other agent holds (saved
         first); disk: also its saved cache (blocks another agent's list names stay); agent: all."""
-        names = [self._get(agent).name] if agent is not None else sorted(self._agents)
+        if agent is not None and agent not in self._agents and not self.store.exists(agent):
+            raise RequestError(f"unknown agent {agent!r}; ask_agent creates agents, list_agents lists them")
+        names = [agent] if agent is not None else self.store.names()  # one whose transcript is unreadable too
         before = self.caches.used()
         freed_disk = 0
         if level == "memory":
@@ -845,5 +871,5 @@ class Engine:
         for name in names if level != "memory" else ():
             freed_disk += self.caches.delete(name, agent_too=level == "agent")
             if level == "agent":
-                del self._agents[name]
+                self._agents.pop(name, None)
         return EvictResult(evicted=names, freed_memory_bytes=before - self.caches.used(), freed_disk_bytes=freed_disk)

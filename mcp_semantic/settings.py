@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a call may ask for")
     max_queue: int = Field(32, ge=1, description="ask_agent calls queued or running at once; more get a 'server busy' error")
     max_message_bytes: ByteSize = Field(256 * 1024, ge=1, description="largest message or system prompt a call may send (UTF-8 bytes)")
-    max_agents: int = Field(1000, ge=1, description="agents the server keeps; creating one more is refused")
+    max_agents: int = Field(1000, ge=1, description="agents the store keeps; creating one more is refused")
     max_batch: int = Field(8, ge=1, le=256, description="ask_agent calls to different agents run together in one batch")
     kv_bits: Literal["lossless", "16", "8", "4"] = Field(
         "lossless", description="precision of KV blocks in the pool and on disk: lossless (exact), or smaller and lossy"

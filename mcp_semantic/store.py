@@ -364,6 +364,20 @@ def _record(blocks: str, tokens: str, branch: str | None) -> KVRecord:
     return record
 
 
+def _checked_record(agent: str, row: list | tuple) -> KVRecord | None:
+    """A kv row as a KVRecord, or None if it cannot be read (logged)."""
+    try:
+        record = _record(*row)
+        if not all(isinstance(b, str) and _BLOCK_ID_RE.fullmatch(b) for b in record.ids):
+            raise ValueError("a block id that is not 32 hex digits")
+        if not all(isinstance(t, int) for t in record.tokens):
+            raise ValueError("a token id that is not an integer")
+        return record
+    except (ValueError, TypeError) as e:
+        log.warning("cannot read the block list of agent %s: %s", agent, e)
+        return None
+
+
 class _Unusable(Exception):
     """A block file that must not be used; the message says why."""
 
@@ -556,8 +570,11 @@ class Store:
         self._remove_old_layout()
         self.db = self._open_db(self.root / "store.db")
         self.refs: Counter[str] = Counter()  # block id -> block lists on disk naming it
-        for record in self.kv_records().values():
-            self.refs.update(record.ids)
+        with self._lock:  # the lists' block ids only: their token lists are read when an agent is used
+            rows = self.db.execute("SELECT agent, blocks, '[]', branch FROM kv").fetchall()
+        for agent, *row in rows:
+            if (record := _checked_record(agent, row)) is not None:
+                self.refs.update(record.ids)
         self._sizes: dict[str, int] = {}
         self._collect_garbage()
         # Block files are read on these threads, several at once (fill_blocks): a read from the
@@ -621,9 +638,15 @@ class Store:
 
     # transcripts
 
-    def names(self) -> list[str]:
+    def names(self, after: str | None = None, limit: int | None = None) -> list[str]:
+        """Agents' names in order: all, or a page of at most `limit` after the name `after`."""
         with self._lock:
-            return [row[0] for row in self.db.execute("SELECT name FROM agents ORDER BY name")]
+            return [row[0] for row in self.db.execute(
+                "SELECT name FROM agents WHERE name > ? ORDER BY name LIMIT ?", (after or "", -1 if limit is None else limit))]
+
+    def count(self) -> int:
+        with self._lock:
+            return self.db.execute("SELECT COUNT(*) FROM agents").fetchone()[0]
 
     def exists(self, name: str) -> bool:
         with self._lock:
@@ -693,23 +716,13 @@ class Store:
         """Every agent's stored block list; unreadable rows are left out (logged)."""
         with self._lock:
             rows = self.db.execute("SELECT agent, blocks, tokens, branch FROM kv").fetchall()
-        records = {}
-        for agent, *row in rows:
-            try:
-                record = _record(*row)
-                if not all(isinstance(b, str) and _BLOCK_ID_RE.fullmatch(b) for b in record.ids):
-                    raise ValueError("a block id that is not 32 hex digits")
-                if not all(isinstance(t, int) for t in record.tokens):
-                    raise ValueError("a token id that is not an integer")
-                records[agent] = record
-            except (ValueError, TypeError) as e:
-                log.warning("cannot read the block list of agent %s: %s", agent, e)
-        return records
+        return {agent: record for agent, *row in rows if (record := _checked_record(agent, row)) is not None}
 
     def kv_record(self, name: str) -> KVRecord | None:
+        """The agent's stored block list; None if it has none, or it cannot be read (logged)."""
         with self._lock:
             row = self.db.execute("SELECT blocks, tokens, branch FROM kv WHERE agent = ?", (check_name(name),)).fetchone()
-        return _record(*row) if row else None
+        return _checked_record(name, row) if row else None
 
     def commit_kv(self, name: str, record: KVRecord, blocks: list[HostBlock], storage: Storage) -> int:
         """Save an agent's cache: write the blocks of `record` that are not on disk yet (from

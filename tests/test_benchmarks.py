@@ -179,3 +179,10 @@ def test_families_benchmark_quick(tmp_path: Path) -> None:
         assert [x["context"] for x in s["mlx_lm.server"]["rows"]] == [300, 600]
     assert data["shapes"]["qwen3.5-tiny"]["state_bytes_per_block"] > 0 == data["shapes"]["gemma3-tiny"]["state_bytes_per_block"]
     assert len(data["targets"]) == 4 and all(isinstance(t["met"], bool) for t in data["targets"].values())
+
+
+def test_agents_benchmark_small(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = run_benchmark("bench_agents.py", tmp_path, "--agents", "150", "--tokens", "40", "--model", str(tiny_model_dir))
+    assert data["on_demand"]["total"] == data["read_all"]["total"] == data["read_all"]["records"] == 150
+    assert data["on_demand"]["listed"] == 100  # the first page
+    assert data["on_demand"]["start_s"] > 0 and data["read_all"]["start_s"] > 0

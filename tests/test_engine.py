@@ -402,6 +402,10 @@ async def test_size_limits_refuse_and_keep_what_is_stored(settings: Settings) ->
     await engine.evict("b", "agent")
     assert (await engine.ask(AskRequest("c", "Hello.", max_tokens=4))).tokens.generated >= 1  # room again
     await engine.aclose()
+    engine = open_engine(settings.model_copy(update={"max_agents": 2}))  # after a restart the store's agents count
+    with pytest.raises(RequestError, match="the server keeps 2 agents, its --max-agents"):
+        await engine.ask(AskRequest("d", "Hello.", max_tokens=4))
+    await engine.aclose()
 
 
 async def test_a_full_disk_loses_no_answer_and_damages_nothing_stored(settings: Settings, replay, caplog, monkeypatch) -> None:
@@ -493,7 +497,7 @@ async def test_kv_bits_resume_on_the_cpu_reads_the_files_as_they_are(tmp_path, k
         replies[path] = [t.reply for t in turns]
         await engine.flush()
         caches = engine.caches
-        ids = [b for b in caches.records["a"].blocks if engine.store.has_block(b)]  # a last partial block is not saved
+        ids = [b for b in caches.record("a").blocks if engine.store.has_block(b)]  # a last partial block is not saved
         assert len(ids) >= 2
         read = engine.store.read_blocks(ids, caches.storage, array_names(caches.layout, caches.storage))
         for bid, (block, problem) in zip(ids, read):
@@ -515,7 +519,7 @@ async def test_a_damaged_quantized_block_on_the_cpu_is_a_named_miss(tmp_path, ca
     await engine.ask(AskRequest("a", "Tell me about the river and the mill.", max_tokens=32))
     await engine.aclose()
     engine = open_engine(settings)
-    record = engine.caches.records["a"]
+    record = engine.caches.record("a")
     path = engine.store.block_path(record.blocks[1])
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
@@ -567,4 +571,54 @@ async def test_hot_turns_write_on_in_the_last_cache_in_place(settings: Settings,
         messages.append({"role": "assistant", "content": answer.reply})
     await engine.evict("a")
     assert "a" not in engine.caches.working  # its memory goes with its blocks
+    await engine.aclose()
+
+
+async def test_agents_are_read_when_named_and_idle_ones_let_go(settings: Settings, replay, monkeypatch) -> None:
+    """A store of many agents: nothing of them is read at start; an agent's transcript and block
+    list come from the store when a call names it, the least recently used idle ones go from
+    memory beyond the limit, and every agent still resumes from disk exactly."""
+    from mcp_semantic import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "AGENTS_IN_MEMORY", 3)
+    engine = open_engine(settings)
+    replies = {}
+    for i in range(6):
+        replies[f"a{i}"] = await engine.ask(AskRequest(f"a{i}", f"{i}: {QUESTIONS[0]}", system="You are terse.", max_tokens=8))
+    assert list(engine._agents) == ["a3", "a4", "a5"]
+    await engine.aclose()
+
+    engine = open_engine(settings)
+    assert not engine._agents and not engine.caches.records  # nothing read at start
+    listed = await engine.list_agents(limit=4)
+    assert [a.name for a in listed.agents] == ["a0", "a1", "a2", "a3"] and listed.total == 6 and listed.next_cursor == "a3"
+    assert all(a.turns == 1 and a.tier == "disk" for a in listed.agents) and not engine._agents  # a listing keeps nothing
+    for name in ["a0", "a5", "a1"]:
+        second = await engine.ask(AskRequest(name, QUESTIONS[1], max_tokens=8))
+        assert second.tier == "disk" and second.tokens.cached >= replies[name].tokens.context
+        messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": f"{name[1]}: {QUESTIONS[0]}"},
+                    {"role": "assistant", "content": replies[name].reply}, {"role": "user", "content": QUESTIONS[1]}]
+        assert second.reply == replay(engine.lm, messages, 8)
+    await engine.evict(level="memory")  # nothing of them in memory: their block lists can go too
+    await engine.ask(AskRequest("a2", QUESTIONS[1], max_tokens=8))
+    assert list(engine._agents) == ["a5", "a1", "a2"] and set(engine.caches.records) <= {"a5", "a1", "a2"}
+    assert (await engine.list_agents()).total == 6
+    await engine.aclose()
+
+
+async def test_an_unreadable_transcript_is_an_error_never_a_new_agent_over_it(settings: Settings) -> None:
+    engine = open_engine(settings)
+    await engine.ask(AskRequest("a", QUESTIONS[0], max_tokens=4))
+    await engine.aclose()
+    engine = open_engine(settings)
+    engine.store.db.execute("UPDATE agents SET messages = '{not json' WHERE name = 'a'")
+    with pytest.raises(RequestError, match="'a': its stored transcript cannot be read.*level='agent'"):
+        await engine.ask(AskRequest("a", "Hello?", max_tokens=4))
+    with pytest.raises(RequestError, match="cannot be read"):
+        await engine.fork("a", "b")
+    row = engine.store.db.execute("SELECT messages FROM agents WHERE name = 'a'").fetchone()
+    assert row == ("{not json",)  # nothing was written over it
+    assert (await engine.list_agents()).total == 1
+    assert (await engine.evict("a", "agent")).evicted == ["a"]
+    assert (await engine.ask(AskRequest("a", "Hello?", max_tokens=4))).tier == "new"  # now a new agent
     await engine.aclose()

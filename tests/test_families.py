@@ -95,7 +95,7 @@ async def test_every_tier_equals_plain_mlx_lm(family: str, family_dirs, tmp_path
     nbytes = {name: math.prod(shape) * dtype.size for name, (shape, dtype) in engine.layout.shapes.items()}
     kv = sum(n for name, n in nbytes.items() if ".state." not in name)
     states = sum(n for name, n in nbytes.items() if ".state." in name)
-    record = engine.caches.records["a"]  # a recurrent model's branch block holds its turn's start
+    record = engine.caches.record("a")  # a recurrent model's branch block holds its turn's start
     assert bool(record.branch) == engine.layout.recurrent and listed.blocks == len(record.blocks) + bool(record.branch)
     tokens = len(record.tokens) + record.branch_tokens % 16
     assert listed.memory_bytes == tokens * kv + listed.blocks * states == engine.caches.used()
@@ -202,7 +202,7 @@ async def test_a_resume_reads_only_what_the_next_token_needs(family: str, family
     settings = Settings(model=str(family_dirs(family)), cache_dir=tmp_path / "c", block_tokens=16)
     a = await saved_conversation(settings, 3)
     engine = a.engine = open_engine(settings)
-    saved = len(engine.caches.records["a"].blocks)
+    saved = len(engine.caches.record("a").blocks)
     read: list[list[str]] = []
     fill = engine.store.fill_blocks
     monkeypatch.setattr(engine.store, "fill_blocks", lambda files, targets: read.extend([n for n, _ in t] for t in targets) or fill(files, targets))
@@ -239,7 +239,7 @@ async def test_a_damaged_last_block_resumes_from_an_earlier_one(family: str, fam
     data[-3] ^= 0x40  # the data's last array: a state, or a layer's values
     path.write_bytes(bytes(data))
     engine = a.engine = open_engine(settings)
-    saved = engine.caches.records["a"]
+    saved = engine.caches.record("a")
     result = await a.ask(QUESTIONS[2])
     assert result.tier == "disk" and any("checksum" in w for w in result.warnings)
     # before the damaged block: the blocks up to it, or the turn's start (the branch of a recurrent model)
@@ -255,7 +255,7 @@ async def test_evicting_a_hybrid_agent_from_memory_frees_its_checkpoints_too(fam
     for q in QUESTIONS[:2]:
         await a.ask(q)
         a.system = None
-    assert engine.caches.records["a"].branch and engine.caches.used() > 0
+    assert engine.caches.record("a").branch and engine.caches.used() > 0
     out = await engine.evict("a", "memory")
     assert out.freed_memory_bytes > 0 and engine.caches.used() == 0
     again = await a.ask(QUESTIONS[2])  # from disk, branch and all

@@ -1,0 +1,136 @@
+"""Start-up with many agents in the store: time and memory of opening the engine, and of a page
+of list_agents, against reading every agent at start (what the engine did before issue 15).
+
+    python benchmarks/bench_agents.py [--agents 10000] [--tokens 600]
+
+It fills a temporary cache dir with `--agents` agents (a transcript of two turns and a block
+list of `--tokens` token ids each; no block files: loading them is bench_load's), then, each in
+a fresh process with the model loaded first: opens the engine (`open_engine`) and lists a page;
+and, the baseline, reads every transcript and block list the way start-up used to
+(`Store.load_agent` for each name, `Store.kv_records`). Memory is the process's resident set
+after, less before (Linux: /proc/self/statm). Writes benchmarks/results/<date>-<machine>-agents.json
+and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from report import RESULTS, header, pyplot, save
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def fill(cache_dir: Path, agents: int, tokens: int) -> None:
+    """`agents` agents with two turns and a block list of `tokens` ids each, written in one transaction."""
+    import mcp_semantic  # noqa: F401
+    from mcp_semantic.store import Store
+
+    store = Store(cache_dir)
+    text = "A question about the garden and the weather this week, with some detail. " * 6
+    rows, kv = [], []
+    for i in range(agents):
+        name = f"agent-{i:06d}"
+        messages = [{"role": "system", "content": "You are terse."}]
+        for _ in range(2):
+            messages += [{"role": "user", "content": text}, {"role": "assistant", "content": text}]
+        ids = list(range(i, i + tokens))
+        rows.append((name, "You are terse.", None, json.dumps(messages), json.dumps(ids), time.time(), time.time()))
+        blocks = [f"{i:016x}{b:016x}" for b in range(-(-tokens // 256))]
+        kv.append((name, json.dumps(blocks), json.dumps(ids), None))
+    with store.db:
+        store.db.executemany("INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        store.db.executemany("INSERT INTO kv VALUES (?, ?, ?, ?)", kv)
+    store.close()
+
+
+def measure(cache_dir: Path, model: str, what: str) -> dict:
+    """In this process: the model loaded, then `what` ("engine" or "read-all") timed, with the
+    memory it added."""
+    import mcp_semantic  # noqa: F401
+    from mcp_semantic.server import load, open_engine
+    from mcp_semantic.settings import Settings
+    from mcp_semantic.store import Store
+
+    settings = Settings(cache_dir=cache_dir, **({"model": model} if model else {}))
+    lm = load(settings)
+    before, start = rss_bytes(), time.perf_counter()
+    out: dict = {}
+    if what == "engine":
+        import anyio
+
+        engine = open_engine(settings, lm)
+        out["start_s"] = time.perf_counter() - start
+        out["memory_bytes"] = rss_bytes() - before
+        start = time.perf_counter()
+        page = anyio.run(engine.list_agents)
+        out["list_page_s"] = time.perf_counter() - start
+        out["listed"], out["total"] = len(page.agents), page.total
+        engine.close()
+    else:
+        store = Store(cache_dir)
+        agents = [store.load_agent(n) for n in store.names()]
+        records = store.kv_records()
+        out["start_s"] = time.perf_counter() - start
+        out["memory_bytes"] = rss_bytes() - before
+        out["total"], out["records"] = len(agents), len(records)
+        store.close()
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    plt = pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    labels = ["on demand\n(now)", "every agent read\nat start (before)"]
+    rows = [result["on_demand"], result["read_all"]]
+    for ax, key, unit, scale in ((a, "start_s", "start-up, s", 1), (b, "memory_bytes", "memory added, MB", 1e-6)):
+        values = [r[key] * scale for r in rows]
+        bars = ax.bar(labels, values, color=["#2a7", "#c44"])
+        ax.set_title(unit, fontsize=10)
+        for bar, v in zip(bars, values):
+            ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:,.2f}", ha="center", va="bottom")
+    fig.suptitle(f"{result['agents']:,} agents in the store, {result['tokens']} tokens each", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--agents", type=int, default=10_000)
+    parser.add_argument("--tokens", type=int, default=600)
+    parser.add_argument("--model", default=None, help="default: the server's default model")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--measure", nargs=2, metavar=("DIR", "WHAT"), help=argparse.SUPPRESS)  # the child process
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(Path(args.measure[0]), args.model, args.measure[1])))
+        return
+    cache_dir = Path(tempfile.mkdtemp(prefix="mcp-semantic-agents-"))
+    start = time.perf_counter()
+    fill(cache_dir, args.agents, args.tokens)
+    result = {**header("agents"), "agents": args.agents, "tokens": args.tokens, "fill_s": round(time.perf_counter() - start, 2),
+              "store_bytes": (cache_dir / "store.db").stat().st_size}
+    for key, what in (("on_demand", "engine"), ("read_all", "read-all")):
+        model = ["--model", args.model] if args.model else []
+        out = subprocess.run([sys.executable, __file__, *model, "--measure", str(cache_dir), what],
+                             capture_output=True, text=True, check=True)
+        result[key] = json.loads(out.stdout.strip().splitlines()[-1])
+    stem = save(result, args.out, plot)
+    for key in ("on_demand", "read_all"):
+        r = result[key]
+        print(f"{key:10} start {r['start_s'] * 1000:8.1f} ms   memory {r['memory_bytes'] / 1e6:8.1f} MB"
+              + (f"   list page {r['list_page_s'] * 1000:.1f} ms" if "list_page_s" in r else ""))
+    print(f"wrote {stem}.json and .png")
+
+
+if __name__ == "__main__":
+    main()
