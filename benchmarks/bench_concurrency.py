@@ -34,7 +34,8 @@ import mlx_lm
 from report import RESULTS, header, pyplot, save
 
 from mcp_semantic import blas
-from mcp_semantic.engine import AskRequest, AskResult, Engine
+from mcp_semantic.calls import AskRequest, AskResult
+from mcp_semantic.engine import Engine
 from mcp_semantic.server import load, open_engine
 from mcp_semantic.settings import DEFAULT_MODEL, Settings
 

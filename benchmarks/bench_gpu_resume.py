@@ -44,7 +44,8 @@ from mcp_semantic import cuda
 from mcp_semantic.block_pool import BlockPool, Storage, cut_blocks
 from mcp_semantic.cache_kinds import Layout, probe
 from mcp_semantic.caches import Caches
-from mcp_semantic.store import Agent, KVRecord, Store, host_block
+from mcp_semantic.block_files import host_block
+from mcp_semantic.store import Agent, KVRecord, Store
 
 LLAMA_8B = dict(
     model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
@@ -178,7 +179,7 @@ def run_context(model, layout: Layout, n: int, args, root: Path, h2d: float | No
         store.commit_kv("a", record, [host_block(b) for b in blocks], storage)
         write_s = time.perf_counter() - start
         del blocks
-        paths = [store.block_path(b) for b in record.blocks]
+        paths = [store.blocks.path(b) for b in record.blocks]
         nbytes = sum(p.stat().st_size for p in paths)
         caches = Caches(layout, store, storage, block_tokens=BLOCK, memory_budget=1 << 40)
         agent = Agent("a", tokens=ids)

@@ -32,7 +32,8 @@ from mcp_semantic.block_pool import BLOCK_TOKENS, Storage, array_names, cut_bloc
 from mcp_semantic.cache_kinds import probe
 from mcp_semantic.models import load_model
 from mcp_semantic.settings import DEFAULT_MODEL
-from mcp_semantic.store import KVRecord, Store, host_block
+from mcp_semantic.block_files import host_block
+from mcp_semantic.store import KVRecord, Store
 
 MODES = [None, 16, 8, 4]
 CONTEXT = (
@@ -85,13 +86,13 @@ def main() -> None:
         memory = sum(b.nbytes for b in blocks)  # as the pool holds them
         store = Store(work / name)  # a store of its own: the sizes on disk are this precision's only
         written = store.commit_kv("agent", KVRecord([b.id for b in blocks], prompt), [host_block(b) for b in blocks], storage)
-        size = sum(store.block_path(b.id).stat().st_size for b in blocks)
+        size = sum(store.blocks.path(b.id).stat().st_size for b in blocks)
         assert written == size, (written, size)
         del blocks
         start = time.perf_counter()
         loaded = []
         for bid in store.kv_record("agent").blocks:
-            block, problem = store.read_block(bid, storage, array_names(layout, storage))
+            block, problem = store.blocks.read_block(bid, storage, array_names(layout, storage))
             assert block is not None, problem
             loaded.append(block)
         kv = reconstruct(layout, storage, loaded, len(prompt), len(prompt) + len(follow), BLOCK_TOKENS)  # evaluated: the read is done

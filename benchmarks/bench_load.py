@@ -40,7 +40,8 @@ from mcp_semantic.block_pool import BLOCK_TOKENS, BlockPool, Storage, cut_blocks
 from mcp_semantic.cache_kinds import Layout
 from mcp_semantic.caches import Caches
 from mcp_semantic.settings import default_memory_budget
-from mcp_semantic.store import Agent, KVRecord, Store, host_block
+from mcp_semantic.block_files import host_block
+from mcp_semantic.store import Agent, KVRecord, Store
 
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M
 
@@ -84,7 +85,7 @@ def measure_load(cache_dir: Path, agent: str, runs: int = 9, storage: Storage | 
         record = store.kv_record(agent)
         if record is None:
             raise ValueError(f"agent {agent} has no saved KV cache in {cache_dir}")
-        paths = [store.block_path(b) for b in record.blocks]
+        paths = [store.blocks.path(b) for b in record.blocks]
         if storage is None or layout is None:
             storage, layout, block_tokens = block_storage(paths[0])
         nbytes = sum(p.stat().st_size for p in paths)

@@ -37,11 +37,13 @@ from report import RESULTS, header, pyplot, save
 
 from mcp_semantic.block_pool import Storage, cut_blocks
 from mcp_semantic.cache_kinds import Layout
-from mcp_semantic.engine import AskRequest, Engine
+from mcp_semantic.calls import AskRequest
+from mcp_semantic.engine import Engine
 from mcp_semantic.models import LoadedModel
 from mcp_semantic.server import load, open_engine
 from mcp_semantic.settings import Settings
-from mcp_semantic.store import Agent, KVRecord, Store, host_block
+from mcp_semantic.block_files import host_block
+from mcp_semantic.store import Agent, KVRecord, Store
 from mcp_semantic.tiny_model import make_tiny_model
 
 CONTEXTS = [512, 1024, 2048, 4096, 8192]
@@ -111,13 +113,13 @@ async def fork_costs(lm: LoadedModel, model: Path, work: Path, contexts: list[in
         name = f"src-{n}"
         times, flushed, written = [], [], []
         for i in range(FORKS):
-            before = block_files(engine.store.blocks_dir)
+            before = block_files(engine.store.blocks.dir)
             start = time.perf_counter()
             await engine.fork(name, f"{name}-fork{i}")
             times.append((time.perf_counter() - start) * 1000)
             await engine.flush()  # the fork's block list is committed
             flushed.append((time.perf_counter() - start) * 1000)
-            written.append(written_bytes(before, block_files(engine.store.blocks_dir)))
+            written.append(written_bytes(before, block_files(engine.store.blocks.dir)))
         listed = {a.name: a for a in (await engine.list_agents()).agents}
         source, fork = listed[name], listed[f"{name}-fork0"]
         transcript, block_list = row_bytes(engine, fork.name)
@@ -150,7 +152,7 @@ async def sharing(lm: LoadedModel, model: Path, work: Path, agents: int) -> dict
     listed = await engine.list_agents()
     one = listed.agents[0]
     separate = {
-        "disk_bytes": disk_bytes(engine.store.blocks_dir),
+        "disk_bytes": disk_bytes(engine.store.blocks.dir),
         "blocks_on_disk": listed.memory.blocks_on_disk,
         "block_bytes_in_memory": listed.memory.used_bytes,
     }
@@ -163,7 +165,7 @@ async def sharing(lm: LoadedModel, model: Path, work: Path, agents: int) -> dict
     await engine.flush()
     listed = await engine.list_agents()
     forks = {
-        "disk_bytes": disk_bytes(engine.store.blocks_dir),
+        "disk_bytes": disk_bytes(engine.store.blocks.dir),
         "blocks_on_disk": listed.memory.blocks_on_disk,
         "block_bytes_in_memory": listed.memory.used_bytes,
     }

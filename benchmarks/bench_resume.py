@@ -35,7 +35,7 @@ import anyio
 from report import RESULTS, header, pyplot, save
 
 from mcp_semantic import blas
-from mcp_semantic.engine import AskRequest
+from mcp_semantic.calls import AskRequest
 from mcp_semantic.server import open_engine
 from mcp_semantic.settings import DEFAULT_MODEL, Settings
 

@@ -32,7 +32,7 @@ import mlx_lm
 import mlx_lm.utils
 
 from mcp_semantic import blas
-from mcp_semantic.engine import AskRequest
+from mcp_semantic.calls import AskRequest
 from mcp_semantic.models import LoadedModel
 from mcp_semantic.server import open_engine
 from mcp_semantic.settings import Settings

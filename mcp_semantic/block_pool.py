@@ -5,9 +5,9 @@ An agent's cache is a list of blocks of `block_tokens` tokens (the last one may 
 A block's id hashes its parent block's id, its token ids and the storage key (the model
 fingerprint and the precision the block is stored at), so an id names a whole prefix, as in
 vLLM's prefix caching: two agents whose histories start with the same tokens get the same ids
-for those blocks and share them, in memory and on disk (see store.py). What a block holds for
-each kind of layer (full attention, sliding window, chunked attention, recurrent state) is in
-cache_kinds.py.
+for those blocks and share them, in memory and on disk (store.py, block_files.py). What a block
+holds for each kind of layer (full attention, sliding window, chunked attention, recurrent
+state) is in cache_kinds.py.
 
 Why not mlx-lm's cache classes for the blocks themselves: KVCache and QuantizedKVCache hold
 one growing buffer per layer, the shape the model needs while it runs, and `save_prompt_cache`
@@ -335,7 +335,7 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
     twice as fast as MLX's strided copy here, and dequantized by numpy: `dequantize_into`; their
     arrays MLX's or numpy's) and
     block files from `Store.open_blocks`, stored as computed (their arrays read straight in by
-    `store.fill_blocks`, checksummed), or read already into one `buffer` (numpy's view of
+    `store.blocks.fill_blocks`, checksummed), or read already into one `buffer` (numpy's view of
     `Store.read_into_one`'s; part i in row `rows[i]`: quantized or float16 files, converted from
     there a run of files at a time, `_from_buffer`). Its K/V arrays are `spares`' where it has
     them. Returns the cache and, by the token where it begins, why each file that failed could
@@ -394,7 +394,7 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
         jobs += _from_buffer(views, name, found, parts, buffer, rows, storage.kv_bits)
     n = os.cpu_count() or 1
     list(_host_threads().map(lambda share: [job() for job in share], [jobs[i::n] for i in range(n)]))
-    problems = store.fill_blocks([f for _, f in files], targets) if files else []
+    problems = store.blocks.fill_blocks([f for _, f in files], targets) if files else []
     failed = {start: problem for (start, _), problem in zip(files, problems) if problem}
     out = []
     for leaf in layout.leaves:

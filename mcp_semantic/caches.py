@@ -62,7 +62,8 @@ from mcp_semantic.block_pool import (
 )
 from mcp_semantic import cuda
 from mcp_semantic.cache_kinds import Layout
-from mcp_semantic.store import Agent, KVRecord, Store, Writer, host_block
+from mcp_semantic.block_files import host_block
+from mcp_semantic.store import Agent, KVRecord, Store, Writer
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ class Caches:
         the call ran alone: kept for the agent's next call when its blocks are views of them."""
         self._drop_kept(name)
         if name in self.loaded:  # blocks the call read from disk, quantized: into the pool as they are
-            for block in self.store.blocks_in_one(*self.loaded.pop(name)):
+            for block in self.store.blocks.blocks_in_one(*self.loaded.pop(name)):
                 self.pool.add(block)
         if self.layout.recurrent:
             checkpoints = {**checkpoints, len(tokens): self.layout.states(cache)}
@@ -481,7 +482,7 @@ class Caches:
         failed = []
         if lacking:
             self.writer.wait()  # a block may be in a write not done yet
-            read = self.store.read_blocks([bid for bid, _ in lacking], self.storage, self.all_names, [need for _, need in lacking])
+            read = self.store.blocks.read_blocks([bid for bid, _ in lacking], self.storage, self.all_names, [need for _, need in lacking])
             for (bid, _), (block, problem) in zip(lacking, read):
                 if block is None:
                     self._missed(name, problem, warnings)
@@ -529,7 +530,7 @@ class Caches:
         if missing:
             self.writer.wait()  # a block may be in a write not done yet
         failed = []
-        for i, part in zip(missing, self.store.open_blocks([ids[i] for i in missing], self.storage, self.all_names)):
+        for i, part in zip(missing, self.store.blocks.open_blocks([ids[i] for i in missing], self.storage, self.all_names)):
             if isinstance(part, str):
                 self._missed(name, part, warnings)
                 failed.append(ids[i])
@@ -542,7 +543,7 @@ class Caches:
             failed = [bid for bid, start in zip(ids, starts(parts)) if start in problems]
         else:  # the files into one buffer (on CUDA in GPU memory)
             files = [parts[i] for i in missing]
-            buffer, errors = self.store.read_into_one(files, gpu=cuda.available())
+            buffer, errors = self.store.blocks.read_into_one(files, gpu=cuda.available())
             problems = {i: e for i, e in zip(missing, errors) if e}
             failed, cache = [ids[i] for i in problems], []
             if not failed and self.on_host:

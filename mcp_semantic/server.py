@@ -24,18 +24,8 @@ from mcp_semantic import __version__
 from mcp_semantic.blas import blas_warning
 from mcp_semantic.cache_kinds import UnsupportedCache
 from mcp_semantic.models import LoadedModel
-from mcp_semantic.engine import (
-    LIST_LIMIT,
-    MAX_LIST_LIMIT,
-    AgentList,
-    AskRequest,
-    AskResult,
-    Engine,
-    EvictResult,
-    ForkResult,
-    RequestError,
-    check_model,
-)
+from mcp_semantic.calls import AgentList, AskRequest, AskResult, EvictResult, ForkResult, RequestError
+from mcp_semantic.engine import LIST_LIMIT, MAX_LIST_LIMIT, Engine, check_model
 from mcp_semantic.settings import Settings
 from mcp_semantic.store import NAME_RULE, CacheDirLocked, InvalidName, Store, lock_cache_dir
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from mcp_semantic.engine import AskRequest
+from mcp_semantic.calls import AskRequest
 from mcp_semantic.server import open_engine
 from mcp_semantic.settings import Settings
 
@@ -55,7 +55,7 @@ async def test_sigkill_many_times(settings: Settings, stdio_server, replay, seed
 CRASH_BETWEEN_BLOCKS_AND_COMMIT = """
 import os, signal, sys, anyio
 import mcp_semantic
-from mcp_semantic.engine import AskRequest
+from mcp_semantic.calls import AskRequest
 from mcp_semantic.server import open_engine
 from mcp_semantic.settings import Settings
 from mcp_semantic.store import Store
@@ -82,7 +82,7 @@ async def test_crash_between_block_files_and_commit(settings: Settings, replay) 
 
     engine = open_engine(settings)  # opens: the turn-2 blocks no list names are collected
     record = engine.store.kv_record("c")
-    assert set(record.blocks) < on_disk and {p.stem for p in engine.store.blocks_dir.iterdir()} == set(record.blocks)
+    assert set(record.blocks) < on_disk and {p.stem for p in engine.store.blocks.dir.iterdir()} == set(record.blocks)
     agent = engine.store.load_agent("c")
     assert agent.turns == 2  # the transcript, saved before turn 2 was answered, is the truth
     out = await engine.ask(AskRequest("c", "And the town?", max_tokens=8))
@@ -95,7 +95,7 @@ INTERRUPTED = """
 import os, signal, sys, anyio
 import mcp_semantic
 from mcp_semantic.caches import Caches
-from mcp_semantic.engine import AskRequest
+from mcp_semantic.calls import AskRequest
 from mcp_semantic.server import open_engine
 from mcp_semantic.settings import Settings
 from mcp_semantic.store import Store
@@ -136,7 +136,7 @@ async def test_an_interrupted_fork_or_eviction_is_done_or_not(settings: Settings
     else:  # done: the agent is gone, and the blocks only it held were collected at start
         assert names == ["src"]
         held = set(engine.store.kv_record("src").blocks)
-        assert {p.stem for p in engine.store.blocks_dir.iterdir()} == held
+        assert {p.stem for p in engine.store.blocks.dir.iterdir()} == held
         assert (await engine.ask(AskRequest("src", "And then?", max_tokens=8))).tier == "disk"
     await engine.aclose()
 

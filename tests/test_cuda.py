@@ -13,10 +13,11 @@ import pytest
 from mcp_semantic import cuda
 from mcp_semantic.block_pool import Storage, array_names, cut_blocks
 from mcp_semantic.cache_kinds import Layout
-from mcp_semantic.engine import AskRequest
+from mcp_semantic.calls import AskRequest
 from mcp_semantic.server import open_engine
 from mcp_semantic.settings import Settings
-from mcp_semantic.store import KVRecord, Store, host_block
+from mcp_semantic.block_files import host_block
+from mcp_semantic.store import KVRecord, Store
 from mcp_semantic.tiny_model import make_tiny_model
 
 pytestmark = pytest.mark.anyio
@@ -62,19 +63,19 @@ def test_blocks_read_into_a_gpu_buffer_equal_their_arrays(fake_cuda, tmp_path: P
     try:
         store.commit_kv("a", KVRecord([b.id for b in blocks], list(range(40))), [host_block(b) for b in blocks], storage)
         names = array_names(layout, storage)
-        opened = store.open_blocks([b.id for b in blocks], storage, names)
-        buffer, problems = store.read_into_one(opened, gpu=True)
+        opened = store.blocks.open_blocks([b.id for b in blocks], storage, names)
+        buffer, problems = store.blocks.read_into_one(opened, gpu=True)
         assert problems == [None] * 3 and buffer.shape[0] == 3
-        for block, got in zip(blocks, store.blocks_in_one(opened, buffer)):
+        for block, got in zip(blocks, store.blocks.blocks_in_one(opened, buffer)):
             for name, a in block.arrays.items():
                 assert mx.array_equal(got.arrays[name], a).item(), name
         assert len(fake_cuda) == len(blocks)  # one copy per file: its arrays lie one after another
-        path = store.block_path(blocks[1].id)  # a flipped byte in its data: that block alone fails, by name
+        path = store.blocks.path(blocks[1].id)  # a flipped byte in its data: that block alone fails, by name
         data = bytearray(path.read_bytes())
         data[-5] ^= 0xFF
         path.write_bytes(bytes(data))
-        opened = store.open_blocks([b.id for b in blocks], storage, names)
-        _, problems = store.read_into_one(opened, gpu=True)
+        opened = store.blocks.open_blocks([b.id for b in blocks], storage, names)
+        _, problems = store.blocks.read_into_one(opened, gpu=True)
         assert problems[0] is None and problems[2] is None and "fails its checksum" in problems[1]
         assert not path.exists()  # deleted: the next save of an agent holding it writes it anew
     finally:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mcp_semantic.engine import AskRequest
+from mcp_semantic.calls import AskRequest
 from mcp_semantic.server import open_engine
 from mcp_semantic.settings import Settings
 

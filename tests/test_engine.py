@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from mcp_semantic.engine import AskRequest, RequestError
+from mcp_semantic.calls import AskRequest, RequestError
 from mcp_semantic.server import open_engine
 from mcp_semantic.settings import Settings
 from mcp_semantic.store import InvalidName
@@ -78,11 +78,11 @@ async def test_evict_levels(settings: Settings) -> None:
     assert (await engine.ask(AskRequest("a", "Again.", max_tokens=8))).tier == "disk"
 
     await engine.flush()
-    files = set(engine.store.blocks_dir.iterdir())
+    files = set(engine.store.blocks.dir.iterdir())
     out = await engine.evict("a", "disk")
     assert out.freed_disk_bytes > 0
     assert engine.store.kv_record("a") is None
-    assert files - set(engine.store.blocks_dir.iterdir()) and set(engine.store.blocks_dir.iterdir()) <= files
+    assert files - set(engine.store.blocks.dir.iterdir()) and set(engine.store.blocks.dir.iterdir()) <= files
     again = await engine.ask(AskRequest("a", "Once more.", max_tokens=8))
     assert again.tier == "new" and again.tokens.cached == 0
     assert any("re-prefilling" in w for w in again.warnings)
@@ -120,7 +120,7 @@ async def test_corrupt_cache_file_costs_a_reprefill_not_an_answer(settings: Sett
     engine = open_engine(settings)
     first = await engine.ask(AskRequest("a", "Tell me about the sea.", max_tokens=12))
     await engine.flush()
-    path = engine.store.block_path(engine.store.kv_record("a").blocks[0])
+    path = engine.store.blocks.path(engine.store.kv_record("a").blocks[0])
     await engine.aclose()
     data = bytearray(path.read_bytes())
     path.write_bytes(bytes(data[: len(data) // 2]))  # truncated
@@ -202,10 +202,10 @@ async def test_fork_writes_no_kv_and_shares_every_block(settings: Settings, repl
     question = "Tell me everything about the river. " * 20
     long = await engine.ask(AskRequest("long", question, max_tokens=8))
     await engine.flush()
-    files = {p.name: p.stat().st_mtime_ns for p in engine.store.blocks_dir.iterdir()}
+    files = {p.name: p.stat().st_mtime_ns for p in engine.store.blocks.dir.iterdir()}
     await engine.fork("long", "copy")
     await engine.flush()
-    assert {p.name: p.stat().st_mtime_ns for p in engine.store.blocks_dir.iterdir()} == files  # no KV written
+    assert {p.name: p.stat().st_mtime_ns for p in engine.store.blocks.dir.iterdir()} == files  # no KV written
     assert engine.store.kv_record("copy") == engine.store.kv_record("long")
     agents = {a.name: a for a in (await engine.list_agents()).agents}
     assert agents["copy"].shared_disk_bytes == agents["copy"].disk_bytes == agents["long"].shared_disk_bytes > 0
@@ -223,7 +223,7 @@ async def test_fork_writes_no_kv_and_shares_every_block(settings: Settings, repl
     # forgetting the source frees only what the fork does not hold
     freed = await engine.evict("long", "agent")
     record = engine.store.kv_record("copy")
-    assert freed.freed_disk_bytes > 0 and all(engine.store.block_path(b).exists() for b in record.blocks)
+    assert freed.freed_disk_bytes > 0 and all(engine.store.blocks.path(b).exists() for b in record.blocks)
     out = await engine.ask(AskRequest("copy", "And then?", max_tokens=8))
     assert out.tokens.cached > long.tokens.context and not out.warnings
     await engine.aclose()
@@ -275,7 +275,7 @@ async def test_a_shared_system_prompt_is_stored_once_and_reused(settings: Settin
     assert second.reply == replay(engine.lm, messages, 8)
     await engine.flush()
     agents = {a.name: a for a in (await engine.list_agents()).agents}
-    files = sum(p.stat().st_size for p in engine.store.blocks_dir.iterdir())
+    files = sum(p.stat().st_size for p in engine.store.blocks.dir.iterdir())
     assert files == agents["one"].disk_bytes + agents["two"].disk_bytes - agents["one"].shared_disk_bytes
     assert agents["one"].shared_disk_bytes == agents["two"].shared_disk_bytes > 0.9 * agents["one"].disk_bytes
     await engine.aclose()
@@ -411,23 +411,23 @@ async def test_size_limits_refuse_and_keep_what_is_stored(settings: Settings) ->
 async def test_a_full_disk_loses_no_answer_and_damages_nothing_stored(settings: Settings, replay, caplog, monkeypatch) -> None:
     import errno
 
-    import mcp_semantic.store as store_module
+    import mcp_semantic.block_files as block_files
 
     engine = open_engine(settings)
     kept = await engine.ask(AskRequest("kept", "Tell me about the river.", max_tokens=8))
     await engine.flush()
-    saved = {p.name: p.read_bytes() for p in engine.store.blocks_dir.iterdir()}
+    saved = {p.name: p.read_bytes() for p in engine.store.blocks.dir.iterdir()}
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_module, "_write_block", full)
+    monkeypatch.setattr(block_files, "write_block", full)
     out = await engine.ask(AskRequest("new", "Tell me about the mill.", max_tokens=8))
     assert out.finish_reason in ("stop", "length") and out.reply  # the call still answers
     await engine.flush()
     assert "could not save the KV cache of agent new" in caplog.text and "No space left" in caplog.text
-    assert {p.name: p.read_bytes() for p in engine.store.blocks_dir.iterdir() if p.name in saved} == saved
-    assert not [p for p in engine.store.blocks_dir.iterdir() if p.name.startswith(".")]  # no temporaries left
+    assert {p.name: p.read_bytes() for p in engine.store.blocks.dir.iterdir() if p.name in saved} == saved
+    assert not [p for p in engine.store.blocks.dir.iterdir() if p.name.startswith(".")]  # no temporaries left
     monkeypatch.undo()
     told = await engine.ask(AskRequest("new", "And the wheel?", max_tokens=8))  # the host hears of it
     assert any("saving its KV cache failed" in w and "No space left" in w for w in told.warnings)
@@ -455,7 +455,7 @@ async def test_blocks_of_the_wrong_shape_cost_a_reprefill(settings: Settings, re
     engine = open_engine(settings)
     first = await engine.ask(AskRequest("a", "Tell me about the sea.", max_tokens=8))
     await engine.flush()
-    path = engine.store.block_path(engine.store.kv_record("a").blocks[1])
+    path = engine.store.blocks.path(engine.store.kv_record("a").blocks[1])
     await engine.aclose()
     with safe_open(str(path), "numpy") as f:
         metadata = f.metadata()
@@ -499,7 +499,7 @@ async def test_kv_bits_resume_on_the_cpu_reads_the_files_as_they_are(tmp_path, k
         caches = engine.caches
         ids = [b for b in caches.record("a").blocks if engine.store.has_block(b)]  # a last partial block is not saved
         assert len(ids) >= 2
-        read = engine.store.read_blocks(ids, caches.storage, array_names(caches.layout, caches.storage))
+        read = engine.store.blocks.read_blocks(ids, caches.storage, array_names(caches.layout, caches.storage))
         for bid, (block, problem) in zip(ids, read):
             held = caches.pool.peek(bid)
             assert problem is None and held is not None and set(held.arrays) == set(block.arrays)
@@ -520,7 +520,7 @@ async def test_a_damaged_quantized_block_on_the_cpu_is_a_named_miss(tmp_path, ca
     await engine.aclose()
     engine = open_engine(settings)
     record = engine.caches.record("a")
-    path = engine.store.block_path(record.blocks[1])
+    path = engine.store.blocks.path(record.blocks[1])
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))

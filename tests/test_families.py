@@ -20,7 +20,7 @@ import mlx_lm
 import pytest
 from mlx_lm.utils import common_prefix_len
 
-from mcp_semantic.engine import AskRequest
+from mcp_semantic.calls import AskRequest
 from mcp_semantic.server import open_engine
 from mcp_semantic.settings import Settings
 from mcp_semantic.tiny_model import THINKING_CHAT_TEMPLATE, make_tiny_model
@@ -204,8 +204,8 @@ async def test_a_resume_reads_only_what_the_next_token_needs(family: str, family
     engine = a.engine = open_engine(settings)
     saved = len(engine.caches.record("a").blocks)
     read: list[list[str]] = []
-    fill = engine.store.fill_blocks
-    monkeypatch.setattr(engine.store, "fill_blocks", lambda files, targets: read.extend([n for n, _ in t] for t in targets) or fill(files, targets))
+    fill = engine.store.blocks.fill_blocks
+    monkeypatch.setattr(engine.store.blocks, "fill_blocks", lambda files, targets: read.extend([n for n, _ in t] for t in targets) or fill(files, targets))
     result = await a.ask(QUESTIONS[3])
     assert result.tier == "disk" and len(read) == -(-result.tokens.cached // 16) > 6 and len(read) >= saved - 1
     layout = engine.layout

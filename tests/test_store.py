@@ -14,7 +14,8 @@ from mlx_lm.models.cache import KVCache
 
 from mcp_semantic.block_pool import Storage, array_names, cut_blocks, reconstruct
 from mcp_semantic.cache_kinds import Layout
-from mcp_semantic.store import NAME_RULE, Agent, InvalidName, KVRecord, Store, Writer, check_name, host_block
+from mcp_semantic.block_files import host_block
+from mcp_semantic.store import NAME_RULE, Agent, InvalidName, KVRecord, Store, Writer, check_name
 
 EXACT = Storage("fp", "float32")
 B = 4  # tokens per block in these tests
@@ -40,7 +41,7 @@ def load(store: Store, name: str, storage: Storage = EXACT, layers: int = 2, hea
     blocks = []
     record = store.kv_record(name)
     for bid in record.blocks:
-        block, problem = store.read_block(bid, storage, names(storage, layers))
+        block, problem = store.blocks.read_block(bid, storage, names(storage, layers))
         assert problem is None, problem
         blocks.append(block)
     n = len(record.tokens)
@@ -126,7 +127,7 @@ def test_blocks_round_trip(tmp_path: Path) -> None:
     written = save(store, "a", cache, list(range(10)))
     record = store.kv_record("a")
     assert record.tokens == list(range(10)) and len(record.blocks) == 3  # 4 + 4 + a partial block of 2
-    assert written == sum(store.block_path(b).stat().st_size for b in record.blocks)
+    assert written == sum(store.blocks.path(b).stat().st_size for b in record.blocks)
     rebuilt = load(store, "a")
     for original, c in zip(cache, rebuilt):
         assert c.offset == 10 and mx.array_equal(c.keys, original.keys[..., :10, :]).item()
@@ -138,13 +139,13 @@ def test_a_shared_prefix_is_stored_once(tmp_path: Path) -> None:
     store = Store(tmp_path)
     cache = make_cache(10)
     save(store, "a", cache, list(range(10)))
-    files = {p.name for p in store.blocks_dir.iterdir()}
+    files = {p.name for p in store.blocks.dir.iterdir()}
     other = make_cache(10)  # same first 8 positions, then its own
     for c in other:
         c.keys[..., 8:, :] = 7.0
     written = save(store, "b", other, list(range(8)) + [70, 71])
-    new = {p.name for p in store.blocks_dir.iterdir()} - files
-    assert len(new) == 1 and written == store.block_path(Path(new.pop()).stem).stat().st_size  # only b's tail
+    new = {p.name for p in store.blocks.dir.iterdir()} - files
+    assert len(new) == 1 and written == store.blocks.path(Path(new.pop()).stem).stat().st_size  # only b's tail
     total, shared = store.kv_bytes("b")
     assert 0 < shared < total and store.kv_bytes("a")[1] == shared
     assert mx.array_equal(load(store, "b")[0].keys[..., 8:, :], mx.full((1, 2, 2, 4), 7.0)).item()
@@ -156,19 +157,19 @@ def test_gc_removes_exactly_the_unreferenced_blocks(tmp_path: Path) -> None:
     first = store.kv_record("a")
     store.commit_kv("fork", first, [], EXACT)  # a fork: the same list, no block written
     save(store, "a", make_cache(14), list(range(14)))  # a moves on: a new tail, its old one is the fork's
-    assert all(store.block_path(b).exists() for b in first.blocks + store.kv_record("a").blocks)
+    assert all(store.blocks.path(b).exists() for b in first.blocks + store.kv_record("a").blocks)
 
-    sizes = {b: store.block_path(b).stat().st_size for b in first.blocks}
+    sizes = {b: store.blocks.path(b).stat().st_size for b in first.blocks}
     freed = store.delete_kv("fork")
     only_fork = set(first.blocks) - set(store.kv_record("a").blocks)
     assert only_fork == {first.blocks[-1]} and freed == sizes[first.blocks[-1]]
-    assert not store.block_path(first.blocks[-1]).exists()
-    assert {p.stem for p in store.blocks_dir.iterdir()} == set(store.kv_record("a").blocks)
+    assert not store.blocks.path(first.blocks[-1]).exists()
+    assert {p.stem for p in store.blocks.dir.iterdir()} == set(store.kv_record("a").blocks)
     assert load(store, "a")[1].offset == 14
 
     store.save_agent(Agent("a"))
     freed = store.delete_agent("a")
-    assert freed > 0 and list(store.blocks_dir.iterdir()) == [] and store.kv_record("a") is None
+    assert freed > 0 and list(store.blocks.dir.iterdir()) == [] and store.kv_record("a") is None
 
 
 def test_a_commit_waits_for_blocks_it_does_not_have(tmp_path: Path, caplog) -> None:
@@ -184,15 +185,15 @@ def test_unreferenced_blocks_and_temporaries_are_removed_at_start(tmp_path: Path
     """What a crash between the block files and the commit of the list leaves."""
     store = Store(tmp_path)
     save(store, "a", make_cache(6), list(range(6)))
-    kept = {p.name for p in store.blocks_dir.iterdir()}
+    kept = {p.name for p in store.blocks.dir.iterdir()}
     orphans = cut_blocks(layout(), make_cache(9), list(range(100, 109)), EXACT, B)
     for block in orphans:  # written, never committed
         store.commit_kv("x", KVRecord([block.id], block.tokens), [host_block(block)], EXACT)
     store.db.execute("DELETE FROM kv WHERE agent = 'x'")
-    (store.blocks_dir / ".abc.safetensors.tmp").write_bytes(b"half")
+    (store.blocks.dir / ".abc.safetensors.tmp").write_bytes(b"half")
     store.close()
     store = Store(tmp_path)
-    assert {p.name for p in store.blocks_dir.iterdir()} == kept
+    assert {p.name for p in store.blocks.dir.iterdir()} == kept
     assert load(store, "a")[0].offset == 6
 
 
@@ -211,14 +212,14 @@ def test_damaged_blocks_are_misses(tmp_path: Path, damage, why: str) -> None:
     store = Store(tmp_path)
     save(store, "a", make_cache(6), list(range(6)))
     bid = store.kv_record("a").blocks[1]
-    path = store.block_path(bid)
+    path = store.blocks.path(bid)
     damaged = damage(path.read_bytes())
     assert damaged != path.read_bytes()
     path.write_bytes(damaged)
-    block, problem = store.read_block(bid, EXACT, names())
+    block, problem = store.blocks.read_block(bid, EXACT, names())
     assert block is None and why in problem and path.name in problem
     assert not path.exists()  # deleted: the next save of an agent holding it writes it again
-    assert save(store, "a", make_cache(6), list(range(6))) > 0 and store.read_block(bid, EXACT, names())[0] is not None
+    assert save(store, "a", make_cache(6), list(range(6))) > 0 and store.blocks.read_block(bid, EXACT, names())[0] is not None
 
 
 def test_foreign_blocks_are_misses_and_go(tmp_path: Path) -> None:
@@ -231,12 +232,12 @@ def test_foreign_blocks_are_misses_and_go(tmp_path: Path) -> None:
     ]:
         save(store, "a", make_cache(5, layers=3), list(range(5)))
         bid = store.kv_record("a").blocks[0]
-        assert why in store.read_block(bid, storage, names(storage, n_layers))[1]
-        assert not store.block_path(bid).exists()  # gone: the next save writes it anew
+        assert why in store.blocks.read_block(bid, storage, names(storage, n_layers))[1]
+        assert not store.blocks.path(bid).exists()  # gone: the next save writes it anew
         store.delete_kv("a")
-    assert "missing" in store.read_block("0" * 32, EXACT, names(EXACT, 3))[1]
+    assert "missing" in store.blocks.read_block("0" * 32, EXACT, names(EXACT, 3))[1]
     with pytest.raises(ValueError, match="invalid block id"):
-        store.block_path("../../etc/passwd")
+        store.blocks.path("../../etc/passwd")
 
 
 def test_name_rule_is_the_published_one() -> None:
@@ -306,7 +307,7 @@ def test_any_damage_to_a_block_file_is_a_miss_or_the_same_data(tmp_path: Path, d
     cache = make_cache(6)
     save(store, "a", cache, list(range(6)))
     bid = store.kv_record("a").blocks[0]
-    path = store.block_path(bid)
+    path = store.blocks.path(bid)
     raw = bytearray(path.read_bytes())
     action = data.draw(st.sampled_from(["truncate", "flip", "junk"]))
     if action == "truncate":
@@ -318,7 +319,7 @@ def test_any_damage_to_a_block_file_is_a_miss_or_the_same_data(tmp_path: Path, d
     else:
         raw = bytearray(data.draw(st.binary(max_size=512)))
     path.write_bytes(bytes(raw))
-    block, problem = store.read_block(bid, EXACT, names())
+    block, problem = store.blocks.read_block(bid, EXACT, names())
     if block is None:
         assert problem and path.name in problem
     else:
@@ -332,7 +333,7 @@ def test_block_files_are_plain_safetensors(tmp_path: Path) -> None:
     store = Store(tmp_path)
     cache = make_cache(6)
     save(store, "a", cache, list(range(6)))
-    path = store.block_path(store.kv_record("a").blocks[0])
+    path = store.blocks.path(store.kv_record("a").blocks[0])
     with safe_open(str(path), framework="numpy") as f:
         assert f.metadata()["format"] == "mcp-semantic-block/3"
         assert (f.get_tensor("layers.1.values") == np.array(cache[1].values[..., :4, :])).all()
@@ -347,9 +348,9 @@ def test_blocks_of_older_formats_are_a_clear_miss(tmp_path: Path, old: bytes) ->
     store = Store(tmp_path)
     save(store, "a", make_cache(4), list(range(4)))
     bid = store.kv_record("a").blocks[0]
-    path = store.block_path(bid)
+    path = store.blocks.path(bid)
     path.write_bytes(path.read_bytes().replace(b"mcp-semantic-block/3", old))
-    block, problem = store.read_block(bid, EXACT, names())
+    block, problem = store.blocks.read_block(bid, EXACT, names())
     assert block is None and f"'{old.decode()}', expected mcp-semantic-block/3" in problem and not path.exists()
 
 
@@ -358,11 +359,11 @@ def test_read_blocks_reads_many_and_says_which_failed(tmp_path: Path) -> None:
     cache = make_cache(20)
     save(store, "a", cache, list(range(20)))
     ids = store.kv_record("a").blocks
-    damaged = store.block_path(ids[2])
+    damaged = store.blocks.path(ids[2])
     raw = bytearray(damaged.read_bytes())
     raw[-1] ^= 1
     damaged.write_bytes(bytes(raw))
-    results = store.read_blocks(ids + ["0" * 32], EXACT, names())
+    results = store.blocks.read_blocks(ids + ["0" * 32], EXACT, names())
     assert [b is not None for b, _ in results] == [True, True, False, True, True, False]
     assert "checksum" in results[2][1] and "missing" in results[5][1] and not damaged.exists()
     for i in (0, 1, 3, 4):
@@ -379,9 +380,9 @@ def test_a_branch_is_saved_counted_and_collected_with_its_list(tmp_path: Path) -
     record = KVRecord([b.id for b in blocks], list(range(10)), branch.id, 6)
     store.commit_kv("a", record, [host_block(b) for b in (*blocks, branch)], EXACT)
     assert store.kv_record("a") == record and Store.kv_records(store)["a"] == record
-    assert store.block_path(branch.id).exists() and store.kv_bytes("a")[0] > sum(store._size(b.id) for b in blocks)
+    assert store.blocks.path(branch.id).exists() and store.kv_bytes("a")[0] > sum(store.blocks.size(b.id) for b in blocks)
     store.commit_kv("a", KVRecord(record.blocks, record.tokens), [], EXACT)  # the next list has no branch
-    assert not store.block_path(branch.id).exists() and store.block_path(blocks[0].id).exists()
+    assert not store.blocks.path(branch.id).exists() and store.blocks.path(blocks[0].id).exists()
 
 
 def test_a_store_of_before_branches_opens_and_reads(tmp_path: Path) -> None:
@@ -406,7 +407,7 @@ def test_short_reads_are_read_on_to_the_end(tmp_path: Path, monkeypatch) -> None
     one file whole, a working cache's regions)."""
     import os
 
-    from mcp_semantic import store as store_module
+    from mcp_semantic import block_files
 
     real = os.preadv
 
@@ -416,29 +417,29 @@ def test_short_reads_are_read_on_to_the_end(tmp_path: Path, monkeypatch) -> None
     store = Store(tmp_path)
     cache = make_cache(10)
     save(store, "a", cache, list(range(10)))
-    monkeypatch.setattr(store_module.os, "preadv", short)
+    monkeypatch.setattr(block_files.os, "preadv", short)
     for original, c in zip(cache, load(store, "a")):
         assert mx.array_equal(c.keys, original.keys[..., :10, :]).item()
         assert mx.array_equal(c.values, original.values[..., :10, :]).item()
-    files = store.open_blocks(store.kv_record("a").blocks, EXACT, names())
-    buffer, problems = store.read_into_one(files, gpu=False)
-    whole = store.blocks_in_one(files, buffer)
+    files = store.blocks.open_blocks(store.kv_record("a").blocks, EXACT, names())
+    buffer, problems = store.blocks.read_into_one(files, gpu=False)
+    whole = store.blocks.blocks_in_one(files, buffer)
     assert problems == [None] * 3 and mx.array_equal(whole[1].arrays["layers.1.values"], cache[1].values[..., 4:8, :]).item()
     out = np.zeros((1, 2, 12, 4), np.float32)
     regions = [[(name, out[:, :, 4 * i : 4 * i + 4] if name == "layers.0.keys" else np.zeros((1, 2, 4, 4), np.float32))
                 for name in sorted(names())] for i in range(2)]
-    assert store.fill_blocks(files[:2], regions) == [None, None]
+    assert store.blocks.fill_blocks(files[:2], regions) == [None, None]
     assert np.array_equal(out[:, :, :8], np.array(cache[0].keys[..., :8, :]))
     store.close()
 
 
 def test_blocks_read_where_the_os_has_no_preadv(tmp_path: Path, monkeypatch) -> None:
-    from mcp_semantic import store as store_module
+    from mcp_semantic import block_files
 
     store = Store(tmp_path)
     cache = make_cache(10)
     save(store, "a", cache, list(range(10)))
-    monkeypatch.delattr(store_module.os, "preadv")
+    monkeypatch.delattr(block_files.os, "preadv")
     for original, c in zip(cache, load(store, "a")):
         assert mx.array_equal(c.keys, original.keys[..., :10, :]).item()
     store.close()
