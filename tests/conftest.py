@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mcp_semantic  # noqa: F401, I001  first: it loads OpenBLAS, which must come before MLX loads
 import mlx_lm
@@ -103,3 +105,56 @@ def stdio_server():
             server.proc.kill()
         server.proc.wait()
 
+
+
+def _start(server_class):
+    """Start a real server for the shared mode's tests; where it is not installed, skip, except
+    on a Debian-like system, where `install.sh --dev` installs it: there a missing one fails."""
+    try:
+        return server_class.start()
+    except RuntimeError as e:
+        if "not installed" in str(e) and not shutil.which("apt-get"):
+            pytest.skip(str(e))
+        raise
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    from servers import Postgres
+
+    server = _start(Postgres)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> Iterator[str]:
+    """A new, empty database of the session's PostgreSQL, for this test only."""
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server.url(), autocommit=True) as db:
+        db.execute(f'CREATE DATABASE "{name}"')
+    yield postgres_server.url(name)
+    with psycopg.connect(postgres_server.url(), autocommit=True) as db:
+        db.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    from servers import Redis
+
+    server = _start(Redis)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """The session's Redis, emptied for this test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url

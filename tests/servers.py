@@ -1,0 +1,123 @@
+"""Real PostgreSQL and Redis servers for the tests of the shared mode: each started on a free
+loopback port in a temporary directory and stopped after, never a system-wide service, never a
+mock (Debian's `postgresql` and `redis-server` packages; `install.sh --dev` installs them where
+apt is available). PostgreSQL refuses to run as root, so as root it runs as the `postgres` user.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, what: str, alive, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"{what} exited before it listened on port {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not listen on port {port} in {timeout:.0f} s")
+
+
+def postgres_bin() -> Path | None:
+    """The directory of PostgreSQL's server programs (Debian keeps them off PATH)."""
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).parent
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(p.split("/")[4]))
+    return Path(versions[-1]).parent if versions else None
+
+
+@dataclass
+class Postgres:
+    """A PostgreSQL cluster of its own: `url(db)` for a database in it."""
+
+    port: int
+    data: Path
+    bin: Path
+    user: str | None  # the OS user it runs as, when the tests run as root
+
+    def url(self, db: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{db}"
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess:
+        command = [*(["runuser", "-u", self.user, "--"] if self.user else []), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    @classmethod
+    def start(cls) -> "Postgres":
+        bin_dir = postgres_bin()
+        if bin_dir is None:
+            raise RuntimeError("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+        user = "postgres" if os.geteuid() == 0 else None
+        root = Path(tempfile.mkdtemp(prefix="mcp-semantic-pg-"))  # not under pytest's 0700 dirs: `postgres` must reach it
+        data = root / "data"
+        data.mkdir()
+        if user:
+            entry = pwd.getpwnam(user)
+            for path in (root, data):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        server = cls(free_port(), data, bin_dir, user)
+        out = server._run(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
+        if out.returncode:
+            raise RuntimeError(f"initdb failed: {out.stderr[-2000:]}")
+        options = f"-p {server.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        out = server._run(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start")
+        if out.returncode:
+            log = (root / "log").read_text() if (root / "log").exists() else ""
+            raise RuntimeError(f"PostgreSQL did not start: {out.stderr[-1000:]} {log[-2000:]}")
+        return server
+
+    def stop(self) -> None:
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.data.parent, ignore_errors=True)
+
+
+@dataclass
+class Redis:
+    """A redis-server of its own, nothing saved to disk."""
+
+    port: int
+    process: subprocess.Popen
+    dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @classmethod
+    def start(cls) -> "Redis":
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
+        port, root = free_port(), Path(tempfile.mkdtemp(prefix="mcp-semantic-redis-"))
+        process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                    "--dir", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(port, "redis-server", lambda: process.poll() is None)
+        return cls(port, process, root)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
