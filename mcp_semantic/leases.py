@@ -1,0 +1,85 @@
+"""Which server serves which agent in the shared mode (issue 15): a lease per agent, a row in
+PostgreSQL naming the server that holds it and when it expires.
+
+A server takes an agent's lease before a call for it runs and renews it while it works for the
+agent; a call that reaches another server meanwhile waits for the lease (up to a bound), then
+runs, or gets AgentBusy and changes nothing. A server that dies loses its leases when they
+expire, and another server then serves its agents. Expiry is the database's clock (`now()`),
+never a server's: their clocks may differ. Why PostgreSQL and not Redis (Redlock): the
+transcript a lease guards is committed there too, and a Redis that loses its data loses cached
+blocks, never a lock.
+
+Work in progress: not yet taken by the engine's calls.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+from psycopg_pool import ConnectionPool
+
+TTL_S = 30.0
+"""How long a lease lasts unless renewed: how long a dead server's agents wait for another."""
+
+WAIT_S = 10.0
+"""How long a call waits for an agent another server is serving before it is refused."""
+
+
+class AgentBusy(RuntimeError):
+    """The agent is being served by another server past the wait; nothing was changed."""
+
+
+class Leases:
+    def __init__(self, pool: ConnectionPool, holder: str, ttl_s: float = TTL_S, poll_s: float = 0.1):
+        self.pool = pool
+        self.holder = holder  # this server's id, unique among the servers sharing the database
+        self.ttl_s = ttl_s
+        self.poll_s = poll_s
+
+    def take(self, agent: str, wait_s: float = WAIT_S) -> None:
+        """Take the agent's lease (or renew ours), waiting up to `wait_s` for another server's to
+        end or expire; AgentBusy after that."""
+        deadline = time.monotonic() + wait_s
+        while not self._try(agent):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AgentBusy(f"agent {agent} is busy on another server (still after {wait_s:g} s); "
+                                "nothing was changed, try again shortly")
+            time.sleep(min(self.poll_s, left))
+
+    def _try(self, agent: str) -> bool:
+        with self.pool.connection() as db:
+            row = db.execute(
+                """INSERT INTO leases (agent, holder, expires_at) VALUES (%s, %s, now() + make_interval(secs => %s))
+                   ON CONFLICT (agent) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
+                   WHERE leases.holder = EXCLUDED.holder OR leases.expires_at <= now()
+                   RETURNING agent""",
+                (agent, self.holder, self.ttl_s),
+            ).fetchone()
+        return row is not None
+
+    def renew(self, agents: Iterable[str]) -> list[str]:
+        """Extend our leases of `agents`; returns those we no longer hold (expired and taken by
+        another server: their calls must not commit)."""
+        agents = sorted(set(agents))
+        if not agents:
+            return []
+        with self.pool.connection() as db:
+            kept = {row[0] for row in db.execute(
+                """UPDATE leases SET expires_at = now() + make_interval(secs => %s)
+                   WHERE holder = %s AND agent = ANY(%s) RETURNING agent""",
+                (self.ttl_s, self.holder, agents),
+            )}
+        return [a for a in agents if a not in kept]
+
+    def release(self, agent: str) -> None:
+        """Let the agent go at once (a call done), if we still hold it."""
+        with self.pool.connection() as db:
+            db.execute("DELETE FROM leases WHERE agent = %s AND holder = %s", (agent, self.holder))
+
+    def holder_of(self, agent: str) -> str | None:
+        """The server holding a lease of the agent that has not expired; None if none does."""
+        with self.pool.connection() as db:
+            row = db.execute("SELECT holder FROM leases WHERE agent = %s AND expires_at > now()", (agent,)).fetchone()
+        return row[0] if row else None
