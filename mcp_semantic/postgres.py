@@ -8,10 +8,10 @@ Work in progress: leases (leases.py) are built on it; transcripts and block list
 from __future__ import annotations
 
 import logging
-from urllib.parse import urlsplit, urlunsplit
-
 import psycopg
 from psycopg_pool import ConnectionPool
+
+from mcp_semantic.settings import masked
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +33,6 @@ class Unreachable(RuntimeError):
     """PostgreSQL cannot be reached or used; the message names the URL, its password masked."""
 
 
-def masked(url: str) -> str:
-    """The URL with its password (if any) replaced by ***: for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def connect(url: str, max_size: int = 8, timeout_s: float = 10.0) -> ConnectionPool:
     """A pool of connections to `url`, its schema migrated; Unreachable if the server cannot be
     reached or refuses us (checked now: a bad URL is a clear message at start, not at the
@@ -60,16 +51,16 @@ def connect(url: str, max_size: int = 8, timeout_s: float = 10.0) -> ConnectionP
 
 def migrate(pool: ConnectionPool) -> int:
     """Apply the migrations the database lacks; returns its schema version."""
-    with pool.connection() as db:
+    with pool.connection() as db, db.transaction():
+        # the lock first: two servers creating the table at once would collide (PostgreSQL's
+        # CREATE TABLE IF NOT EXISTS is not safe against a concurrent one)
+        db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        with db.transaction():
-            db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            row = db.execute("SELECT max(version) FROM schema_version").fetchone()
-            current = row[0] or 0
-            for version, sql in MIGRATIONS:
-                if version > current:
-                    db.execute(sql)
-                    db.execute("INSERT INTO schema_version VALUES (%s)", (version,))
-                    log.info("PostgreSQL schema migrated to version %d", version)
-                    current = version
+        current = db.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+        for version, sql in MIGRATIONS:
+            if version > current:
+                db.execute(sql)
+                db.execute("INSERT INTO schema_version VALUES (%s)", (version,))
+                log.info("PostgreSQL schema migrated to version %d", version)
+                current = version
     return current

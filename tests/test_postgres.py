@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from mcp_semantic.postgres import MIGRATIONS, Unreachable, connect, masked, migrate
+from mcp_semantic.postgres import MIGRATIONS, Unreachable, connect, migrate
+from mcp_semantic.settings import masked
 from servers import free_port
 
 

@@ -1,0 +1,76 @@
+"""Block bytes in Redis, shared by the servers of the shared mode (issue 15), with each server's
+local block files (block_files.py) as a read-through cache in front of them.
+
+A block is stored as its file's bytes under `mcp-semantic:block:<id>`: the safetensors header
+carries the block's tokens, storage key (model fingerprint and precision) and a checksum per
+array, so a block fetched from Redis is checked exactly as a local file is, when it is read. A
+block Redis has evicted (`maxmemory` with an LRU policy) or lost (FLUSHALL) is a miss like any
+other: the agent re-prefills from its transcript, with a warning, never a wrong answer.
+
+Work in progress: not yet used by the store.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+
+from mcp_semantic.block_files import BlockFiles, atomic_write
+from mcp_semantic.settings import masked
+
+log = logging.getLogger(__name__)
+
+PREFIX = "mcp-semantic:block:"
+
+
+class Unreachable(RuntimeError):
+    """Redis cannot be reached; the message names the URL, its password masked."""
+
+
+class RedisBlocks:
+    def __init__(self, url: str, files: BlockFiles, timeout_s: float = 10.0):
+        self.files = files
+        self.url = masked(url)
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        try:
+            self.client.ping()  # now: a bad URL is a clear message at start, not at the first call
+        except redis.RedisError as e:
+            self.client.close()
+            raise Unreachable(f"cannot use Redis at {self.url}: {e}") from None
+
+    def close(self) -> None:
+        self.client.close()
+
+    def put(self, bids: list[str]) -> int:
+        """Upload these blocks' local files where Redis lacks them (a block's bytes never change:
+        its id names its content); returns the bytes sent."""
+        sent = 0
+        with self.client.pipeline(transaction=False) as pipe:
+            for bid in bids:
+                data = self.files.path(bid).read_bytes()
+                pipe.set(PREFIX + bid, data, nx=True)
+                sent += len(data)
+            pipe.execute()
+        return sent
+
+    def fetch(self, bids: list[str]) -> list[str]:
+        """Bring the blocks the local files lack from Redis into them; returns those that came
+        from Redis (the `remote` tier). One Redis lacks stays missing: a miss when read."""
+        lacking = [bid for bid in bids if not self.files.exists(bid)]
+        if not lacking:
+            return []
+        fetched = []
+        for bid, data in zip(lacking, self.client.mget([PREFIX + bid for bid in lacking])):
+            if data is None:
+                log.info("KV block %s is in neither the local files nor Redis", bid)
+                continue
+            atomic_write(self.files.path(bid), lambda p, data=data: p.write_bytes(data))
+            fetched.append(bid)
+        return fetched
+
+    def delete(self, bids: list[str]) -> None:
+        """Delete blocks from Redis (the store decides when: no list names them, no commit that
+        names them is in flight)."""
+        if bids:
+            self.client.delete(*[PREFIX + bid for bid in bids])
