@@ -421,6 +421,7 @@ class Spares:
     def __init__(self) -> None:
         self.arrays: list[mx.array] = []  # oldest first; those in use too
         self._keys: list[tuple[tuple[int, ...], mx.Dtype]] = []  # each one's (shape, dtype)
+        self.room = 0  # bytes of idle arrays kept: the last working cache's
 
     def _idle(self, i: int) -> bool:
         return sys.getrefcount(self.arrays[i]) == 2  # this list's reference, and getrefcount's argument
@@ -441,12 +442,17 @@ class Spares:
         return found
 
     def keep(self, arrays: list[mx.array]) -> None:
-        """Keep a new working cache's arrays, and of those idle at most as many bytes as these,
-        newest first (the rest go to MLX's buffer cache)."""
+        """Keep a new working cache's arrays; of those idle, at most as many bytes as these."""
         self.arrays.extend(arrays)
         self._keys.extend((tuple(a.shape), a.dtype) for a in arrays)
-        room = sum(a.nbytes for a in arrays)
-        for i in reversed(range(len(self.arrays) - len(arrays))):
+        self.room = sum(a.nbytes for a in arrays)
+        self.trim()
+
+    def trim(self) -> None:
+        """Let idle arrays beyond `room` bytes (the last working cache's) go, the oldest first (to
+        MLX's buffer cache): calls that ran together and ended leave one cache's worth."""
+        room = self.room
+        for i in reversed(range(len(self.arrays))):
             if self._idle(i):
                 room -= self.arrays[i].nbytes
                 if room < 0:

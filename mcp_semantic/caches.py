@@ -290,6 +290,7 @@ class Caches:
         for name, kept in list(self.working.items()):  # a kept cache no view refers to any more: memory twice
             if not any((block := self.pool.peek(bid)) is not None and block.views for bid in kept.views):
                 del self.working[name]
+        self.spares.trim()
 
     def share_prompt(self, cache: list[Any], prompt: list[int], checkpoints: Checkpoints) -> None:
         """Once a prompt is read, its full blocks go into the pool (held by no agent yet, so the

@@ -190,3 +190,14 @@ def test_spares_keep_at_most_a_cache_s_worth_of_idle_arrays() -> None:
     assert len(spares.arrays) == 2 and spares.arrays[-1] is new[0]
     spares.clear()
     assert spares.arrays == []
+
+
+def test_spares_keep_one_cache_s_worth_once_calls_that_ran_together_end() -> None:
+    spares = Spares()
+    caches = [[mx.zeros((4,)) for _ in range(2)] for _ in range(3)]
+    for arrays in caches:  # three calls' caches, in use: all kept
+        spares.keep(arrays)
+    assert len(spares.arrays) == 6
+    del caches, arrays  # the calls end
+    spares.trim()  # as Caches.settle does when idle
+    assert len(spares.arrays) == 2
