@@ -359,10 +359,26 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
     if spares is not None:
         spares.keep([a for k, a in buffers.items() if ".state." not in k])
     views = {k: host_view(a) for k, a in buffers.items()}
+    fits: set[tuple[str, tuple[int, ...], int]] = set()
+    head_views: dict[str, list[np.ndarray]] = {}
+
+    def runs(name: str, at: int, shape: list[int], itemsize: int, per_token: bool) -> list[np.ndarray]:
+        """Where a block file's array goes, as the runs of bytes it fills (a head's tokens, or
+        a state whole); the fit checked once per array shape, then the tokens' place per file."""
+        key = (name, tuple(shape), itemsize)
+        if key not in fits or not per_token or not 0 <= at <= views[name].shape[2] - shape[2]:
+            region = _region(views, name, at, shape, itemsize, per_token)  # raises where it does not fit
+            fits.add(key)
+            if not per_token:
+                return [region]
+        if name not in head_views:
+            head_views[name] = [views[name][0, h] for h in range(views[name].shape[1])]
+        return [head[at : at + shape[2]] for head in head_views[name]]
+
     files, targets, dequantize, copies = [], [], [], []
     in_buffer: dict[str, list[tuple[int, int]]] = {}  # per array, the files in `buffer` that give it: (part, token)
     for i, (start, part, leaves) in enumerate(zip(starts(parts), parts, wanted)):
-        heads: list[tuple[str, np.ndarray]] = []
+        heads: list[tuple[str, list[np.ndarray]]] = []
         for leaf in leaves:
             at = start - firsts[leaf.name]
             for name in names[leaf.name]:
@@ -382,7 +398,7 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
                     if name not in part.layout:
                         raise ValueError(f"block file {part.path.name} lacks {name}")
                     dtype, shape, _, _ = part.layout[name]
-                    heads.append((name, _region(views, name, at, shape, dtype.size, leaf.attention)))
+                    heads.append((name, runs(name, at, shape, dtype.size, leaf.attention)))
         if not isinstance(part, Block) and not (rows is not None and i in rows):
             files.append((start, part))
             targets.append(heads)
@@ -428,12 +444,14 @@ class Spares:
 
     def take(self, shapes: dict[str, tuple[tuple[int, ...], mx.Dtype]]) -> dict[str, mx.array]:
         """For each name, an idle array of its (shape, dtype) if there is one, ours to write."""
-        found: dict[str, mx.array] = {}
-        for name, key in shapes.items():
-            i = next((i for i, k in enumerate(self._keys) if k == key and self._idle(i)), None)
-            if i is not None:
-                found[name] = self.arrays.pop(i)
-                del self._keys[i]
+        idle: dict[tuple, list[int]] = {}  # by (shape, dtype), the idle arrays' places
+        for i, key in enumerate(self._keys):
+            if key in shapes.values() and self._idle(i):
+                idle.setdefault(key, []).append(i)
+        taken = {name: idle[key].pop() for name, key in shapes.items() if idle.get(key)}
+        found = {name: self.arrays[i] for name, i in taken.items()}
+        for i in sorted(taken.values(), reverse=True):
+            del self.arrays[i], self._keys[i]
         for name, (shape, dtype) in shapes.items():
             if name in found:  # the list's reference is gone: MLX may donate the memory to the update
                 found[name] = mx.slice_update(found[name], mx.zeros((1,) * len(shape), dtype), mx.array([0] * len(shape)),

@@ -451,6 +451,8 @@ class Caches:
             n = record.branch_tokens
             if record.branch and record.branch not in bad and best[2] < n <= min(common, limit) and len(ids) >= n // B:
                 best = (ids[: n // B] + [record.branch], ends[: n // B] + [n], n)
+        if best[2] == limit:  # the agent's own blocks give all a cache can hold: no other can give more
+            return best
         shared = []
         for bid in block_ids(prompt, self.storage.key, B):
             if bid in bad or bid not in self.pool and not self.store.has_block(bid):
