@@ -325,6 +325,14 @@ def _arrays(p: BlockFile, buffer: mx.array, spans: list[tuple[str, int, int]]) -
     return arrays
 
 
+class _Misfit(Exception):
+    """A file's targets could not be made: the caller's error (ValueError), not the file's."""
+
+    def __init__(self, error: ValueError):
+        super().__init__(str(error))
+        self.error = error
+
+
 class BlockFiles:
     """The block files of one directory: written once (a temporary file, fsynced and renamed),
     read on the reading threads and checked, deleted when the store says no list names them."""
@@ -460,11 +468,21 @@ class BlockFiles:
         """Read each file's named arrays into their views (or its whole data into one target) on
         the reading threads, checksummed: None for a block whose arrays were read whole, else why
         not (and the file is deleted)."""
-        errors = self._readers.map(self._try_fill, files, targets)
+        errors = list(self._readers.map(self._try_fill, files, targets))
+        for e in errors:
+            if isinstance(e, _Misfit):  # not the file's fault: the caller's
+                raise e.error
         return [None if e is None else self._unusable(p.path, p.bid, e) for p, e in zip(files, errors)]
 
     @staticmethod
-    def _try_fill(p: BlockFile, targets: list[tuple[str, list[memoryview] | np.ndarray]] | Target) -> Exception | None:
+    def _try_fill(p: BlockFile, targets: Any) -> Exception | None:
+        """Fill one file's targets; they may be a function of the file, made here (on the reading
+        thread, beside the other threads' reads), whose ValueError is the caller's (_Misfit)."""
+        if callable(targets):
+            try:
+                targets = targets(p)
+            except ValueError as e:
+                return _Misfit(e)
         try:
             _fill(p, targets)
             return None

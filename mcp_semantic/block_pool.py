@@ -377,8 +377,22 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
 
     files, targets, dequantize, copies = [], [], [], []
     in_buffer: dict[str, list[tuple[int, int]]] = {}  # per array, the files in `buffer` that give it: (part, token)
+    def file_targets(start: int, leaves: list[Leaf], part: Any) -> list[tuple[str, list[np.ndarray]]]:
+        """A block file's arrays and where they go: made on the reading thread that reads the file."""
+        heads = []
+        for leaf in leaves:
+            for name in names[leaf.name]:
+                if name not in part.layout:
+                    raise ValueError(f"block file {part.path.name} lacks {name}")
+                dtype, shape, _, _ = part.layout[name]
+                heads.append((name, runs(name, start - firsts[leaf.name], shape, dtype.size, leaf.attention)))
+        return heads
+
     for i, (start, part, leaves) in enumerate(zip(starts(parts), parts, wanted)):
-        heads: list[tuple[str, list[np.ndarray]]] = []
+        if not isinstance(part, Block) and not (rows is not None and i in rows):
+            files.append((start, part))
+            targets.append(partial(file_targets, start, leaves))
+            continue
         for leaf in leaves:
             at = start - firsts[leaf.name]
             for name in names[leaf.name]:
@@ -394,14 +408,6 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
                     data = host_view(part.arrays[name])
                     itemsize = views[name].itemsize if data.dtype == np.float16 else data.itemsize  # numpy converts float16
                     copies.append((_region(views, name, at, data.shape, itemsize, leaf.attention), data))
-                else:
-                    if name not in part.layout:
-                        raise ValueError(f"block file {part.path.name} lacks {name}")
-                    dtype, shape, _, _ = part.layout[name]
-                    heads.append((name, runs(name, at, shape, dtype.size, leaf.attention)))
-        if not isinstance(part, Block) and not (rows is not None and i in rows):
-            files.append((start, part))
-            targets.append(heads)
     # numpy lets go of the GIL in its loops: the copies (a conversion at --kv-bits 16) and the
     # dequantization run on every core, a share each
     jobs = [partial(copy_into, region, data) for region, data in copies]

@@ -205,7 +205,21 @@ async def test_a_resume_reads_only_what_the_next_token_needs(family: str, family
     saved = len(engine.caches.record("a").blocks)
     read: list[list[str]] = []
     fill = engine.store.blocks.fill_blocks
-    monkeypatch.setattr(engine.store.blocks, "fill_blocks", lambda files, targets: read.extend([n for n, _ in t] for t in targets) or fill(files, targets))
+
+    def spy(files, targets):  # each file's targets are made on a reading thread: recorded there, in file order
+        made: list = [None] * len(targets)
+
+        def recorded(i, make):
+            def record(p):
+                made[i] = make(p)
+                return made[i]
+            return record
+
+        problems = fill(files, [recorded(i, t) for i, t in enumerate(targets)])
+        read.extend([n for n, _ in m] for m in made)
+        return problems
+
+    monkeypatch.setattr(engine.store.blocks, "fill_blocks", spy)
     result = await a.ask(QUESTIONS[3])
     assert result.tier == "disk" and len(read) == -(-result.tokens.cached // 16) > 6 and len(read) >= saved - 1
     layout = engine.layout

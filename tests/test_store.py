@@ -443,3 +443,21 @@ def test_blocks_read_where_the_os_has_no_preadv(tmp_path: Path, monkeypatch) -> 
     for original, c in zip(cache, load(store, "a")):
         assert mx.array_equal(c.keys, original.keys[..., :10, :]).item()
     store.close()
+
+
+def test_targets_that_do_not_fit_are_the_caller_s_error_not_the_file_s(tmp_path: Path) -> None:
+    """Targets made on the reading thread (a function of the opened file) that cannot be made
+    raise to the caller; the file is not called damaged, nor deleted."""
+    store = Store(tmp_path)
+    save(store, "a", make_cache(4), list(range(4)))
+    (bid,) = store.kv_record("a").blocks
+    files = store.blocks.open_blocks([bid], EXACT, names())
+
+    def misfit(p):
+        raise ValueError(f"a block's arrays of {p.bid} do not fit this cache")
+
+    with pytest.raises(ValueError, match="do not fit this cache"):
+        store.blocks.fill_blocks(files, [misfit])
+    assert store.blocks.path(bid).exists()
+    assert store.blocks.read_block(bid, EXACT, names())[1] is None  # and it reads as before
+    store.close()
