@@ -225,19 +225,17 @@ def _parse_header(path: Path, f, size: int, bid: str, storage: Storage, names: s
 Target = memoryview | tuple[int, int]  # host memory, or (address, bytes) on a CUDA GPU (cuda.py)
 
 
-def _fill(p: BlockFile, targets: list[tuple[str, list[memoryview] | np.ndarray]] | Target) -> None:
-    """Read the named arrays into their targets, checksummed: a list of contiguous buffers (bytes,
-    in file order, as many as the array holds) or a numpy region of the array's shape (a working
-    cache's, a run of bytes per head); or, given one target, the file's whole data region into it
-    (_fill_whole). No MLX call: this runs on the reading threads."""
+def _fill(p: BlockFile, targets: list[tuple[str, list[Any]]] | Target) -> None:
+    """Read the named arrays into their targets, checksummed: each a list of contiguous buffers
+    (bytes, in file order, as many as the array holds: a buffer of its own, or a working cache's
+    heads); or, given one target, the file's whole data region into it (_fill_whole). No MLX
+    call: this runs on the reading threads."""
     with open(p.path, "rb", buffering=0) as f:
         if not isinstance(targets, list):
             _fill_whole(p, f, targets)
             return
         group: list[tuple[str, list[Any]]] = []
         for name, into in sorted(targets, key=lambda t: p.layout[t[0]][2]):
-            if isinstance(into, np.ndarray):
-                into = [into[0, h] for h in range(into.shape[1])] if into.ndim == 4 else [into]
             begin = p.layout[name][2]
             if group and (begin - p.layout[group[0][0]][2] >= _GROUP_BYTES or p.layout[group[-1][0]][3] != begin
                           or sum(len(bufs) for _, bufs in group) + len(into) > _GROUP_BUFFERS):
@@ -464,10 +462,10 @@ class BlockFiles:
                 opened.append(self._unusable(path, bid, e))
         return opened
 
-    def fill_blocks(self, files: list[BlockFile], targets: list[list[tuple[str, list[memoryview] | np.ndarray]] | Target]) -> list[str | None]:
-        """Read each file's named arrays into their views (or its whole data into one target) on
+    def fill_blocks(self, files: list[BlockFile], targets: list[Any]) -> list[str | None]:
+        """Read each file's named arrays into their buffers (or its whole data into one target) on
         the reading threads, checksummed: None for a block whose arrays were read whole, else why
-        not (and the file is deleted)."""
+        not (and the file is deleted). A file's targets may be a function of the opened file."""
         errors = list(self._readers.map(self._try_fill, files, targets))
         for e in errors:
             if isinstance(e, _Misfit):  # not the file's fault: the caller's

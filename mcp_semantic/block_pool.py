@@ -451,8 +451,9 @@ class Spares:
     def take(self, shapes: dict[str, tuple[tuple[int, ...], mx.Dtype]]) -> dict[str, mx.array]:
         """For each name, an idle array of its (shape, dtype) if there is one, ours to write."""
         idle: dict[tuple, list[int]] = {}  # by (shape, dtype), the idle arrays' places
+        wanted = set(shapes.values())
         for i, key in enumerate(self._keys):
-            if key in shapes.values() and self._idle(i):
+            if key in wanted and self._idle(i):
                 idle.setdefault(key, []).append(i)
         taken = {name: idle[key].pop() for name, key in shapes.items() if idle.get(key)}
         found = {name: self.arrays[i] for name, i in taken.items()}
@@ -553,7 +554,7 @@ def copy_into(out: np.ndarray, data: np.ndarray) -> None:
         np.copyto(out, data)
         return
     bits, raw = data.view(np.uint16), out.view(np.uint32)
-    (magnitude,), (special,) = scratch(data.shape, np.uint32), scratch(data.shape, np.bool_, slot=1)
+    (magnitude,), (special,) = _scratch(data.shape, np.uint32), _scratch(data.shape, np.bool_, slot=1)
     np.bitwise_and(bits, 0x7FFF, out=magnitude)
     np.left_shift(magnitude, 13, out=magnitude)
     np.multiply(magnitude.view(np.float32), np.float32(2.0**112), out=out)
@@ -564,10 +565,9 @@ def copy_into(out: np.ndarray, data: np.ndarray) -> None:
     np.bitwise_or(raw, magnitude, out=raw)
 
 
-def scratch(shape: tuple[int, ...], dtype: Any, count: int = 1, slot: int = 0) -> list[np.ndarray]:
+def _scratch(shape: tuple[int, ...], dtype: Any, count: int = 1, slot: int = 0) -> list[np.ndarray]:
     """`count` arrays of `shape` in this thread's scratch memory `slot`, reused from call to call:
-    fresh memory costs page faults (on this VM more than the work done in it). Slots 0 and 1 are
-    the conversions' here, 2 the store's reads."""
+    fresh memory costs page faults (on this VM more than the work done in it)."""
     n = math.prod(shape) * np.dtype(dtype).itemsize
     buffers = _local.__dict__.setdefault("scratch", {})
     if slot not in buffers or len(buffers[slot]) < n * count:
@@ -591,7 +591,7 @@ def dequantize_into(out: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: 
     if bits == 8:
         q = packed
     else:  # byte 0xab as the uint16 0x0a0b, whose bytes are b, a: 1.5x the speed of two strided writes
-        wide, shifted = scratch(packed.shape, np.uint16, 2)
+        wide, shifted = _scratch(packed.shape, np.uint16, 2)
         np.copyto(wide, packed)
         np.left_shift(wide, 4, out=shifted)
         np.bitwise_or(wide, shifted, out=wide)

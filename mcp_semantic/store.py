@@ -459,8 +459,7 @@ class Store:
     # blocks
 
     def has_block(self, bid: str) -> bool:
-        with self._lock:
-            return self.blocks.size(bid) > 0
+        return self.blocks.size(bid) > 0  # BlockFiles' own lock guards its sizes
 
     def kv_bytes(self, name: str) -> tuple[int, int]:
         """Bytes of the agent's stored blocks, and how many of them other agents' lists also name."""

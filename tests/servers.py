@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 
 def free_port() -> int:
@@ -24,11 +25,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, what: str, alive, timeout: float = 60) -> None:
+def wait_for_port(port: int, what: str, exited: Callable[[], str | None], timeout: float = 60) -> None:
+    """Until a process listens on `port`; `exited()` says why the process is gone (then this
+    raises), or None while it runs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not alive():
-            raise RuntimeError(f"{what} exited before it listened on port {port}")
+        if (why := exited()) is not None:
+            raise RuntimeError(f"{what} exited before it listened on port {port}: {why}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -110,7 +113,7 @@ class Redis:
         port, root = free_port(), Path(tempfile.mkdtemp(prefix="mcp-semantic-redis-"))
         process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                                     "--dir", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(port, "redis-server", lambda: process.poll() is None)
+        wait_for_port(port, "redis-server", lambda: None if process.poll() is None else f"exit {process.returncode}")
         return cls(port, process, root)
 
     def stop(self) -> None:

@@ -425,9 +425,9 @@ def test_short_reads_are_read_on_to_the_end(tmp_path: Path, monkeypatch) -> None
     buffer, problems = store.blocks.read_into_one(files, gpu=False)
     whole = store.blocks.blocks_in_one(files, buffer)
     assert problems == [None] * 3 and mx.array_equal(whole[1].arrays["layers.1.values"], cache[1].values[..., 4:8, :]).item()
-    out = np.zeros((1, 2, 12, 4), np.float32)
-    regions = [[(name, out[:, :, 4 * i : 4 * i + 4] if name == "layers.0.keys" else np.zeros((1, 2, 4, 4), np.float32))
-                for name in sorted(names())] for i in range(2)]
+    out = np.zeros((1, 2, 12, 4), np.float32)  # a working cache's array: each file's tokens go to both heads
+    regions = [[(name, [out[0, h, 4 * i : 4 * i + 4] for h in range(2)] if name == "layers.0.keys"
+                 else [np.zeros((1, 2, 4, 4), np.float32)]) for name in sorted(names())] for i in range(2)]
     assert store.blocks.fill_blocks(files[:2], regions) == [None, None]
     assert np.array_equal(out[:, :, :8], np.array(cache[0].keys[..., :8, :]))
     store.close()

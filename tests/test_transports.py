@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
 
 from conftest import saved_blocks, serve_args
+from servers import free_port, wait_for_port
 from mcp_semantic.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -36,24 +36,6 @@ async def test_stdio_subprocess_and_restart(settings: Settings) -> None:
         assert result.structured_content["tokens"]["cached"] > 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"server did not listen on {port}")
-
-
 @contextmanager
 def http_server(settings: Settings, transport: str, *extra: str, env: dict[str, str] | None = None) -> Iterator[int]:
     """`mcp-semantic serve` over an HTTP transport on a free port: yields the port once it listens;
@@ -62,7 +44,8 @@ def http_server(settings: Settings, transport: str, *extra: str, env: dict[str, 
     args = serve_args(settings, "--transport", transport, "--port", str(port), *extra)
     proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
-        wait_for_port(port, proc)
+        wait_for_port(port, "mcp-semantic serve",
+                      lambda: None if proc.poll() is None else f"exit {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
         yield port
     finally:
         proc.send_signal(signal.SIGINT)
