@@ -33,9 +33,9 @@ def rss_bytes() -> int:
 def fill(cache_dir: Path, agents: int, tokens: int) -> None:
     """`agents` agents with two turns and a block list of `tokens` ids each, written in one transaction."""
     import mcp_semantic  # noqa: F401
-    from mcp_semantic.store import Store
+    from mcp_semantic.sqlite_store import SQLiteStore
 
-    store = Store(cache_dir)
+    store = SQLiteStore(cache_dir)
     text = "A question about the garden and the weather this week, with some detail. " * 6
     rows, kv = [], []
     for i in range(agents):
@@ -59,7 +59,7 @@ def measure(cache_dir: Path, model: str, what: str) -> dict:
     import mcp_semantic  # noqa: F401
     from mcp_semantic.server import load, open_engine
     from mcp_semantic.settings import Settings
-    from mcp_semantic.store import Store
+    from mcp_semantic.sqlite_store import SQLiteStore
 
     settings = Settings(cache_dir=cache_dir, **({"model": model} if model else {}))
     lm = load(settings)
@@ -77,7 +77,7 @@ def measure(cache_dir: Path, model: str, what: str) -> dict:
         out["listed"], out["total"] = len(page.agents), page.total
         engine.close()
     else:
-        store = Store(cache_dir)
+        store = SQLiteStore(cache_dir)
         agents = [store.load_agent(n) for n in store.names()]
         records = store.kv_records()
         out["start_s"] = time.perf_counter() - start

@@ -45,6 +45,7 @@ from mcp_semantic.block_pool import BlockPool, Storage, cut_blocks
 from mcp_semantic.cache_kinds import Layout, probe
 from mcp_semantic.caches import Caches
 from mcp_semantic.block_files import host_block
+from mcp_semantic.sqlite_store import SQLiteStore
 from mcp_semantic.store import Agent, KVRecord, Store
 
 LLAMA_8B = dict(
@@ -172,7 +173,7 @@ def run_context(model, layout: Layout, n: int, args, root: Path, h2d: float | No
     for bits in args.kv_bits:
         storage = Storage("llama-3.1-8b-random", "bfloat16", bits)
         store_dir = root / f"kv{bits or 0}"
-        store = Store(store_dir)
+        store = SQLiteStore(store_dir)
         blocks = cut_blocks(layout, cache, ids, storage, BLOCK)
         record = KVRecord([b.id for b in blocks], ids)
         start = time.perf_counter()

@@ -33,7 +33,8 @@ from mcp_semantic.cache_kinds import probe
 from mcp_semantic.models import load_model
 from mcp_semantic.settings import DEFAULT_MODEL
 from mcp_semantic.block_files import host_block
-from mcp_semantic.store import KVRecord, Store
+from mcp_semantic.store import KVRecord
+from mcp_semantic.sqlite_store import SQLiteStore
 
 MODES = [None, 16, 8, 4]
 CONTEXT = (
@@ -84,7 +85,7 @@ def main() -> None:
         storage = Storage(lm.fingerprint, lm.dtype, bits)
         blocks = cut_blocks(layout, cache, prompt, storage, BLOCK_TOKENS)
         memory = sum(b.nbytes for b in blocks)  # as the pool holds them
-        store = Store(work / name)  # a store of its own: the sizes on disk are this precision's only
+        store = SQLiteStore(work / name)  # a store of its own: the sizes on disk are this precision's only
         written = store.commit_kv("agent", KVRecord([b.id for b in blocks], prompt), [host_block(b) for b in blocks], storage)
         size = sum(store.blocks.path(b.id).stat().st_size for b in blocks)
         assert written == size, (written, size)

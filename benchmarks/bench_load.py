@@ -41,7 +41,8 @@ from mcp_semantic.cache_kinds import Layout
 from mcp_semantic.caches import Caches
 from mcp_semantic.settings import default_memory_budget
 from mcp_semantic.block_files import host_block
-from mcp_semantic.store import Agent, KVRecord, Store
+from mcp_semantic.store import Agent, KVRecord
+from mcp_semantic.sqlite_store import SQLiteStore
 
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M
 
@@ -79,7 +80,7 @@ def measure_load(cache_dir: Path, agent: str, runs: int = 9, storage: Storage | 
     `storage` and `layout` default to what the first block file says (a plain model's).
     The store is opened on `cache_dir`: no server may be running on it.
     """
-    store = Store(cache_dir)
+    store = SQLiteStore(cache_dir)
     caches = None
     try:
         record = store.kv_record(agent)
@@ -164,7 +165,7 @@ def save_agent(cache_dir: Path, agent: str, tokens: int, storage: Storage, layou
         cache.append(c)
     ids = list(range(tokens))
     blocks = cut_blocks(layout, layout.nest(cache), ids, storage, BLOCK_TOKENS)
-    store = Store(cache_dir)
+    store = SQLiteStore(cache_dir)
     try:
         store.commit_kv(agent, KVRecord([b.id for b in blocks], ids), [host_block(b) for b in blocks], storage)
     finally:

@@ -43,6 +43,7 @@ from mcp_semantic.models import LoadedModel
 from mcp_semantic.server import load, open_engine
 from mcp_semantic.settings import Settings
 from mcp_semantic.block_files import host_block
+from mcp_semantic.sqlite_store import SQLiteStore
 from mcp_semantic.store import Agent, KVRecord, Store
 from mcp_semantic.tiny_model import make_tiny_model
 
@@ -102,7 +103,7 @@ def write_source(store: Store, lm: LoadedModel, storage: Storage, block_tokens: 
 
 async def fork_costs(lm: LoadedModel, model: Path, work: Path, contexts: list[int]) -> list[dict]:
     settings = Settings(model=str(model), cache_dir=work / "fork")
-    store = Store(settings.cache_dir)
+    store = SQLiteStore(settings.cache_dir)
     for n in contexts:
         write_source(store, lm, Storage(lm.fingerprint, lm.dtype), settings.block_tokens, f"src-{n}", n)
     store.close()

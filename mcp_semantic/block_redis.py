@@ -7,7 +7,8 @@ array, so a block fetched from Redis is checked exactly as a local file is, when
 block Redis has evicted (`maxmemory` with an LRU policy) or lost (FLUSHALL) is a miss like any
 other: the agent re-prefills from its transcript, with a warning, never a wrong answer.
 
-Work in progress: not yet used by the store.
+A Redis that cannot be reached while serving makes reads misses (logged) and saves fail (the
+old list stays, the transcript is safe in PostgreSQL); the client connects again by itself.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import redis
 
 from mcp_semantic.block_files import BlockFiles, atomic_write
 from mcp_semantic.settings import masked
+from mcp_semantic.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 PREFIX = "mcp-semantic:block:"
 
 
-class Unreachable(RuntimeError):
+class Unreachable(StoreUnavailable):
     """Redis cannot be reached; the message names the URL, its password masked."""
 
 
@@ -41,6 +43,15 @@ class RedisBlocks:
 
     def close(self) -> None:
         self.client.close()
+
+    def missing(self, bids: list[str]) -> list[str]:
+        """Of `bids`, those Redis lacks (one round trip)."""
+        if not bids:
+            return []
+        with self.client.pipeline(transaction=False) as pipe:
+            for bid in bids:
+                pipe.exists(PREFIX + bid)
+            return [bid for bid, n in zip(bids, pipe.execute()) if not n]
 
     def put(self, bids: list[str]) -> int:
         """Upload these blocks' local files where Redis lacks them (a block's bytes never change:
@@ -60,8 +71,13 @@ class RedisBlocks:
         lacking = [bid for bid in bids if not self.files.exists(bid)]
         if not lacking:
             return []
+        try:
+            found = self.client.mget([PREFIX + bid for bid in lacking])
+        except redis.RedisError as e:
+            log.warning("Redis at %s cannot be reached (%s): %d KV blocks are misses", self.url, e, len(lacking))
+            return []
         fetched = []
-        for bid, data in zip(lacking, self.client.mget([PREFIX + bid for bid in lacking])):
+        for bid, data in zip(lacking, found):
             if data is None:
                 log.info("KV block %s is in neither the local files nor Redis", bid)
                 continue
@@ -73,4 +89,7 @@ class RedisBlocks:
         """Delete blocks from Redis (the store decides when: no list names them, no commit that
         names them is in flight)."""
         if bids:
-            self.client.delete(*[PREFIX + bid for bid in bids])
+            try:
+                self.client.delete(*[PREFIX + bid for bid in bids])
+            except redis.RedisError as e:  # left to Redis's own eviction: no list names them
+                log.warning("Redis at %s: could not delete %d unreferenced KV blocks (%s)", self.url, len(bids), e)

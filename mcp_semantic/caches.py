@@ -67,7 +67,7 @@ from mcp_semantic.store import Agent, KVRecord, Store, Writer
 
 log = logging.getLogger(__name__)
 
-Tier = Literal["new", "hot", "disk"]
+Tier = Literal["new", "hot", "disk", "remote"]
 SETTLE_GROUP = 2  # blocks copied at a time when idle: 2 of the default model's are 24 MB
 KEPT_COPY_TOKENS = 512  # of blocks not on disk yet, at most what a next call copies out to go on in place (_take_kept)
 Checkpoints = dict[int, list[list[Any]]]  # token count -> the recurrent leaves' states then (Layout.states)
@@ -102,6 +102,7 @@ class Caches:
         self.loaded: dict[str, tuple[list[Any], mx.array]] = {}  # by agent: files its call read into one buffer
         self.working: dict[str, Kept] = {}  # by agent: its last call's working cache, for its next call (_take_kept)
         self.spares = Spares()  # the arrays of working caches gone, for the next (on the CPU)
+        self.fetched: set[str] = set()  # blocks the lookup under way brought from the shared tier
         # on the CPU, blocks are copied into the working cache by numpy (_build, _build_straight): those stored as
         # computed straight from their files, quantized ones dequantized (a float32 model's, as the CPU runs)
         self.on_host = mx.default_device() == mx.cpu and (storage.kv_bits is None or storage.dtype == "float32")
@@ -205,6 +206,17 @@ class Caches:
             del self.records[name]
         self.problems.pop(name, None)
         return True
+
+    def refresh(self, name: str) -> None:
+        """Read the agent's block list from the store again at its next use (in the shared mode,
+        another server may have served it since): nothing of it is held here unsaved."""
+        if name in self.unsaved:
+            return
+        self._drop_kept(name)
+        record = self.records.pop(name, None)
+        self.problems.pop(name, None)
+        if record is not None:
+            self.pool.hold(record.ids, [])
 
     def whole(self, block: Block) -> bool:
         """Whether the block holds every array (one read from disk for a call may not: Block)."""
@@ -485,6 +497,7 @@ class Caches:
         failed = []
         if lacking:
             self.writer.wait()  # a block may be in a write not done yet
+            self.fetched |= self.store.fetch([bid for bid, _ in lacking if not self.store.has_block(bid)])
             read = self.store.blocks.read_blocks([bid for bid, _ in lacking], self.storage, self.all_names, [need for _, need in lacking])
             for (bid, _), (block, problem) in zip(lacking, read):
                 if block is None:
@@ -511,7 +524,7 @@ class Caches:
         else:
             cache = reconstruct(self.layout, self.storage, blocks, reuse, size, self.block_tokens)
         self.enforce_budget()  # blocks read for this call count at once; the working cache is aside
-        return ("disk" if read else "hot"), cache, []
+        return self._tier(ids, read), cache, []
 
     def _build_straight(self, name: str, ids: list[str], ends: list[int], reuse: int, size: int,
                         warnings: list[str]) -> tuple[Tier, list[Any], list[str]]:
@@ -532,6 +545,7 @@ class Caches:
                    if part is None or not need <= set(part.arrays)]
         if missing:
             self.writer.wait()  # a block may be in a write not done yet
+            self.fetched |= self.store.fetch([ids[i] for i in missing if not self.store.has_block(ids[i])])
         failed = []
         for i, part in zip(missing, self.store.blocks.open_blocks([ids[i] for i in missing], self.storage, self.all_names)):
             if isinstance(part, str):
@@ -561,7 +575,15 @@ class Caches:
                                     {i: row for row, i in enumerate(missing)})
         for problem in problems.values():
             self._missed(name, problem, warnings)
-        return ("disk" if missing else "hot"), cache, failed
+        return self._tier(ids, bool(missing)), cache, failed
+
+    def _tier(self, ids: list[str], read: bool) -> Tier:
+        """hot: all from memory; remote: some blocks came from the shared tier (Redis); else disk."""
+        if not read:
+            return "hot"
+        remote = not self.fetched.isdisjoint(ids)
+        self.fetched.clear()
+        return "remote" if remote else "disk"
 
     # reports
 
@@ -578,8 +600,9 @@ class Caches:
         in_memory = [bid for bid in ids if bid in self.pool]
         disk, shared_disk = self.store.kv_bytes(name)
         hot = record is not None and len(in_memory) == len(ids) > 0
+        local = record is not None and all(bid in self.pool or self.store.has_block(bid) for bid in ids)
         return {
-            "tier": "hot" if hot else "disk" if record else "none",
+            "tier": "hot" if hot else "disk" if local else "remote" if record and self.store.shared else "disk" if record else "none",
             "blocks": len(record.ids) if record else 0,
             "memory_bytes": sum(self.pool.peek(b).nbytes for b in in_memory),
             "shared_memory_bytes": sum(self.pool.peek(b).nbytes for b in in_memory if self.pool.refs[b] > 1),

@@ -53,7 +53,9 @@ class AskResult(_Result):
     reply: str
     finish_reason: Literal["stop", "length", "cancelled"]
     tier: Tier
-    """Where the agent's cache came from: all in memory (hot), partly read from disk (disk), or nothing reusable (new)."""
+    """Where the agent's cache came from: all in memory (hot), partly read from disk (disk),
+    partly brought from the servers' shared block store (remote: Redis, then disk), or nothing
+    reusable (new)."""
     tokens: TokenCounts
     timings_ms: Timings
     decode_tokens_per_s: float
@@ -73,9 +75,10 @@ class AgentInfo(_Result):
     tokens: int
     """Tokens of its conversation that its KV cache holds."""
     turns: int
-    tier: Literal["hot", "disk", "none"]
-    """Where its cache is: all in memory (and maybe on disk), partly or only on disk, or
-    nowhere (the next call re-reads its history)."""
+    tier: Literal["hot", "disk", "remote", "none"]
+    """Where its cache is: all in memory (and maybe on disk), partly or only on disk, partly
+    only in the servers' shared block store (remote), or nowhere (the next call re-reads its
+    history)."""
     blocks: int
     """KV blocks its cache is made of."""
     memory_bytes: int

@@ -27,8 +27,9 @@ import threading
 import time
 import weakref
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Literal
 
@@ -55,8 +56,9 @@ from mcp_semantic.calls import (
     Timings,
     TokenCounts,
 )
+from mcp_semantic.leases import AgentBusy, Leases
 from mcp_semantic.models import LoadedModel
-from mcp_semantic.store import Agent, InvalidName, Store, check_name
+from mcp_semantic.store import Agent, InvalidName, Store, StoreUnavailable, check_name
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,7 @@ class _Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: BaseException | None = None
+    fresh: frozenset[str] = frozenset()  # agents whose lease it took anew: another server may have served them
 
 
 @dataclass
@@ -208,6 +211,7 @@ class Engine:
         max_agents: int = 1000,
         kv_bits: int | None = None,
         block_tokens: int = BLOCK_TOKENS,
+        leases: Leases | None = None,
     ):
         self.layout = check_model(lm, kv_bits)
         if not self.layout.batchable and max_batch > 1:
@@ -217,6 +221,7 @@ class Engine:
         log.info("model cache: %s", self.layout.describe())
         self.lm = lm
         self.store = store
+        self.leases = leases  # the shared mode: a call serves its agents only while it holds their leases
         self.prefill_step_size = prefill_step_size
         self.max_tokens_limit = max_tokens_limit
         self.max_queue = max_queue
@@ -264,15 +269,45 @@ class Engine:
     # The async side: called from the event loop
 
     async def _submit(self, job: _Job) -> Any:
-        self._queue.put(job)
+        leased = await self._lease(job)
         try:
-            await job.done.wait()
-        except BaseException:
-            job.cancelled.set()  # the engine drops it, or stops it at its next step
-            raise
+            self._queue.put(job)
+            try:
+                await job.done.wait()
+            except BaseException:
+                job.cancelled.set()  # the engine drops it, or stops it at its next step
+                raise
+        finally:
+            for name in leased:  # after the agent's save, which the call handed to the writer
+                self.caches.writer.put(name, partial(self.leases.release, name))
         if job.error is not None:
             raise job.error
         return job.result
+
+    async def _lease(self, job: _Job) -> list[str]:
+        """In the shared mode, take the leases of the agents the call names, waiting (up to
+        leases.WAIT_S) while another server serves one; returns those taken. AgentBusy after the
+        wait, and StoreUnavailable, change nothing."""
+        if self.leases is None or not job.agents:
+            return []
+        taken: list[str] = []
+        fresh = []
+        try:
+            for name in sorted(job.agents):  # in order: two calls naming the same two agents cannot deadlock
+                with anyio.CancelScope(shield=True):  # a lease taken is released below, never left held
+                    new = await anyio.to_thread.run_sync(self.leases.take, name)
+                taken.append(name)
+                if new:
+                    fresh.append(name)
+                await anyio.lowlevel.checkpoint()  # a cancellation that came meanwhile: here
+        except BaseException as e:
+            for name in taken:
+                self.caches.writer.put(name, partial(self.leases.release, name))
+            if isinstance(e, AgentBusy):
+                raise RequestError(str(e)) from None
+            raise
+        job.fresh = frozenset(fresh)
+        return taken
 
     def _call(self, fn: Callable[[], Any], agents: frozenset[str] | None) -> Awaitable[Any]:
         return self._submit(_Job(anyio.lowlevel.current_token(), agents, fn=fn))
@@ -364,6 +399,8 @@ class Engine:
             self._queue.put(None)
             self._thread.join()
             _wait_for_exit(self._thread.native_id)
+            if self.leases is not None:
+                self.leases.close()
             self.store.close()
 
     # The engine thread: scheduling
@@ -417,6 +454,9 @@ class Engine:
                 everything = everything or job.agents is None
                 blocked |= job.agents or set()
                 continue
+            for name in job.fresh:  # served by another server since we last did, perhaps: read it again
+                self._agents.pop(name, None)
+                self.caches.refresh(name)
             if job.req is None:
                 try:
                     job.result = job.fn()
@@ -604,18 +644,29 @@ class Engine:
         agent = r.agent
         reply = self._text(r.generated)
         if finish != "cancelled":
-            agent.messages = r.messages + [{"role": "assistant", "content": reply}]
-            agent.tokens = tokens
-            agent.last_used_at = time.time()
-            self.store.save_agent(agent)  # the transcript is saved before the reply goes out
-            self._keep(agent)
-            whole = r.row.whole if r.row is not None else whole_of(self.layout, r.cache)
-            self.caches.remember(agent.name, r.cache, tokens, r.checkpoints, r.turn, whole)
-            self.caches.enforce_budget()
+            turn = replace(agent, messages=r.messages + [{"role": "assistant", "content": reply}], tokens=tokens,
+                           last_used_at=time.time())
+            try:
+                self.store.save_agent(turn)  # the transcript is saved before the reply goes out
+            except StoreUnavailable as e:  # the turn is lost, the agent stays as it was: said, not hidden
+                r.job.error = RequestError(f"agent {agent.name}: the reply could not be saved, so it is not "
+                                           f"given ({e})")
+                finish = "cancelled"
+            else:
+                agent.messages, agent.tokens, agent.last_used_at = turn.messages, turn.tokens, turn.last_used_at
+                self._keep(agent)
+                whole = r.row.whole if r.row is not None else whole_of(self.layout, r.cache)
+                self.caches.remember(agent.name, r.cache, tokens, r.checkpoints, r.turn, whole)
+                self.caches.enforce_budget()
+                if self.leases is not None:  # the next server to serve it finds its blocks
+                    self.caches.save(agent.name)
         if r.row is not None:  # let the cache's memory go now (the row and the call refer to each other)
             r.row.cache = r.row.key = r.row.whole = None
         r.cache = r.row = None
         r.checkpoints = {}
+        if r.job.error is not None:
+            _post(r.job.token, r.job.done.set)
+            return
         ended = time.perf_counter()
         first = r.first or ended
         ms = lambda a, b: round((b - a) * 1000, 2)  # noqa: E731

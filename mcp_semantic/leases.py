@@ -9,15 +9,24 @@ never a server's: their clocks may differ. Why PostgreSQL and not Redis (Redlock
 transcript a lease guards is committed there too, and a Redis that loses its data loses cached
 blocks, never a lock.
 
-Work in progress: not yet taken by the engine's calls.
+A server counts its own holds of a lease (several calls naming the agent, and the agent's save
+after a call): the row goes when the last is released. A thread renews the leases held.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections import Counter
 from typing import Iterable
 
 from psycopg_pool import ConnectionPool
+
+from mcp_semantic.postgres import using
+from mcp_semantic.store import StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 TTL_S = 30.0
 """How long a lease lasts unless renewed: how long a dead server's agents wait for another."""
@@ -31,15 +40,31 @@ class AgentBusy(RuntimeError):
 
 
 class Leases:
-    def __init__(self, pool: ConnectionPool, holder: str, ttl_s: float = TTL_S, poll_s: float = 0.1):
+    def __init__(self, pool: ConnectionPool, holder: str, ttl_s: float = TTL_S, wait_s: float = WAIT_S,
+                 poll_s: float = 0.1, renew: bool = True):
         self.pool = pool
         self.holder = holder  # this server's id, unique among the servers sharing the database
         self.ttl_s = ttl_s
+        self.wait_s = wait_s
         self.poll_s = poll_s
+        self.held: Counter[str] = Counter()  # agent -> this server's holds of its lease
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        if renew:
+            threading.Thread(target=self._renew_held, name="mcp-semantic-leases", daemon=True).start()
 
-    def take(self, agent: str, wait_s: float = WAIT_S) -> None:
-        """Take the agent's lease (or renew ours), waiting up to `wait_s` for another server's to
-        end or expire; AgentBusy after that."""
+    def close(self) -> None:
+        self._stop.set()
+
+    def take(self, agent: str, wait_s: float | None = None) -> bool:
+        """Take the agent's lease (or hold ours once more), waiting up to `wait_s` for another
+        server's to end or expire; AgentBusy after that. Returns whether it was taken anew (no
+        hold of ours before: another server may have served the agent since)."""
+        with self._lock:
+            if self.held[agent]:
+                self.held[agent] += 1
+                return False
+        wait_s = self.wait_s if wait_s is None else wait_s
         deadline = time.monotonic() + wait_s
         while not self._try(agent):
             left = deadline - time.monotonic()
@@ -47,9 +72,23 @@ class Leases:
                 raise AgentBusy(f"agent {agent} is busy on another server (still after {wait_s:g} s); "
                                 "nothing was changed, try again shortly")
             time.sleep(min(self.poll_s, left))
+        with self._lock:
+            self.held[agent] += 1
+            return self.held[agent] == 1
+
+    def _renew_held(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            with self._lock:
+                agents = [a for a, n in self.held.items() if n > 0]
+            try:
+                for lost in self.renew(agents):
+                    log.error("the lease of agent %s expired and another server took it: this server's "
+                              "PostgreSQL was out of reach for over %g s", lost, self.ttl_s)
+            except StoreUnavailable as e:
+                log.warning("could not renew %d leases: %s", len(agents), e)
 
     def _try(self, agent: str) -> bool:
-        with self.pool.connection() as db:
+        with using(self.pool) as db:
             row = db.execute(
                 """INSERT INTO leases (agent, holder, expires_at) VALUES (%s, %s, now() + make_interval(secs => %s))
                    ON CONFLICT (agent) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
@@ -65,7 +104,7 @@ class Leases:
         agents = sorted(set(agents))
         if not agents:
             return []
-        with self.pool.connection() as db:
+        with using(self.pool) as db:
             kept = {row[0] for row in db.execute(
                 """UPDATE leases SET expires_at = now() + make_interval(secs => %s)
                    WHERE holder = %s AND agent = ANY(%s) RETURNING agent""",
@@ -74,12 +113,21 @@ class Leases:
         return [a for a in agents if a not in kept]
 
     def release(self, agent: str) -> None:
-        """Let the agent go at once (a call done), if we still hold it."""
-        with self.pool.connection() as db:
-            db.execute("DELETE FROM leases WHERE agent = %s AND holder = %s", (agent, self.holder))
+        """One hold of ours fewer; at the last, the agent goes at once to whichever server asks
+        next (a PostgreSQL out of reach: it expires)."""
+        with self._lock:
+            self.held[agent] -= 1
+            if self.held[agent] > 0:
+                return
+            del self.held[agent]
+        try:
+            with using(self.pool) as db:
+                db.execute("DELETE FROM leases WHERE agent = %s AND holder = %s", (agent, self.holder))
+        except StoreUnavailable as e:
+            log.warning("could not release the lease of agent %s (it expires in %g s): %s", agent, self.ttl_s, e)
 
     def holder_of(self, agent: str) -> str | None:
         """The server holding a lease of the agent that has not expired; None if none does."""
-        with self.pool.connection() as db:
+        with using(self.pool) as db:
             row = db.execute("SELECT holder FROM leases WHERE agent = %s AND expires_at > now()", (agent,)).fetchone()
         return row[0] if row else None

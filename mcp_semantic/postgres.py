@@ -1,17 +1,31 @@
-"""The shared mode's PostgreSQL (issue 15): a connection pool to it, its URL with the password
-masked for messages, and its schema, versioned: each server applies the migrations it lacks at
-start, one at a time under an advisory lock, so servers started together do not race.
+"""The shared mode's database: transcripts, block lists and leases (leases.py) in PostgreSQL,
+shared by every server; the block bytes in Redis (block_redis.py), each server's block files
+in front of it as a read-through cache.
 
-Work in progress: leases (leases.py) are built on it; transcripts and block lists follow.
+The schema is versioned: each server applies the migrations it lacks at start, one at a time
+under an advisory lock, so servers started together do not race. Block references are rows
+(`kv_blocks`), not a count in one server's memory: any server may commit a list.
+
+Garbage collection across servers: a block leaves Redis only when no list names it, and never
+while another server's commit that names it is in flight. A commit holds the GC lock shared
+(a transaction-scoped advisory lock) from the moment it looks at which blocks Redis has until
+its list is committed; a collection holds it exclusively while it checks that no list names
+the blocks and deletes them from Redis. So a commit either sees a block gone and sends it
+again, or the collection sees the commit's list and keeps the block.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
 import psycopg
 from psycopg_pool import ConnectionPool
 
 from mcp_semantic.settings import masked
+from mcp_semantic.store import Agent, Store, StoreUnavailable, agent_row, check_name, kv_row
 
 log = logging.getLogger(__name__)
 
@@ -24,28 +38,58 @@ MIGRATIONS: list[tuple[int, str]] = [
             expires_at TIMESTAMPTZ NOT NULL    -- the database's clock, never a server's
         )
     """),
+    (2, """
+        CREATE TABLE agents (
+            name TEXT COLLATE "C" PRIMARY KEY, -- ordered by bytes, as SQLite orders: list_agents' pages
+            system TEXT,
+            parent TEXT,
+            messages TEXT NOT NULL,            -- JSON list of {role, content}
+            tokens TEXT NOT NULL,              -- JSON list of the token ids of its last prompt and reply
+            created_at DOUBLE PRECISION NOT NULL,
+            last_used_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE TABLE kv (
+            agent TEXT PRIMARY KEY,
+            blocks TEXT NOT NULL,              -- JSON list of block ids, in order
+            tokens TEXT NOT NULL,              -- JSON list of the token ids those blocks hold
+            branch TEXT                        -- JSON [block id, tokens] of a partial block, or null
+        );
+        CREATE TABLE kv_blocks (               -- which lists name which blocks: the references
+            agent TEXT NOT NULL,
+            block TEXT NOT NULL,
+            PRIMARY KEY (agent, block)
+        );
+        CREATE INDEX kv_blocks_block ON kv_blocks (block);
+    """),
 ]
 
 _MIGRATION_LOCK = 0x6D637073  # pg_advisory_xact_lock key: "mcps"
+_GC_LOCK = 0x6D637367  # "mcsg": commits hold it shared, collections exclusively
 
 
-class Unreachable(RuntimeError):
+class Unreachable(StoreUnavailable):
     """PostgreSQL cannot be reached or used; the message names the URL, its password masked."""
 
 
-def connect(url: str, max_size: int = 8, timeout_s: float = 10.0) -> ConnectionPool:
+def connect(url: str, max_size: int = 8, timeout_s: float = 5.0) -> ConnectionPool:
     """A pool of connections to `url`, its schema migrated; Unreachable if the server cannot be
     reached or refuses us (checked now: a bad URL is a clear message at start, not at the
-    first call)."""
+    first call). A call waits up to `timeout_s` for a connection (PostgreSQL restarting)."""
+    try:  # one connection first: refused at once, where the pool would retry until its timeout
+        psycopg.connect(url, connect_timeout=max(1, int(timeout_s))).close()
+    except psycopg.Error as e:
+        raise Unreachable(f"cannot use PostgreSQL at {masked(url)}: {_why(e, url)}") from None
+    # check: a connection is tried when taken, so one broken by a restart of PostgreSQL is
+    # replaced rather than failing a call
     pool = ConnectionPool(url, min_size=1, max_size=max_size, open=False, timeout=timeout_s,
+                          check=ConnectionPool.check_connection,
                           kwargs={"autocommit": True, "connect_timeout": max(1, int(timeout_s))})
     try:
         pool.open(wait=True, timeout=timeout_s)
         migrate(pool)
     except (psycopg.Error, TimeoutError, OSError) as e:  # the pool's PoolTimeout is a TimeoutError
         pool.close()
-        why = str(e).replace(url, masked(url)).strip() or type(e).__name__
-        raise Unreachable(f"cannot use PostgreSQL at {masked(url)}: {why}") from None
+        raise Unreachable(f"cannot use PostgreSQL at {masked(url)}: {_why(e, url)}") from None
     return pool
 
 
@@ -64,3 +108,132 @@ def migrate(pool: ConnectionPool) -> int:
                 log.info("PostgreSQL schema migrated to version %d", version)
                 current = version
     return current
+
+
+def _why(e: BaseException, url: str) -> str:
+    """The error on one line, the URL's password masked."""
+    return " ".join(str(e).replace(url, masked(url)).split()) or type(e).__name__
+
+
+@contextmanager
+def using(pool: ConnectionPool) -> Iterator[psycopg.Connection]:
+    """A connection from the pool; a lost database is Unreachable, naming it (the pool connects
+    again at the next call)."""
+    try:
+        with pool.connection() as db:
+            yield db
+    except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as e:
+        raise Unreachable(f"the shared store (PostgreSQL at {masked(pool.conninfo)}) cannot be reached: {_why(e, pool.conninfo)}; "
+                          "nothing was changed, try again shortly") from None
+
+
+class PostgresStore(Store):
+    """Transcripts and block lists in PostgreSQL; block bytes in the local block files and, with
+    `remote`, in Redis behind them. The schema's ideas are store.db's (sqlite_store.py)."""
+
+    def __init__(self, root: Path, url: str, block_store: str | None = None):
+        from mcp_semantic.block_redis import RedisBlocks
+
+        super().__init__(root)
+        self.url = masked(url)
+        self.pool: ConnectionPool | None = None
+        self.remote: RedisBlocks | None = None  # None: each server's blocks are its own
+        try:
+            self.pool = connect(url)
+            self.remote = RedisBlocks(block_store, self.blocks) if block_store else None
+            self.shared = self.remote is not None
+        except BaseException:
+            self.close()
+            raise
+        local = [p.stem for p in self.blocks.dir.glob("*.safetensors")]
+        named = self._named(local)
+        self.blocks.collect(lambda bid: bid in named)
+
+    def close(self) -> None:
+        super().close()
+        if self.pool is not None:
+            self.pool.close()
+        if self.remote is not None:
+            self.remote.close()
+
+    def _db(self):
+        return using(self.pool)
+
+    def names(self, after: str | None = None, limit: int | None = None) -> list[str]:
+        with self._db() as db:
+            return [row[0] for row in db.execute(
+                "SELECT name FROM agents WHERE name > %s ORDER BY name LIMIT %s", (after or "", limit))]
+
+    def count(self) -> int:
+        with self._db() as db:
+            return db.execute("SELECT count(*) FROM agents").fetchone()[0]
+
+    def exists(self, name: str) -> bool:
+        with self._db() as db:
+            return db.execute("SELECT 1 FROM agents WHERE name = %s", (check_name(name),)).fetchone() is not None
+
+    def save_agent(self, agent: Agent) -> None:
+        check_name(agent.name)
+        with self._db() as db:
+            db.execute("""INSERT INTO agents VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO UPDATE SET
+                          system = EXCLUDED.system, parent = EXCLUDED.parent, messages = EXCLUDED.messages,
+                          tokens = EXCLUDED.tokens, created_at = EXCLUDED.created_at, last_used_at = EXCLUDED.last_used_at""",
+                       agent_row(agent))
+
+    def _agent_row(self, name: str) -> tuple | None:
+        with self._db() as db:
+            return db.execute("SELECT system, parent, messages, tokens, created_at, last_used_at FROM agents WHERE name = %s",
+                              (name,)).fetchone()
+
+    def _kv_row(self, name: str) -> tuple | None:
+        with self._db() as db:
+            return db.execute("SELECT blocks, tokens, branch FROM kv WHERE agent = %s", (name,)).fetchone()
+
+    def _put_record(self, name: str, record) -> list[str] | None:
+        with self._db() as db, db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock_shared(%s)", (_GC_LOCK,))
+            if self.remote is not None:  # the bytes before the list that names them
+                lacking = self.remote.missing(record.ids)
+                if absent := [bid for bid in lacking if not self.blocks.exists(bid)]:
+                    log.warning("agent %s: block %s is neither here nor in Redis; its cache is not saved", name, absent[0])
+                    return None
+                self.remote.put(lacking)
+            old = [row[0] for row in db.execute("SELECT block FROM kv_blocks WHERE agent = %s", (name,))]
+            db.execute("""INSERT INTO kv VALUES (%s, %s, %s, %s) ON CONFLICT (agent) DO UPDATE SET
+                          blocks = EXCLUDED.blocks, tokens = EXCLUDED.tokens, branch = EXCLUDED.branch""", kv_row(name, record))
+            db.execute("DELETE FROM kv_blocks WHERE agent = %s", (name,))
+            db.execute("INSERT INTO kv_blocks SELECT %s, unnest(%s::text[]) ON CONFLICT DO NOTHING", (name, sorted(set(record.ids))))
+        return sorted(set(old) - set(record.ids))
+
+    def _delete_rows(self, name: str, agent_too: bool) -> list[str]:
+        with self._db() as db, db.transaction():
+            old = [row[0] for row in db.execute("DELETE FROM kv_blocks WHERE agent = %s RETURNING block", (name,))]
+            db.execute("DELETE FROM kv WHERE agent = %s", (name,))
+            if agent_too:
+                db.execute("DELETE FROM agents WHERE name = %s", (name,))
+        return old
+
+    def _named(self, bids: list[str]) -> set[str]:
+        """Of `bids`, those some list names."""
+        with self._db() as db:
+            return {row[0] for row in db.execute("SELECT DISTINCT block FROM kv_blocks WHERE block = ANY(%s)", (bids,))}
+
+    def _unnamed(self, bids: list[str]) -> list[str]:
+        with self._db() as db, db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (_GC_LOCK,))  # no commit is in flight now
+            named = {row[0] for row in db.execute("SELECT DISTINCT block FROM kv_blocks WHERE block = ANY(%s)", (bids,))}
+            unnamed = [bid for bid in bids if bid not in named]
+            if self.remote is not None:
+                self.remote.delete(unnamed)  # before the lock goes: a commit then sees them gone
+        return unnamed
+
+    def _ref_counts(self, bids: list[str]) -> dict[str, int]:
+        with self._db() as db:
+            return dict(db.execute("SELECT block, count(*) FROM kv_blocks WHERE block = ANY(%s) GROUP BY block", (bids,)).fetchall())
+
+    def disk_blocks(self) -> int:
+        with self._db() as db:
+            return db.execute("SELECT count(DISTINCT block) FROM kv_blocks").fetchone()[0]
+
+    def fetch(self, bids: list[str]) -> set[str]:
+        return set(self.remote.fetch(bids)) if self.remote is not None and bids else set()

@@ -9,7 +9,10 @@ among them and closes it when the last connection ends.
 import hmac
 import json
 import logging
+import os
 import signal
+import socket
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, AsyncIterator, Literal
@@ -27,7 +30,8 @@ from mcp_semantic.models import LoadedModel
 from mcp_semantic.calls import AgentList, AskRequest, AskResult, EvictResult, ForkResult, RequestError
 from mcp_semantic.engine import LIST_LIMIT, MAX_LIST_LIMIT, Engine, check_model
 from mcp_semantic.settings import Settings
-from mcp_semantic.store import NAME_RULE, CacheDirLocked, InvalidName, Store, lock_cache_dir
+from mcp_semantic.sqlite_store import SQLiteStore
+from mcp_semantic.store import NAME_RULE, CacheDirLocked, InvalidName, Store, StoreUnavailable, lock_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +57,35 @@ def load(settings: Settings) -> LoadedModel:
     return load_model(settings.model, settings.cache_dir)
 
 
+def open_store(settings: Settings) -> Store:
+    """The embedded store (SQLite and block files in --cache-dir), or the shared one: PostgreSQL
+    (--store), with Redis behind the block files (--block-store). StoreUnavailable names an
+    unreachable one."""
+    if settings.store is None:
+        return SQLiteStore(settings.cache_dir)
+    from mcp_semantic.postgres import PostgresStore
+
+    return PostgresStore(settings.cache_dir, settings.store, settings.block_store)
+
+
+def server_id(settings: Settings) -> str:
+    """This server's name in the shared store's leases: unique among the servers sharing it."""
+    return settings.server_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
 def open_engine(settings: Settings, lm: LoadedModel | None = None) -> Engine:
     lm = lm or load(settings)
-    store = Store(settings.cache_dir)
+    store = open_store(settings)
     try:
+        leases = None
+        if settings.store is not None:
+            from mcp_semantic.leases import Leases
+
+            leases = Leases(store.pool, server_id(settings), ttl_s=settings.lease_ttl, wait_s=settings.lease_wait)
         return Engine(
             lm,
             store,
+            leases=leases,
             memory_budget=int(settings.memory_budget),
             prefill_step_size=settings.prefill_step_size,
             max_tokens_limit=settings.max_tokens_limit,
@@ -148,7 +174,7 @@ def create_server(settings: Settings, lm: LoadedModel | None = None) -> MCPServe
         here, and the client gets no traceback, path or internal detail."""
         try:
             return await coro
-        except (RequestError, InvalidName) as e:
+        except (RequestError, InvalidName, StoreUnavailable) as e:
             raise ToolError(str(e)) from None
         except Exception:
             log.exception("a tool call failed")
@@ -232,11 +258,13 @@ async def _serve_stdio(server: MCPServer) -> None:
 def serve(settings: Settings) -> None:
     from mcp_semantic.models import ModelError
 
-    try:  # before the transport starts: a bad model or a busy cache dir is a clear message
+    try:  # before the transport starts: a bad model, a busy cache dir or a shared store out of reach is a clear message
         lock_cache_dir(settings.cache_dir)  # held until the process ends
+        if settings.store is not None:
+            open_store(settings).close()
         lm = load(settings)
         check_model(lm, settings.kv_bits_value)
-    except (ModelError, CacheDirLocked, RequestError, UnsupportedCache, OSError) as e:
+    except (ModelError, CacheDirLocked, RequestError, UnsupportedCache, StoreUnavailable, OSError) as e:
         raise SystemExit(f"mcp-semantic: {e}") from None
     server = create_server(settings, lm)
     if settings.transport == "stdio":

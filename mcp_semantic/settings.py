@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import ByteSize, Field, SecretStr
+from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -63,7 +63,46 @@ class Settings(BaseSettings):
         "lossless", description="precision of KV blocks in the pool and on disk: lossless (exact), or smaller and lossy"
     )
     block_tokens: int = Field(256, ge=16, le=4096, description="tokens per KV block: the unit of sharing and saving")
+    store: str | None = Field(
+        None, description="shared mode: postgresql://user:password@host/db for transcripts, block lists and leases "
+        "(default: SQLite in --cache-dir, this server's alone)"
+    )
+    block_store: str | None = Field(
+        None, description="shared mode: redis://host:port/db for KV block bytes shared by the servers (needs --store)"
+    )
+    lease_ttl: float = Field(
+        30.0, gt=0, description="shared mode: seconds a server's hold of an agent lasts unless renewed "
+        "(how long a dead server's agents wait for another)"
+    )
+    lease_wait: float = Field(
+        10.0, ge=0, description="shared mode: seconds a call waits for an agent another server is serving "
+        "before it gets an 'agent busy' error"
+    )
+    server_id: str | None = Field(
+        None, description="this server's name among those sharing --store (default: host name and process id)"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level (stderr)")
+
+    @field_validator("store")
+    @classmethod
+    def _postgresql_url(cls, url: str | None) -> str | None:
+        if url is not None and urlsplit(url).scheme not in ("postgresql", "postgres"):
+            raise ValueError(f"--store takes a postgresql:// URL, got {masked(url)!r}")
+        return url
+
+    @field_validator("block_store")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        if url is not None and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"--block-store takes a redis:// URL, got {masked(url)!r}")
+        return url
+
+    @model_validator(mode="after")
+    def _block_store_needs_store(self) -> "Settings":
+        if self.block_store and not self.store:
+            raise ValueError("--block-store needs --store postgresql://...: the block lists that name the shared "
+                             "blocks must be shared too")
+        return self
 
     @property
     def kv_bits_value(self) -> int | None:

@@ -1,17 +1,18 @@
-"""The on-disk store: transcripts and block lists in SQLite; the blocks' bytes in safetensors
-files (block_files.py).
+"""The store: transcripts and block lists in a database (SQLite, sqlite_store.py, embedded; or
+PostgreSQL, postgres.py, shared by several servers); the blocks' bytes in safetensors files
+(block_files.py), and in the shared mode in Redis behind them (block_redis.py).
 
 Layout under the cache dir::
 
-    store.db                      SQLite (WAL): agents (messages, token ids: the truth) and
-                                  kv (per agent, the ids of the blocks its KV cache is made of
-                                  and the token ids they hold: only a cache)
+    store.db                      SQLite (WAL; the embedded mode): agents (messages, token ids:
+                                  the truth) and kv (per agent, the ids of the blocks its KV
+                                  cache is made of and the token ids they hold: only a cache)
     blocks/<id>.safetensors       one KV block (block_files.py)
 
 A block is named by its content (block_pool.chain_ids), so a block that several agents hold
 (a shared system prompt, a fork and its source) is one file, written once. Saving an agent
 writes its missing block files (each to a temporary file, fsynced and renamed), then commits
-its block list in one SQLite transaction, then deletes the blocks no list references any more.
+its block list in one transaction, then deletes the blocks no list references any more.
 A crash at any point leaves the old list with its blocks, or the new one with its blocks; block
 files that no list names are removed at the next start.
 
@@ -28,14 +29,12 @@ import logging
 import os
 import re
 import shutil
-import sqlite3
 import threading
 import time
-from collections import Counter, deque
-from contextlib import contextmanager
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from mcp_semantic.block_files import BLOCK_ID_RE, BlockFiles, HostBlock
 from mcp_semantic.block_pool import Storage
@@ -48,6 +47,11 @@ _NAME_RE = re.compile(NAME_RULE)
 
 class InvalidName(ValueError):
     pass
+
+
+class StoreUnavailable(RuntimeError):
+    """The shared store (PostgreSQL or Redis) cannot be reached: the message names it (its
+    password masked) and says that the call changed nothing."""
 
 
 def check_name(name: str) -> str:
@@ -189,25 +193,6 @@ def unlock_cache_dir(key: Path) -> None:
             del _locks[key]
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS agents (
-    name TEXT PRIMARY KEY,
-    system TEXT,
-    parent TEXT,
-    messages TEXT NOT NULL,   -- JSON list of {role, content}
-    tokens TEXT NOT NULL,     -- JSON list of the token ids of its last prompt and reply
-    created_at REAL NOT NULL,
-    last_used_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS kv (
-    agent TEXT PRIMARY KEY,
-    blocks TEXT NOT NULL,     -- JSON list of block ids, in order
-    tokens TEXT NOT NULL,     -- JSON list of the token ids those blocks hold
-    branch TEXT               -- JSON [block id, tokens] of a partial block ending inside them, or null
-);
-"""
-
-
 @dataclass
 class KVRecord:
     """An agent's KV cache as the store knows it: its blocks' ids, and the tokens they hold.
@@ -252,12 +237,28 @@ def _checked_record(agent: str, row: list | tuple) -> KVRecord | None:
         return None
 
 
-class Store:
-    """Transcripts and block lists in SQLite (`store.db`, WAL); KV blocks in files beside them.
 
-    The engine thread writes transcripts, the writer thread blocks and block lists; one lock
-    orders them. Why SQLite rather than a JSON file per agent: a turn is one transaction, and an
-    agent's block list commits or not as a whole.
+def agent_row(agent: Agent) -> tuple:
+    """The agent as a row of `agents` (the same columns in SQLite and PostgreSQL)."""
+    return (agent.name, agent.system, agent.parent, json.dumps(agent.messages, ensure_ascii=False),
+            json.dumps(agent.tokens, separators=(",", ":")), agent.created_at, agent.last_used_at)
+
+
+def kv_row(name: str, record: KVRecord) -> tuple:
+    """The record as a row of `kv`."""
+    return (name, json.dumps(record.blocks), json.dumps(record.tokens, separators=(",", ":")),
+            json.dumps([record.branch, record.branch_tokens]) if record.branch else None)
+
+
+class Store:
+    """Transcripts and block lists in a database, the blocks' bytes in files beside them (and,
+    in the shared mode, in Redis behind the files: `remote`).
+
+    Two databases implement it: SQLiteStore (sqlite_store.py, the embedded default: `store.db`
+    in the cache dir) and PostgresStore (postgres.py, the shared mode). This class holds what
+    they share: names checked, rows read back and checked, and the order of a save: the block
+    files written, then the list committed (the blocks Redis lacks sent first, in the shared
+    mode), then the blocks no list names any more deleted. Subclasses give the SQL.
     """
 
     def __init__(self, root: Path):
@@ -266,45 +267,9 @@ class Store:
         self._lock = threading.RLock()
         self.blocks = BlockFiles(self.root / "blocks")
         self._remove_old_layout()
-        self.db = self._open_db(self.root / "store.db")
-        self.refs: Counter[str] = Counter()  # block id -> block lists on disk naming it
-        with self._lock:  # the lists' block ids only: their token lists are read when an agent is used
-            rows = self.db.execute("SELECT agent, blocks, '[]', branch FROM kv").fetchall()
-        for agent, *row in rows:
-            if (record := _checked_record(agent, row)) is not None:
-                self.refs.update(record.ids)
-        self.blocks.collect(lambda bid: bid in self.refs)
-
-    def _open_db(self, path: Path) -> sqlite3.Connection:
-        """Open the database; one that is not a database is moved aside, and the loss said."""
-        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")  # a turn answered is a turn on disk
-            db.executescript(_SCHEMA)
-            if "branch" not in {row[1] for row in db.execute("PRAGMA table_info(kv)")}:  # a store of before 0.2
-                db.execute("ALTER TABLE kv ADD COLUMN branch TEXT")
-            return db
-        except sqlite3.DatabaseError as e:
-            lost = []
-            try:
-                lost = [row[0] for row in db.execute("SELECT name FROM agents")]
-            except sqlite3.DatabaseError:
-                pass
-            db.close()
-            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-            os.replace(path, aside)
-            for suffix in ("-wal", "-shm"):
-                Path(f"{path}{suffix}").unlink(missing_ok=True)
-            log.error(
-                "the transcript database %s cannot be read (%s): moved to %s; transcripts lost for: %s",
-                path, e, aside.name, ", ".join(lost) or "all agents it held",
-            )
-            return self._open_db(path)
 
     def close(self) -> None:
         self.blocks.close()
-        self.db.close()
         unlock_cache_dir(self._lock_key)
 
     def _remove_old_layout(self) -> None:
@@ -314,29 +279,62 @@ class Store:
             log.info("removing KV caches of the old per-agent layout in %s (agents re-read their history once)", old)
             shutil.rmtree(old, ignore_errors=True)
 
-    # transcripts
+    # what each database gives
 
     def names(self, after: str | None = None, limit: int | None = None) -> list[str]:
         """Agents' names in order: all, or a page of at most `limit` after the name `after`."""
-        with self._lock:
-            return [row[0] for row in self.db.execute(
-                "SELECT name FROM agents WHERE name > ? ORDER BY name LIMIT ?", (after or "", -1 if limit is None else limit))]
+        raise NotImplementedError
 
     def count(self) -> int:
-        with self._lock:
-            return self.db.execute("SELECT COUNT(*) FROM agents").fetchone()[0]
+        raise NotImplementedError
 
     def exists(self, name: str) -> bool:
-        with self._lock:
-            return self.db.execute("SELECT 1 FROM agents WHERE name = ?", (check_name(name),)).fetchone() is not None
+        raise NotImplementedError
+
+    def save_agent(self, agent: Agent) -> None:
+        """Insert or replace the agent's row, committed when this returns."""
+        raise NotImplementedError
+
+    def _agent_row(self, name: str) -> tuple | None:
+        """(system, parent, messages, tokens, created_at, last_used_at), or None."""
+        raise NotImplementedError
+
+    def _kv_row(self, name: str) -> tuple | None:
+        """(blocks, tokens, branch) of the agent's block list, or None."""
+        raise NotImplementedError
+
+    def _put_record(self, name: str, record: KVRecord) -> list[str] | None:
+        """Commit the agent's block list; returns the blocks of its old list that may now be
+        unnamed, or None (logged) where a block it names is nowhere: the old list stays."""
+        raise NotImplementedError
+
+    def _delete_rows(self, name: str, agent_too: bool) -> list[str]:
+        """Delete the agent's block list (and row); returns its blocks that may now be unnamed."""
+        raise NotImplementedError
+
+    def _unnamed(self, bids: list[str]) -> list[str]:
+        """Of `bids`, those no list names: gone from the shared tier too when this returns."""
+        raise NotImplementedError
+
+    def _ref_counts(self, bids: list[str]) -> dict[str, int]:
+        """How many lists name each block."""
+        raise NotImplementedError
+
+    def disk_blocks(self) -> int:
+        """Blocks the lists name."""
+        raise NotImplementedError
+
+    shared = False  # whether blocks missing here may be in a tier other servers share (`fetch`)
+
+    def fetch(self, bids: list[str]) -> set[str]:
+        """Bring blocks the local files lack from the shared tier; returns those it gave (none here)."""
+        return set()
+
+    # transcripts
 
     def load_agent(self, name: str) -> Agent | None:
         """The stored transcript, or None if there is none or it cannot be read (logged)."""
-        with self._lock:
-            row = self.db.execute(
-                "SELECT system, parent, messages, tokens, created_at, last_used_at FROM agents WHERE name = ?",
-                (check_name(name),),
-            ).fetchone()
+        row = self._agent_row(check_name(name))
         if row is None:
             return None
         try:
@@ -351,55 +349,17 @@ class Store:
             log.warning("cannot read the transcript of agent %s: %s", name, e)
             return None
 
-    def save_agent(self, agent: Agent) -> None:
-        check_name(agent.name)
-        with self._lock:
-            self.db.execute(
-                "INSERT OR REPLACE INTO agents VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    agent.name,
-                    agent.system,
-                    agent.parent,
-                    json.dumps(agent.messages, ensure_ascii=False),
-                    json.dumps(agent.tokens, separators=(",", ":")),
-                    agent.created_at,
-                    agent.last_used_at,
-                ),
-            )
-
     def delete_agent(self, name: str) -> int:
         """Forget the agent: its transcript and block list in one transaction, then the blocks
         only it held. Returns the bytes freed on disk."""
         with self._lock:
-            record = self.kv_record(name)
-            with self._transaction():
-                self.db.execute("DELETE FROM agents WHERE name = ?", (check_name(name),))
-                self.db.execute("DELETE FROM kv WHERE agent = ?", (name,))
-            return self._release(record.ids if record else [])
-
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """BEGIN ... COMMIT on the autocommit connection; ROLLBACK if anything fails."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+            return self._collect(self._delete_rows(check_name(name), agent_too=True))
 
     # block lists
 
-    def kv_records(self) -> dict[str, KVRecord]:
-        """Every agent's stored block list; unreadable rows are left out (logged)."""
-        with self._lock:
-            rows = self.db.execute("SELECT agent, blocks, tokens, branch FROM kv").fetchall()
-        return {agent: record for agent, *row in rows if (record := _checked_record(agent, row)) is not None}
-
     def kv_record(self, name: str) -> KVRecord | None:
         """The agent's stored block list; None if it has none, or it cannot be read (logged)."""
-        with self._lock:
-            row = self.db.execute("SELECT blocks, tokens, branch FROM kv WHERE agent = ?", (check_name(name),)).fetchone()
+        row = self._kv_row(check_name(name))
         return _checked_record(name, row) if row else None
 
     def commit_kv(self, name: str, record: KVRecord, blocks: list[HostBlock], storage: Storage) -> int:
@@ -414,47 +374,35 @@ class Store:
         if written is None:
             return 0
         with self._lock:
-            self._commit_record(name, record)
+            released = self._put_record(name, record)
+            if released is None:
+                return 0
+            self._collect(released)
         return written
 
     def _write_blocks(self, name: str, record: KVRecord, blocks: list[HostBlock], storage: Storage) -> int | None:
+        """Write the record's blocks that are not on disk; None (logged) where one is neither
+        given nor on disk, nor perhaps in the shared tier (_put_record checks there)."""
         given = {b.id: b for b in blocks}
         written = 0
         for bid in record.ids:
             if self.blocks.exists(bid):
                 continue
-            if bid not in given:
+            if bid in given:
+                written += self.blocks.write(given[bid], storage)
+            elif not self.shared:
                 log.warning("agent %s: block %s is neither in memory nor on disk; its cache is not saved", name, bid)
                 return None
-            written += self.blocks.write(given[bid], storage)
         return written
-
-    def _commit_record(self, name: str, record: KVRecord) -> None:
-        old = self.kv_record(name)
-        self.db.execute(
-            "INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?)",
-            (name, json.dumps(record.blocks), json.dumps(record.tokens, separators=(",", ":")),
-             json.dumps([record.branch, record.branch_tokens]) if record.branch else None),
-        )
-        self.refs.update(record.ids)
-        self._release(old.ids if old else [])
 
     def delete_kv(self, name: str) -> int:
         """Forget the agent's stored cache; returns the bytes freed (its blocks no other list names)."""
         with self._lock:
-            record = self.kv_record(name)
-            self.db.execute("DELETE FROM kv WHERE agent = ?", (check_name(name),))
-            return self._release(record.ids if record else [])
+            return self._collect(self._delete_rows(check_name(name), agent_too=False))
 
-    def _release(self, blocks: list[str]) -> int:
-        """Drop one reference to each block; delete the files no list names any more."""
-        freed = 0
-        self.refs.subtract(blocks)
-        for bid in set(blocks):
-            if self.refs[bid] <= 0:
-                del self.refs[bid]
-                freed += self.blocks.delete(bid)
-        return freed
+    def _collect(self, bids: list[str]) -> int:
+        """Delete the files of the blocks of `bids` no list names; returns the bytes freed."""
+        return sum(self.blocks.delete(bid) for bid in self._unnamed(sorted(set(bids)))) if bids else 0
 
     # blocks
 
@@ -467,11 +415,8 @@ class Store:
             record = self.kv_record(name)
             if record is None:
                 return 0, 0
-            ids = set(record.ids)
+            ids = sorted(set(record.ids))
+            refs = self._ref_counts(ids)
             total = sum(self.blocks.size(b) for b in ids)
-            shared = sum(self.blocks.size(b) for b in ids if self.refs[b] > 1)
+            shared = sum(self.blocks.size(b) for b in ids if refs.get(b, 0) > 1)
             return total, shared
-
-    def disk_blocks(self) -> int:
-        with self._lock:
-            return len(self.refs)

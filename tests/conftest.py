@@ -3,11 +3,9 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-import subprocess
-import sys
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import mcp_semantic  # noqa: F401, I001  first: it loads OpenBLAS, which must come before MLX loads
 import mlx_lm
@@ -15,6 +13,7 @@ import pytest
 
 from mcp_semantic.settings import Settings
 from mcp_semantic.tiny_model import make_tiny_model
+from servers import StdioServer
 
 
 @pytest.fixture
@@ -61,42 +60,12 @@ def saved_blocks(cache_dir: Path, agent: str) -> list[Path]:
     return [cache_dir / "blocks" / f"{bid}.safetensors" for bid in json.loads(row[0])] if row else []
 
 
-class RawStdioServer:
-    """`mcp-semantic serve` over stdio driven by raw JSON-RPC lines, for tests that signal or kill it."""
-
-    def __init__(self, settings: Settings):
-        self.proc = subprocess.Popen(
-            [sys.executable, *serve_args(settings)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        self._id = 0
-        info = {"name": "test", "version": "1"}
-        self.request("initialize", {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": info})
-        self._send({"method": "notifications/initialized"})
-
-    def _send(self, message: dict[str, Any]) -> None:
-        self.proc.stdin.write((json.dumps({"jsonrpc": "2.0", **message}) + "\n").encode())
-        self.proc.stdin.flush()
-
-    def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        self._id += 1
-        self._send({"id": self._id, "method": method, "params": params})
-        while True:  # skip notifications (logs, progress) until our answer
-            message = json.loads(self.proc.stdout.readline())
-            if message.get("id") == self._id:
-                return message["result"]
-
-    def call(self, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
-        result = self.request("tools/call", {"name": tool, "arguments": arguments})
-        assert not result["isError"], result
-        return result["structuredContent"]
-
-
 @pytest.fixture
 def stdio_server():
-    servers: list[RawStdioServer] = []
+    servers: list[StdioServer] = []
 
-    def start(settings: Settings) -> RawStdioServer:
-        servers.append(RawStdioServer(settings))
+    def start(settings: Settings, *extra: str) -> StdioServer:
+        servers.append(StdioServer(serve_args(settings, *extra)))
         return servers[-1]
 
     yield start

@@ -1,22 +1,26 @@
-"""Real PostgreSQL and Redis servers for the tests of the shared mode: each started on a free
-loopback port in a temporary directory and stopped after, never a system-wide service, never a
-mock (Debian's `postgresql` and `redis-server` packages; `install.sh --dev` installs them where
-apt is available). PostgreSQL refuses to run as root, so as root it runs as the `postgres` user.
+"""Real servers for the tests and benchmarks: PostgreSQL and Redis for the shared mode, each
+started on a free loopback port in a temporary directory and stopped after, never a system-wide
+service, never a mock (Debian's `postgresql` and `redis-server` packages; `install.sh --dev`
+installs them where apt is available; PostgreSQL refuses to run as root, so as root it runs as
+the `postgres` user); and `mcp-semantic serve` itself over stdio (StdioServer).
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 
 def free_port() -> int:
@@ -81,15 +85,24 @@ class Postgres:
         out = server._run(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
         if out.returncode:
             raise RuntimeError(f"initdb failed: {out.stderr[-2000:]}")
-        options = f"-p {server.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-        out = server._run(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start")
+        server.run()
+        return server
+
+    def run(self) -> None:
+        """Start the server on its data (again, after `halt`)."""
+        root = self.data.parent
+        options = f"-p {self.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        out = self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(root / "log"), "-w", "start")
         if out.returncode:
             log = (root / "log").read_text() if (root / "log").exists() else ""
             raise RuntimeError(f"PostgreSQL did not start: {out.stderr[-1000:]} {log[-2000:]}")
-        return server
+
+    def halt(self) -> None:
+        """Stop the server as a crash would (its data stays: `run` starts it again)."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
 
     def stop(self) -> None:
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        self.halt()
         shutil.rmtree(self.data.parent, ignore_errors=True)
 
 
@@ -124,3 +137,76 @@ class Redis:
             self.process.kill()
             self.process.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class StdioServer:
+    """`mcp-semantic serve` (its arguments after `python`) over stdio, driven by raw JSON-RPC
+    lines: for tests that signal or kill it, and benchmarks. Requests may come from several
+    threads at once (a reader thread hands each answer to its caller). Its log goes to a file
+    (`log()`), so a long run never blocks on a full pipe."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None):
+        self._log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._log, env=env)
+        self._id = 0
+        self._lock = threading.Lock()
+        self._answers: dict[int, list] = {}  # id -> [event, result]
+        threading.Thread(target=self._read, daemon=True).start()
+        info = {"name": "test", "version": "1"}
+        self.request("initialize", {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": info})
+        self._send({"method": "notifications/initialized"})
+
+    def log(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
+
+    def _send(self, message: dict[str, Any]) -> None:
+        with self._lock:
+            self.proc.stdin.write((json.dumps({"jsonrpc": "2.0", **message}) + "\n").encode())
+            self.proc.stdin.flush()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:  # notifications (logs, progress) are skipped
+            message = json.loads(line)
+            waiting = self._answers.get(message.get("id"))
+            if waiting is not None and "method" not in message:
+                waiting[1] = message.get("result", message.get("error"))
+                waiting[0].set()
+        for waiting in list(self._answers.values()):  # the server exited: nobody waits forever
+            waiting[0].set()
+
+    def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            self._id += 1
+            rid = self._id
+            self._answers[rid] = [threading.Event(), None]
+        self._send({"id": rid, "method": method, "params": params})
+        waiting = self._answers[rid]
+        while not waiting[0].wait(1) and self.proc.poll() is None:
+            pass
+        del self._answers[rid]
+        if waiting[1] is None:
+            raise RuntimeError(f"the server exited ({self.proc.poll()}): {self.log()[-2000:]}")
+        return waiting[1]
+
+    def call(self, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        result = self.request("tools/call", {"name": tool, "arguments": arguments})
+        assert not result["isError"], result
+        return result["structuredContent"]
+
+    def error(self, tool: str, arguments: dict[str, Any]) -> str:
+        """The tool error's text of a call that must fail."""
+        result = self.request("tools/call", {"name": tool, "arguments": arguments})
+        assert result["isError"], result
+        return result["content"][0]["text"]
+
+    def close(self) -> None:
+        """End of input: the server saves every cache and exits."""
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

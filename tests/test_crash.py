@@ -58,14 +58,14 @@ import mcp_semantic
 from mcp_semantic.calls import AskRequest
 from mcp_semantic.server import open_engine
 from mcp_semantic.settings import Settings
-from mcp_semantic.store import Store
+from mcp_semantic.sqlite_store import SQLiteStore
 
 async def main():
     engine = open_engine(Settings(model=sys.argv[1], cache_dir=sys.argv[2], block_tokens=16))
     await engine.ask(AskRequest("c", "Tell me about the river.", max_tokens=8))
     await engine.flush()  # turn 1: blocks and list committed
     await engine.ask(AskRequest("c", "And the mill?", max_tokens=8))  # turn 2: transcript saved
-    Store._commit_record = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # die after the block files
+    SQLiteStore._put_record = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # die after the block files, before the list
     await engine.flush()
 
 anyio.run(main)
@@ -110,7 +110,7 @@ async def main():
         Caches.fork = die  # after the fork's transcript row, before its block list
         await engine.fork("src", "copy")
     else:
-        Store._release = die  # after the rows are deleted, before the block files are
+        Store._collect = die  # after the rows are deleted, before the block files are
         await engine.evict("gone", "agent")
 
 anyio.run(main)

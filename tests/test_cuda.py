@@ -17,7 +17,8 @@ from mcp_semantic.calls import AskRequest
 from mcp_semantic.server import open_engine
 from mcp_semantic.settings import Settings
 from mcp_semantic.block_files import host_block
-from mcp_semantic.store import KVRecord, Store
+from mcp_semantic.store import KVRecord
+from mcp_semantic.sqlite_store import SQLiteStore
 from mcp_semantic.tiny_model import make_tiny_model
 
 pytestmark = pytest.mark.anyio
@@ -59,7 +60,7 @@ def test_blocks_read_into_a_gpu_buffer_equal_their_arrays(fake_cuda, tmp_path: P
         c.update_and_fetch(mx.random.normal((1, 2, 40, 32)), mx.random.normal((1, 2, 40, 32)))
     storage = Storage("fp", "float32", 8)
     blocks = cut_blocks(layout, cache, list(range(40)), storage, 16)
-    store = Store(tmp_path)
+    store = SQLiteStore(tmp_path)
     try:
         store.commit_kv("a", KVRecord([b.id for b in blocks], list(range(40))), [host_block(b) for b in blocks], storage)
         names = array_names(layout, storage)

@@ -19,14 +19,16 @@ def pool(postgres_url: str):
 
 def test_one_server_at_a_time_and_the_next_after_a_release(pool) -> None:
     a, b = Leases(pool, "server-a"), Leases(pool, "server-b")
-    a.take("x")
-    a.take("x", wait_s=0)  # ours already: renewed
+    assert a.take("x") is True  # taken anew
+    assert a.take("x", wait_s=0) is False  # ours already: held twice
     with pytest.raises(AgentBusy, match="agent x is busy on another server.*nothing was changed"):
         b.take("x", wait_s=0.3)
     b.take("y", wait_s=0)  # another agent is free
     assert a.holder_of("x") == "server-a" and a.holder_of("y") == "server-b"
     a.release("x")
-    b.take("x", wait_s=0)
+    assert a.holder_of("x") == "server-a"  # one hold is left (a second call, or a save)
+    a.release("x")
+    assert b.take("x", wait_s=0) is True
     assert b.holder_of("x") == "server-b"
     a.release("x")  # not ours any more: nothing happens
     assert b.holder_of("x") == "server-b"
@@ -43,7 +45,7 @@ def test_a_waiting_call_gets_the_lease_once_it_is_released(pool) -> None:
 
 
 def test_a_dead_server_s_lease_expires_and_another_takes_the_agent(pool) -> None:
-    dead, alive = Leases(pool, "dead", ttl_s=0.5), Leases(pool, "alive")
+    dead, alive = Leases(pool, "dead", ttl_s=0.5, renew=False), Leases(pool, "alive")
     dead.take("x")
     with pytest.raises(AgentBusy):
         alive.take("x", wait_s=0)
@@ -53,7 +55,7 @@ def test_a_dead_server_s_lease_expires_and_another_takes_the_agent(pool) -> None
 
 
 def test_renewing_keeps_a_lease_past_its_ttl(pool) -> None:
-    a, b = Leases(pool, "server-a", ttl_s=0.6), Leases(pool, "server-b")
+    a, b = Leases(pool, "server-a", ttl_s=0.6, renew=False), Leases(pool, "server-b")
     a.take("x")
     end = time.monotonic() + 1.5
     while time.monotonic() < end:
@@ -62,3 +64,14 @@ def test_renewing_keeps_a_lease_past_its_ttl(pool) -> None:
             b.take("x", wait_s=0)
         time.sleep(0.2)
     assert a.renew([]) == []
+
+
+def test_a_server_renews_the_leases_it_holds_by_itself(pool) -> None:
+    a, b = Leases(pool, "server-a", ttl_s=0.6), Leases(pool, "server-b")
+    a.take("x")
+    time.sleep(1.5)  # over twice the TTL: renewed by a's thread meanwhile
+    with pytest.raises(AgentBusy):
+        b.take("x", wait_s=0)
+    a.release("x")
+    assert b.take("x", wait_s=0)
+    a.close()

@@ -161,9 +161,9 @@ async def test_stress_many_clients_many_agents_under_a_small_budget(settings: Se
     async with Client(create_server(settings)) as client:  # a restart
         listed = await call(client, "list_agents")
         assert {a["name"]: a["turns"] for a in listed["agents"]} == {n: len(t) for n, t in answered.items() if t}
-    from mcp_semantic.store import Store
+    from mcp_semantic.sqlite_store import SQLiteStore
 
-    store = Store(settings.cache_dir)
+    store = SQLiteStore(settings.cache_dir)
     for name, turns in answered.items():
         agent = store.load_agent(name)
         if not turns:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,6 +17,7 @@ from mcp_semantic.block_pool import Storage, array_names, cut_blocks, reconstruc
 from mcp_semantic.cache_kinds import Layout
 from mcp_semantic.block_files import host_block
 from mcp_semantic.store import NAME_RULE, Agent, InvalidName, KVRecord, Store, Writer, check_name
+from mcp_semantic.sqlite_store import SQLiteStore
 
 EXACT = Storage("fp", "float32")
 B = 4  # tokens per block in these tests
@@ -46,6 +48,26 @@ def load(store: Store, name: str, storage: Storage = EXACT, layers: int = 2, hea
         blocks.append(block)
     n = len(record.tokens)
     return reconstruct(layout(layers, head_dim), storage, blocks, n, n, block_tokens)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request, tmp_path: Path):
+    """Open a store of each database on a cache dir: SQLite, or a fresh PostgreSQL database
+    (a real server, tests/servers.py). What a store does is the same in both."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    opened: list[Store] = []
+
+    def open_(root: Path = tmp_path) -> Store:
+        from mcp_semantic.postgres import PostgresStore
+
+        store = SQLiteStore(root) if url is None else PostgresStore(root, url)
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        if getattr(store, "pool", None) is not None:
+            store.pool.close()
 
 
 def make_cache(n: int, layers: int = 2) -> list[KVCache]:
@@ -79,30 +101,50 @@ def test_any_accepted_name_is_a_plain_file_name(name: str) -> None:
     assert Path(name).name == name and name not in (".", "..")
 
 
-def test_transcript_round_trip_and_corruption(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    agent = Agent("a", system="s", messages=[{"role": "user", "content": "hi"}], tokens=[1, 2, 3])
+def raw(store: Store, sql: str) -> None:
+    """Run SQL on the store's database behind its back (damage, as a bad disk or hand would do)."""
+    if isinstance(store, SQLiteStore):
+        store.db.execute(sql)
+    else:
+        with store.pool.connection() as db:
+            db.execute(sql)
+
+
+def test_transcript_round_trip_and_corruption(open_store) -> None:
+    store = open_store()
+    agent = Agent("a", system="s", messages=[{"role": "user", "content": "hi \u0000 ünï"}], tokens=[1, 2, 3])
     store.save_agent(agent)
     store.save_agent(Agent("b"))
-    assert store.load_agent("a") == agent and store.names() == ["a", "b"] and store.exists("a")
-    assert Store(tmp_path).load_agent("a") == agent  # another connection sees the committed row
-    store.db.execute("UPDATE agents SET messages = '{not json' WHERE name = 'a'")
+    assert store.load_agent("a") == agent and store.names() == ["a", "b"] and store.exists("a") and store.count() == 2
+    assert open_store().load_agent("a") == agent  # another connection sees the committed row
+    raw(store, "UPDATE agents SET messages = '{not json' WHERE name = 'a'")
     assert store.load_agent("a") is None  # unreadable: logged, not raised
-    store.db.execute("UPDATE agents SET messages = '[{\"role\": \"user\"}]' WHERE name = 'a'")
+    raw(store, "UPDATE agents SET messages = '[{\"role\": \"user\"}]' WHERE name = 'a'")
     assert store.load_agent("a") is None
     assert store.load_agent("b") == Agent("b", created_at=store.load_agent("b").created_at, last_used_at=store.load_agent("b").last_used_at)
-    assert store.load_agent("missing") is None
+    assert store.load_agent("missing") is None and not store.exists("missing")
+
+
+def test_names_page_in_byte_order(open_store) -> None:
+    """list_agents' pages: the same order in both databases (bytes: upper case first), whatever
+    PostgreSQL's locale."""
+    store = open_store()
+    for name in ["b", "B", "a-2", "a.1", "A", "_x"[1:]]:
+        store.save_agent(Agent(name))
+    assert store.names() == sorted(["b", "B", "a-2", "a.1", "A", "x"])
+    assert store.names(after="B", limit=2) == ["a-2", "a.1"] and store.names(after="b") == ["x"]
+
 
 
 def test_a_corrupt_database_is_moved_aside_and_the_server_starts(tmp_path: Path, caplog) -> None:
-    store = Store(tmp_path)
+    store = SQLiteStore(tmp_path)
     store.save_agent(Agent("a"))
     save(store, "a", make_cache(4), list(range(4)))
     store.close()
     for extra in tmp_path.glob("store.db-*"):
         extra.unlink()
     (tmp_path / "store.db").write_bytes(b"this is not a database" * 100)
-    store = Store(tmp_path)
+    store = SQLiteStore(tmp_path)
     assert store.names() == []
     assert list(tmp_path.glob("store.db.corrupt-*"))
     assert "transcripts lost for" in caplog.text
@@ -111,18 +153,18 @@ def test_a_corrupt_database_is_moved_aside_and_the_server_starts(tmp_path: Path,
 
 
 def test_stale_temporaries_are_removed_at_start(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = SQLiteStore(tmp_path)
     store.save_agent(Agent("a"))
     save(store, "a", make_cache(4), list(range(4)))
     stale = tmp_path / "blocks" / ".0123.safetensors.abc.tmp"
     stale.write_bytes(b"half")
     store.close()
-    store = Store(tmp_path)
+    store = SQLiteStore(tmp_path)
     assert not stale.exists() and store.load_agent("a") is not None and store.kv_record("a") is not None
 
 
-def test_blocks_round_trip(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_blocks_round_trip(open_store) -> None:
+    store = open_store()
     cache = make_cache(10)
     written = save(store, "a", cache, list(range(10)))
     record = store.kv_record("a")
@@ -135,8 +177,8 @@ def test_blocks_round_trip(tmp_path: Path) -> None:
     assert save(store, "a", cache, list(range(10))) == 0  # nothing new: nothing written
 
 
-def test_a_shared_prefix_is_stored_once(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_a_shared_prefix_is_stored_once(open_store) -> None:
+    store = open_store()
     cache = make_cache(10)
     save(store, "a", cache, list(range(10)))
     files = {p.name for p in store.blocks.dir.iterdir()}
@@ -151,8 +193,8 @@ def test_a_shared_prefix_is_stored_once(tmp_path: Path) -> None:
     assert mx.array_equal(load(store, "b")[0].keys[..., 8:, :], mx.full((1, 2, 2, 4), 7.0)).item()
 
 
-def test_gc_removes_exactly_the_unreferenced_blocks(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_gc_removes_exactly_the_unreferenced_blocks(open_store) -> None:
+    store = open_store()
     save(store, "a", make_cache(10), list(range(10)))
     first = store.kv_record("a")
     store.commit_kv("fork", first, [], EXACT)  # a fork: the same list, no block written
@@ -172,8 +214,8 @@ def test_gc_removes_exactly_the_unreferenced_blocks(tmp_path: Path) -> None:
     assert freed > 0 and list(store.blocks.dir.iterdir()) == [] and store.kv_record("a") is None
 
 
-def test_a_commit_waits_for_blocks_it_does_not_have(tmp_path: Path, caplog) -> None:
-    store = Store(tmp_path)
+def test_a_commit_waits_for_blocks_it_does_not_have(open_store, caplog) -> None:
+    store = open_store()
     save(store, "a", make_cache(6), list(range(6)))
     before = store.kv_record("a")
     blocks = cut_blocks(layout(), make_cache(10), list(range(10)), EXACT, B)
@@ -183,7 +225,7 @@ def test_a_commit_waits_for_blocks_it_does_not_have(tmp_path: Path, caplog) -> N
 
 def test_unreferenced_blocks_and_temporaries_are_removed_at_start(tmp_path: Path) -> None:
     """What a crash between the block files and the commit of the list leaves."""
-    store = Store(tmp_path)
+    store = SQLiteStore(tmp_path)
     save(store, "a", make_cache(6), list(range(6)))
     kept = {p.name for p in store.blocks.dir.iterdir()}
     orphans = cut_blocks(layout(), make_cache(9), list(range(100, 109)), EXACT, B)
@@ -192,7 +234,7 @@ def test_unreferenced_blocks_and_temporaries_are_removed_at_start(tmp_path: Path
     store.db.execute("DELETE FROM kv WHERE agent = 'x'")
     (store.blocks.dir / ".abc.safetensors.tmp").write_bytes(b"half")
     store.close()
-    store = Store(tmp_path)
+    store = SQLiteStore(tmp_path)
     assert {p.name for p in store.blocks.dir.iterdir()} == kept
     assert load(store, "a")[0].offset == 6
 
@@ -209,7 +251,7 @@ def test_unreferenced_blocks_and_temporaries_are_removed_at_start(tmp_path: Path
     ],
 )
 def test_damaged_blocks_are_misses(tmp_path: Path, damage, why: str) -> None:
-    store = Store(tmp_path)
+    store = SQLiteStore(tmp_path)
     save(store, "a", make_cache(6), list(range(6)))
     bid = store.kv_record("a").blocks[1]
     path = store.blocks.path(bid)
@@ -223,7 +265,7 @@ def test_damaged_blocks_are_misses(tmp_path: Path, damage, why: str) -> None:
 
 
 def test_foreign_blocks_are_misses_and_go(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = SQLiteStore(tmp_path)
     for storage, n_layers, why in [
         (Storage("another", "float32"), 3, "another model or precision"),
         (Storage("fp", "float32", 16), 3, "another model or precision"),
@@ -246,7 +288,7 @@ def test_name_rule_is_the_published_one() -> None:
 
 def test_blocks_are_copies_the_cache_can_move_on_from(tmp_path: Path) -> None:
     """The engine keeps using a cache after its blocks are cut; the blocks must not change."""
-    store = Store(tmp_path)
+    store = SQLiteStore(tmp_path)
     cache = make_cache(10)
     blocks = cut_blocks(layout(), cache, list(range(10)), EXACT, B)
     for c in cache:  # trim and overwrite positions the blocks cover
@@ -258,7 +300,7 @@ def test_blocks_are_copies_the_cache_can_move_on_from(tmp_path: Path) -> None:
 
 
 def test_bfloat16_round_trip(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = SQLiteStore(tmp_path)
     c = KVCache()
     k = mx.random.normal((1, 2, 6, 4)).astype(mx.bfloat16)
     c.update_and_fetch(k, -k)
@@ -283,7 +325,7 @@ def test_writer_runs_jobs_in_order_and_waits(caplog) -> None:
 
 @pytest.mark.parametrize("bits, ratio, tolerance", [(16, 0.55, 1e-2), (8, 0.32, 5e-2), (4, 0.2, 0.5)])
 def test_kv_bits_store_smaller_and_close(tmp_path: Path, bits: int, ratio: float, tolerance: float) -> None:
-    store = Store(tmp_path)
+    store = SQLiteStore(tmp_path)
     c = KVCache()
     k = mx.random.normal((1, 2, 300, 64))
     c.update_and_fetch(k, -k)
@@ -303,7 +345,7 @@ def test_any_damage_to_a_block_file_is_a_miss_or_the_same_data(tmp_path: Path, d
     """Fuzzing the parser: truncations, flipped bytes and junk never crash a read, and a read
     that succeeds gives back exactly the data that was written (the checksum's promise)."""
     root = tmp_path / data.draw(st.uuids()).hex
-    store = Store(root)
+    store = SQLiteStore(root)
     cache = make_cache(6)
     save(store, "a", cache, list(range(6)))
     bid = store.kv_record("a").blocks[0]
@@ -330,7 +372,7 @@ def test_any_damage_to_a_block_file_is_a_miss_or_the_same_data(tmp_path: Path, d
 def test_block_files_are_plain_safetensors(tmp_path: Path) -> None:
     from safetensors import safe_open
 
-    store = Store(tmp_path)
+    store = SQLiteStore(tmp_path)
     cache = make_cache(6)
     save(store, "a", cache, list(range(6)))
     path = store.blocks.path(store.kv_record("a").blocks[0])
@@ -345,7 +387,7 @@ def test_block_files_are_plain_safetensors(tmp_path: Path) -> None:
 def test_blocks_of_older_formats_are_a_clear_miss(tmp_path: Path, old: bytes) -> None:
     """Formats /1 (a CRC-32 per array) and /2 (one checksum over all the data) are not read: a
     miss that says so, and the file goes."""
-    store = Store(tmp_path)
+    store = SQLiteStore(tmp_path)
     save(store, "a", make_cache(4), list(range(4)))
     bid = store.kv_record("a").blocks[0]
     path = store.blocks.path(bid)
@@ -355,7 +397,7 @@ def test_blocks_of_older_formats_are_a_clear_miss(tmp_path: Path, old: bytes) ->
 
 
 def test_read_blocks_reads_many_and_says_which_failed(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = SQLiteStore(tmp_path)
     cache = make_cache(20)
     save(store, "a", cache, list(range(20)))
     ids = store.kv_record("a").blocks
@@ -370,16 +412,16 @@ def test_read_blocks_reads_many_and_says_which_failed(tmp_path: Path) -> None:
         assert mx.array_equal(results[i][0].arrays["layers.1.keys"], cache[1].keys[..., 4 * i : 4 * i + 4, :]).item()
 
 
-def test_a_branch_is_saved_counted_and_collected_with_its_list(tmp_path: Path) -> None:
+def test_a_branch_is_saved_counted_and_collected_with_its_list(open_store) -> None:
     """A record's branch (the partial block where a recurrent model's turn began) is written with
     the list, counted as a reference, and its file goes when no list names it."""
-    store = Store(tmp_path)
+    store = open_store()
     cache = make_cache(10)
     blocks = cut_blocks(layout(), cache, list(range(10)), EXACT, B)
     (branch,) = cut_blocks(layout(), cache, list(range(6)), EXACT, B, skip=[blocks[0].id])
     record = KVRecord([b.id for b in blocks], list(range(10)), branch.id, 6)
     store.commit_kv("a", record, [host_block(b) for b in (*blocks, branch)], EXACT)
-    assert store.kv_record("a") == record and Store.kv_records(store)["a"] == record
+    assert store.kv_record("a") == record
     assert store.blocks.path(branch.id).exists() and store.kv_bytes("a")[0] > sum(store.blocks.size(b.id) for b in blocks)
     store.commit_kv("a", KVRecord(record.blocks, record.tokens), [], EXACT)  # the next list has no branch
     assert not store.blocks.path(branch.id).exists() and store.blocks.path(blocks[0].id).exists()
@@ -389,14 +431,14 @@ def test_a_store_of_before_branches_opens_and_reads(tmp_path: Path) -> None:
     """store.db of version 0.1 has no `branch` column: it is added, and the lists read as they were."""
     import sqlite3
 
-    store = Store(tmp_path)
+    store = SQLiteStore(tmp_path)
     save(store, "a", make_cache(6), list(range(6)))
     before = store.kv_record("a")
     store.close()
     db = sqlite3.connect(tmp_path / "store.db")
     db.executescript("CREATE TABLE old AS SELECT agent, blocks, tokens FROM kv; DROP TABLE kv; ALTER TABLE old RENAME TO kv;")
     db.close()
-    store = Store(tmp_path)
+    store = SQLiteStore(tmp_path)
     assert store.kv_record("a") == before and before.branch is None
     assert load(store, "a")[0].offset == 6
 
@@ -414,7 +456,7 @@ def test_short_reads_are_read_on_to_the_end(tmp_path: Path, monkeypatch) -> None
     def short(fd: int, buffers: list, offset: int) -> int:
         return real(fd, [memoryview(buffers[0]).cast("B")[:3]], offset)  # 3 bytes at most
 
-    store = Store(tmp_path)
+    store = SQLiteStore(tmp_path)
     cache = make_cache(10)
     save(store, "a", cache, list(range(10)))
     monkeypatch.setattr(block_files.os, "preadv", short)
@@ -436,7 +478,7 @@ def test_short_reads_are_read_on_to_the_end(tmp_path: Path, monkeypatch) -> None
 def test_blocks_read_where_the_os_has_no_preadv(tmp_path: Path, monkeypatch) -> None:
     from mcp_semantic import block_files
 
-    store = Store(tmp_path)
+    store = SQLiteStore(tmp_path)
     cache = make_cache(10)
     save(store, "a", cache, list(range(10)))
     monkeypatch.delattr(block_files.os, "preadv")
@@ -448,7 +490,7 @@ def test_blocks_read_where_the_os_has_no_preadv(tmp_path: Path, monkeypatch) -> 
 def test_targets_that_do_not_fit_are_the_caller_s_error_not_the_file_s(tmp_path: Path) -> None:
     """Targets made on the reading thread (a function of the opened file) that cannot be made
     raise to the caller; the file is not called damaged, nor deleted."""
-    store = Store(tmp_path)
+    store = SQLiteStore(tmp_path)
     save(store, "a", make_cache(4), list(range(4)))
     (bid,) = store.kv_record("a").blocks
     files = store.blocks.open_blocks([bid], EXACT, names())
@@ -461,3 +503,52 @@ def test_targets_that_do_not_fit_are_the_caller_s_error_not_the_file_s(tmp_path:
     assert store.blocks.path(bid).exists()
     assert store.blocks.read_block(bid, EXACT, names())[1] is None  # and it reads as before
     store.close()
+
+
+def test_gc_across_servers_waits_for_a_commit_in_flight(tmp_path: Path, postgres_url: str, redis_url: str) -> None:
+    """Server B commits a list naming blocks only Redis and A hold (a fork of A's agent) while A
+    deletes its own list: A's collection waits for B's commit, then keeps the blocks B's list
+    names, in Redis too; a third server reads them. Once no list names them, they go."""
+    from mcp_semantic.postgres import PostgresStore
+
+    a, b, c = (PostgresStore(tmp_path / n, postgres_url, redis_url) for n in "abc")
+    save(a, "x", make_cache(10), list(range(10)))
+    record = a.kv_record("x")
+    in_flight, go_on = threading.Event(), threading.Event()
+    missing = b.remote.missing
+
+    def slow_missing(ids: list[str]) -> list[str]:  # B is mid-commit, the GC lock held shared
+        in_flight.set()
+        go_on.wait(10)
+        return missing(ids)
+
+    b.remote.missing = slow_missing
+    commit = threading.Thread(target=b.commit_kv, args=("y", record, [], EXACT))
+    commit.start()
+    assert in_flight.wait(10)
+    delete = threading.Thread(target=a.delete_kv, args=("x",))
+    delete.start()
+    delete.join(0.5)
+    assert delete.is_alive()  # waiting for B's commit
+    go_on.set()
+    commit.join(10)
+    delete.join(10)
+    assert b.kv_record("y") == record and a.kv_record("x") is None
+    assert b.remote.missing(record.ids) == []  # still in Redis: y names them
+    assert c.fetch(record.blocks) == set(record.blocks) and load(c, "y")[0].offset == 10
+    b.delete_kv("y")
+    assert set(b.remote.missing(record.ids)) == set(record.ids)  # no list names them: gone from Redis
+    assert not any(b.blocks.path(bid).exists() for bid in record.ids)
+
+
+def test_a_list_naming_a_block_nowhere_to_be_found_is_not_committed(tmp_path: Path, postgres_url: str, redis_url: str,
+                                                                    caplog) -> None:
+    """In the shared mode a block may be in Redis rather than here; one in neither leaves the old list."""
+    from mcp_semantic.postgres import PostgresStore
+
+    store = PostgresStore(tmp_path, postgres_url, redis_url)
+    save(store, "a", make_cache(6), list(range(6)))
+    before = store.kv_record("a")
+    blocks = cut_blocks(layout(), make_cache(10), list(range(10)), EXACT, B)
+    store.commit_kv("a", KVRecord([b.id for b in blocks], list(range(10))), [host_block(blocks[0])], EXACT)
+    assert store.kv_record("a") == before and "neither here nor in Redis" in caplog.text
