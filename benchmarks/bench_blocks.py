@@ -4,7 +4,7 @@ Cases (blocks x layers) from the design study: 1 x 12, 4 x 24 and 8 x 30 on Smol
 KV shape (3 KV heads of 64, float32 as it computes on a CPU), and 32 x 48 on a Gemma 3 12B
 shape (8 KV heads of 256, bfloat16): 8K tokens. The blocks are `block_pool.Block`s of generated
 arrays of those shapes, stored lossless in the model's dtype (as the pool holds them at the
-default --kv-bits). Each case times `block_pool.reconstruct` (evaluated) against a plain
+default --kv-bits). Each case times `cache_build.reconstruct` (evaluated) against a plain
 per-layer `mx.concatenate` of the same arrays, the physical floor on this machine; the target
 is within 1.5x.
 
@@ -25,7 +25,8 @@ import mlx.core as mx
 
 from report import RESULTS, header, pyplot, save
 
-from mcp_semantic.block_pool import BLOCK_TOKENS, Block, Storage, reconstruct
+from mcp_semantic.block_pool import BLOCK_TOKENS, Block, Storage
+from mcp_semantic.cache_build import reconstruct
 from mcp_semantic.cache_kinds import Layout
 
 CASES = [

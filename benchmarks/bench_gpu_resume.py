@@ -8,7 +8,7 @@ A random-weight Llama-3.1-8B-shaped model (mlx-lm's llama, bfloat16: 32 layers, 
   resume    - the same cache cut into blocks of 256 (`block_pool.cut_blocks`), written with the
               store (`Store.commit_kv`), then loaded as the engine loads an agent after a restart
               (`Caches.lookup` on an empty pool: on CUDA `Store.read_into_one`, straight into one
-              GPU buffer by DMA through pinned buffers (cuda.py), then `block_pool.reconstruct`) and
+              GPU buffer by DMA through pinned buffers (cuda.py), then `cache_build.reconstruct`) and
               the follow-up's first token; at --kv-bits lossless, 8 and 4, each with the page
               cache warm (the blocks just read) and cold (each file's pages dropped with
               posix_fadvise DONTNEED before each load, where the kernel allows: the JSON says

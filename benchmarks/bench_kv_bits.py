@@ -28,7 +28,8 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from report import RESULTS, header, pyplot, save
 
-from mcp_semantic.block_pool import BLOCK_TOKENS, Storage, array_names, cut_blocks, reconstruct
+from mcp_semantic.block_pool import BLOCK_TOKENS, Storage, array_names, cut_blocks
+from mcp_semantic.cache_build import reconstruct
 from mcp_semantic.cache_kinds import probe
 from mcp_semantic.models import load_model
 from mcp_semantic.settings import DEFAULT_MODEL

@@ -2,9 +2,9 @@
 the same files' bytes.
 
 Loading is `Caches.lookup` itself, for an agent whose blocks are all on disk, ready to run:
-on the CPU, without --kv-bits, `Store.open_blocks` (header checks) and `block_pool.read_into_cache`
+on the CPU, without --kv-bits, `Store.open_blocks` (header checks) and `cache_build.read_into_cache`
 (the working cache made, each file's data read straight into it and checksummed); otherwise
-`Store.read_blocks` (into buffers of their own) and `block_pool.reconstruct`. The plain reads are
+`Store.read_blocks` (into buffers of their own) and `cache_build.reconstruct`. The plain reads are
 `open(p, 'rb').read()` of each file, all kept until the last is read (the memory malloc gives:
 new pages cost here from about as much as the copy to several times it); `readinto` a buffer
 per file, the same buffers each time (memory used before, as the load's working cache is:

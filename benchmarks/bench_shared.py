@@ -12,9 +12,11 @@ over stdio, A and B, on the default model, each with a cache dir of its own. TTF
 server's own (`timings_ms.ttft`: from the call's arrival to its first token, the lease and the
 cache load included), median of `--runs`, each run a new agent of about `context` tokens:
 - cold: its first call on A, the whole history prefilled;
-- hot: a ~20-token follow-up on A right after;
-- disk: evict_cache(memory) on A, then a follow-up on A;
-- remote: then, once A has saved and let it go, a follow-up on B, which never saw the agent.
+- then one follow-up on A, not timed (a new agent's first turn is no typical turn), and, each a
+  ~20-token follow-up asked once the agent is saved and no server holds it:
+- hot: on A;
+- disk: on A, after evict_cache(memory) there;
+- remote: on B, which never saw the agent (its blocks come from Redis).
 Throughput: `--clients` threads, each its own agent, `--turns` turns of `--max-tokens` tokens,
 all against A, then split between A and B (new agents). Target: remote within 1.5x of disk.
 Writes benchmarks/results/<date>-<machine>-shared.json and .png.
@@ -23,6 +25,7 @@ Writes benchmarks/results/<date>-<machine>-shared.json and .png.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
@@ -47,7 +50,7 @@ FOLLOW_UP = "Now answer in one short sentence: which place did I mention first?"
 def history(tokens: int, seed: int) -> str:
     """About `tokens` tokens of text, different for every seed (so no agent shares another's blocks)."""
     rng = random.Random(seed)
-    words = [f"{rng.choice(WORDS)}{rng.randrange(100)}" for _ in range(tokens // 2)]
+    words = [f"{rng.choice(WORDS)}{rng.randrange(100)}" for _ in range(tokens // 3)]  # about 3 tokens a word
     return "Remember these places: " + " ".join(words)
 
 
@@ -61,20 +64,34 @@ def ask(server: StdioServer, agent: str, message: str, max_tokens: int = 8) -> d
     return server.call("ask_agent", {"agent": agent, "message": message, "max_tokens": max_tokens})
 
 
-def ttft_runs(a: StdioServer, b: StdioServer, context: int, runs: int) -> dict:
-    """TTFT per tier for `runs` new agents of about `context` tokens."""
+def released(pg_url: str, agent: str, timeout_s: float = 120) -> None:
+    """Wait until no server holds the agent: the last one has saved it and let it go (a call
+    that came sooner would wait for that, which is the lease's time, not the tier's)."""
+    deadline = time.monotonic() + timeout_s
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        while db.execute("SELECT 1 FROM leases WHERE agent = %s AND expires_at > now()", (agent,)).fetchone():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"agent {agent} still leased after {timeout_s} s")
+            time.sleep(0.05)
+
+
+def ttft_runs(a: StdioServer, b: StdioServer, pg_url: str, context: int, runs: int) -> dict:
+    """TTFT per tier for `runs` new agents of about `context` tokens: cold (the history's first
+    call), then after one follow-up (a new agent's first turn is not a typical one) hot, disk
+    (evicted from A's memory) and remote (on B), each once the agent is saved and idle."""
     tiers: dict[str, list[float]] = {"cold": [], "hot": [], "disk": [], "remote": []}
     cached: dict[str, list[int]] = {k: [] for k in tiers}
     for run in range(runs):
         agent = f"ctx{context}-{run}-{random.randrange(1 << 30):x}"
-        steps = [("cold", a, history(context, run + context)), ("hot", a, FOLLOW_UP), ("disk", a, FOLLOW_UP),
-                 ("remote", b, FOLLOW_UP)]
+        steps = [("cold", a, history(context, run + context)), (None, a, FOLLOW_UP), ("hot", a, FOLLOW_UP),
+                 ("disk", a, FOLLOW_UP), ("remote", b, FOLLOW_UP)]
         for tier, server, message in steps:
             if tier == "disk":
                 a.call("evict_cache", {"agent": agent, "level": "memory"})
-            if tier == "remote":
-                time.sleep(1.0)  # A has saved the last turn and let the agent go (a lease wait is not the tier's)
+            released(pg_url, agent)
             out = ask(server, agent, message)
+            if tier is None:
+                continue
             expected = "new" if tier == "cold" else tier
             if out["tier"] != expected or out["warnings"]:
                 raise RuntimeError(f"{tier}: got tier {out['tier']}, warnings {out['warnings']}")
@@ -135,10 +152,8 @@ def redis_bytes_per_token(rd: redis.Redis, pg_url: str) -> dict:
     memory = rd.info("memory")["used_memory"]
     tokens = 0
     for key in keys:  # a block file's header names its tokens
-        head = rd.getrange(key, 0, 8 + int.from_bytes(rd.getrange(key, 0, 7), "little"))
-        import json
-
-        meta = json.loads(head[8:])["__metadata__"]
+        head = rd.getrange(key, 8, 7 + int.from_bytes(rd.getrange(key, 0, 7), "little"))  # GETRANGE: end inclusive
+        meta = json.loads(head)["__metadata__"]
         tokens += int(meta["n_tokens"])
     return {"blocks": len(keys), "blocks_named": len(blocks), "value_bytes": values, "tokens": tokens,
             "bytes_per_token": round(values / tokens, 1) if tokens else 0, "redis_used_memory": memory,
@@ -201,7 +216,7 @@ def main() -> None:
         result = {**header("shared"), "cores": os.cpu_count(), "model": args.model or "smollm2-135m (default)",
                   "ttft": [], "throughput": []}
         for context in args.contexts:
-            result["ttft"].append(ttft_runs(a, b, context, args.runs))
+            result["ttft"].append(ttft_runs(a, b, pg_url, context, args.runs))
             row = result["ttft"][-1]
             row["remote_over_disk"] = round(row["ttft_ms"]["remote"] / row["ttft_ms"]["disk"], 2)
             print(f"{context:6} tokens  ttft ms: " + "  ".join(f"{k} {v:8.1f}" for k, v in row["ttft_ms"].items())

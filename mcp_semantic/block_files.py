@@ -43,7 +43,8 @@ import orjson
 import xxhash
 
 from mcp_semantic import cuda
-from mcp_semantic.block_pool import Block, Storage, block_id, host_view
+from mcp_semantic.block_pool import Block, Storage, block_id
+from mcp_semantic.cache_build import host_view
 
 log = logging.getLogger(__name__)
 
@@ -426,7 +427,7 @@ class BlockFiles:
     def read_into_one(self, files: list[BlockFile], gpu: bool) -> tuple[mx.array, list[str | None]]:
         """Each file's data, whole, into one buffer, file i in row i (with `gpu`, in CUDA GPU memory
         by DMA: cuda.py): a load of many blocks makes one allocation, and its arrays come out of
-        it by strided views (block_pool.reconstruct), not an array per block and layer.
+        it by strided views (cache_build.reconstruct), not an array per block and layer.
         Returns the buffer and, per file, None or why it could not be used."""
         row = -(-max((end for p in files for *_, end in p.layout.values()), default=1) // 16) * 16  # aligned
         shape = (max(len(files), 1), row)  # 2-D: MLX's dimensions are 32-bit, a 32K-token load is 4 GB

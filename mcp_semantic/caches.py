@@ -48,18 +48,15 @@ from mlx_lm.utils import common_prefix_len
 from mcp_semantic.block_pool import (
     Block,
     BlockPool,
-    Spares,
     Storage,
-    block_ids,
     array_names,
+    block_ids,
     block_names,
     chain_ids,
     cut_blocks,
-    read_into_cache,
-    reconstruct,
-    starts,
     wanted_leaves,
 )
+from mcp_semantic.cache_build import Spares, read_into_cache, reconstruct, starts
 from mcp_semantic import cuda
 from mcp_semantic.cache_kinds import Layout
 from mcp_semantic.block_files import host_block
@@ -208,15 +205,18 @@ class Caches:
         return True
 
     def refresh(self, name: str) -> None:
-        """Read the agent's block list from the store again at its next use (in the shared mode,
-        another server may have served it since): nothing of it is held here unsaved."""
+        """Read the agent's block list from the store again (in the shared mode, another server
+        may have served it since): the blocks both lists name stay in memory; the kept working
+        cache goes if the list moved on. Not while this server holds it unsaved: it is newest."""
         if name in self.unsaved:
             return
-        self._drop_kept(name)
-        record = self.records.pop(name, None)
+        old = self.records.pop(name, None)
         self.problems.pop(name, None)
-        if record is not None:
-            self.pool.hold(record.ids, [])
+        new = self.record(name) if old is not None else None  # held before the old is let go
+        if old is not None:
+            self.pool.hold(old.ids, [])
+        if new is None or new.tokens != old.tokens:
+            self._drop_kept(name)
 
     def whole(self, block: Block) -> bool:
         """Whether the block holds every array (one read from disk for a call may not: Block)."""

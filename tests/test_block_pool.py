@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import KVCache
 
-from mcp_semantic.block_pool import Block, BlockPool, Spares, Storage, block_ids, chain_ids, cut_blocks, host_view, reconstruct
+from mcp_semantic.block_pool import Block, BlockPool, Storage, block_ids, chain_ids, cut_blocks
+from mcp_semantic.cache_build import Spares, host_view, reconstruct
 from mcp_semantic.cache_kinds import Layout
 
 EXACT = Storage("fp", "float32")
@@ -127,7 +128,7 @@ def test_reconstruct_refuses_blocks_that_do_not_join(dtype) -> None:
 @pytest.mark.parametrize("bits", [8, 4])
 def test_host_dequantization_is_mlx_s(bits: int) -> None:
     """dequantize_into (numpy, on the host) gives what mx.dequantize gives, into a strided region."""
-    from mcp_semantic.block_pool import dequantize_into, host_view
+    from mcp_semantic.cache_build import dequantize_into, host_view
 
     a = mx.random.normal((1, 3, 40, 64))
     w, scales, biases = mx.quantize(a, group_size=64, bits=bits)
@@ -141,7 +142,7 @@ def test_host_dequantization_is_mlx_s(bits: int) -> None:
 def test_float16_widening_is_bit_exact_for_every_value() -> None:
     """copy_into's float16 -> float32 by bits equals numpy's cast and MLX's for all 65,536
     float16s (subnormals, infinities, NaN payloads), into a strided region, on a copy thread."""
-    from mcp_semantic.block_pool import _host_threads, copy_into
+    from mcp_semantic.cache_build import _host_threads, copy_into
 
     every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).reshape(1, 4, 256, 64)
     target = np.zeros((1, 4, 300, 64), np.float32)

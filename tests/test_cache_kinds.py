@@ -8,7 +8,8 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
-from mcp_semantic.block_pool import Storage, cut_blocks, reconstruct
+from mcp_semantic.block_pool import Storage, cut_blocks
+from mcp_semantic.cache_build import reconstruct
 from mcp_semantic.cache_kinds import UnsupportedCache, probe, row_of, to_batch
 from mcp_semantic.models import load_model
 from mcp_semantic.tiny_model import make_tiny_model

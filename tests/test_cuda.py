@@ -1,4 +1,4 @@
-"""The CUDA load path (cuda.py, Store.read_into_one into a GPU buffer, block_pool.reconstruct) run on the CPU, the CUDA runtime replaced by host memory copies: the reading
+"""The CUDA load path (cuda.py, Store.read_into_one into a GPU buffer, cache_build.reconstruct) run on the CPU, the CUDA runtime replaced by host memory copies: the reading
 threads' pinned buffers, the copies by address, and the engine's resume through them, exact."""
 
 from __future__ import annotations

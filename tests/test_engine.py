@@ -533,7 +533,7 @@ async def test_a_damaged_quantized_block_on_the_cpu_is_a_named_miss(tmp_path, ca
 
 def _address(engine, agent: str) -> int | None:
     """Where the agent's kept working cache (Caches.working) begins in memory, or None."""
-    from mcp_semantic.block_pool import host_view
+    from mcp_semantic.cache_build import host_view
 
     kept = engine.caches.working.get(agent)
     return None if kept is None else host_view(kept.arrays[0][0]).__array_interface__["data"][0]

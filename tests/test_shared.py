@@ -255,3 +255,16 @@ def test_soak_short(shared, lm, replay, postgres_url: str, tmp_path: Path) -> No
 @pytest.mark.slow
 def test_soak(shared, lm, replay, postgres_url: str, tmp_path: Path) -> None:
     soak(shared, lm, replay, postgres_url, tmp_path, servers=4, clients=16, agents=100, calls=100)
+
+
+def test_an_agent_stays_hot_on_its_server_after_it_let_the_agent_go(shared, postgres_url: str) -> None:
+    """A lease taken anew reads the agent's list again; the blocks it still names stay in memory."""
+    a = shared("a")
+    ask(a, "x", "Hello there, tell me about rivers.")
+    ask(a, "x", "And lakes?")
+    deadline = time.monotonic() + 30
+    while holder(postgres_url, "x") is not None and time.monotonic() < deadline:  # saved, let go
+        time.sleep(0.05)
+    assert holder(postgres_url, "x") is None
+    out = ask(a, "x", "And seas?")
+    assert out["tier"] == "hot" and out["tokens"]["cached"] > 0

@@ -13,7 +13,8 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from mlx_lm.models.cache import KVCache
 
-from mcp_semantic.block_pool import Storage, array_names, cut_blocks, reconstruct
+from mcp_semantic.block_pool import Storage, array_names, cut_blocks
+from mcp_semantic.cache_build import reconstruct
 from mcp_semantic.cache_kinds import Layout
 from mcp_semantic.block_files import host_block
 from mcp_semantic.store import NAME_RULE, Agent, InvalidName, KVRecord, Store, Writer, check_name

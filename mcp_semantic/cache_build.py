@@ -1,0 +1,439 @@
+"""The working cache an agent's call runs in, built from its blocks (block_pool.py): on a GPU by
+MLX (`reconstruct`: a few strided operations per layer), on the host by numpy straight into the
+cache's memory (`read_into_cache`: block files read into it, quantized blocks dequantized into
+it), with the arrays of working caches gone reused (`Spares`).
+
+Why numpy on the host: its copies and conversions let go of the GIL, so they run on every core
+beside the reading threads, and a strided copy into the cache's memory runs about twice as fast
+as MLX's on this CPU; MLX's own arrays would be filled with zeros first.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import ArraysCache, KVCache
+
+from mcp_semantic.block_pool import Block, Storage, block_names
+from mcp_semantic.cache_kinds import ChunkCache, Layout, Leaf, WindowCache, span_start
+
+def reconstruct(layout: Layout, storage: Storage, parts: list[Any], reuse: int, size: int, block_tokens: int,
+                buffer: mx.array | None = None, rows: dict[int, int] | None = None) -> list[Any]:
+    """A working cache holding the first `reuse` tokens of `parts`, with room up to `size`
+    tokens, built with MLX (any device, any --kv-bits): per leaf one concatenation of the
+    parts it needs (wanted_leaves) and the room, each byte written once.
+
+    Parts are blocks, or block files read whole into one `buffer` (`Store.read_into_one`; part
+    i's data in row `rows[i]`): each run of files alike gives a layer's keys (or values) as one
+    strided view of the buffer, so a load of a long cache is a few array operations per layer,
+    not one per block and layer (on a GPU each is a kernel launch and Python's work: they were
+    most of a 32K-token load).
+
+    Why not KVCache.update_and_fetch block by block: it grows its buffer in steps and copies the
+    whole prefix each time; one copy per layer writes every byte once, and the room lets the
+    call's prompt and reply go in place. On the CPU, blocks stored at the model's dtype are
+    copied by numpy instead (read_into_cache).
+    """
+    ends = list(itertools.accumulate(len(p.tokens) for p in parts))
+    typed: dict[mx.Dtype, mx.array] = {}
+
+    def from_file(i: int, name: str, count: int = 0) -> mx.array:
+        """The array `name` of part i, or of `count` files alike from it on, stacked on its first axis."""
+        dtype, shape, begin, _ = parts[i].layout[name]
+        rows_of = typed.setdefault(dtype, buffer.view(dtype))
+        strides = [math.prod(shape[k + 1 :]) for k in range(len(shape))]
+        span = max(count, 1)  # files of a run are in rows one after another (_continues)
+        if count:
+            shape, strides = [count, *shape[1:]], [rows_of.shape[1] if count > 1 else 0, *strides[1:]]
+        # as_strided over the rows it reads (MLX's offsets are 32-bit: not over the whole buffer)
+        return mx.as_strided(rows_of[rows[i] : rows[i] + span], shape, strides, begin // dtype.size)
+
+    out = []
+    for leaf in layout.leaves:
+        if leaf.kind == "state":
+            c = ArraysCache(leaf.size)
+            i = len(parts) - 1
+            c.cache = [None] * leaf.size
+            if ends[-1] == reuse:
+                for j in range(leaf.size):
+                    name = f"{leaf.name}.state.{j}"
+                    if isinstance(parts[i], Block):
+                        c.cache[j] = parts[i].arrays.get(name)
+                    elif name in parts[i].layout:
+                        c.cache[j] = from_file(i, name)
+            if any(f"{leaf.name}.state.{j}" in layout.shapes and a is None for j, a in enumerate(c.cache)):
+                raise ValueError(f"no block holds the state of {leaf.name} after {reuse} tokens")
+            out.append(c)
+            continue
+        first = span_start(leaf, reuse, block_tokens)
+        use = [i for i, end in enumerate(ends) if end > first]
+        kv = []
+        for kind in ("keys", "values"):
+            name, pieces, k = f"{leaf.name}.{kind}", [], 0
+            shape, dtype = layout.shapes[name]
+            while k < len(use):
+                i = use[k]
+                if isinstance(parts[i], Block):
+                    pieces.append(storage.decode(parts[i].arrays, name))
+                    k += 1
+                    continue
+                n = 1
+                while (k + n < len(use) and _continues(parts, rows, use[k + n - 1], use[k + n], name + storage.suffixes[0])
+                       and (n + 1) * buffer.shape[1] < 1 << 31):
+                    n += 1
+                stacked = storage.decode({name + sfx: from_file(i, name + sfx, n) for sfx in storage.suffixes}, name)
+                g, heads, t, dim = stacked.shape
+                pieces.append(stacked.transpose(1, 0, 2, 3).reshape(1, heads, g * t, dim))
+                k += n
+            for a in pieces:
+                if a.shape[:2] != shape[:2] or a.shape[3] != shape[3]:
+                    raise ValueError(f"a block's {name} of shape {a.shape} does not fit {shape}")
+            pieces.append(mx.zeros((1, shape[1], size - first - sum(a.shape[2] for a in pieces), shape[3]), pieces[0].dtype))
+            kv.append(mx.concatenate(pieces, axis=2))
+        out.append(_working(leaf, kv[0], kv[1], reuse, first))
+    mx.eval([c.state for c in out])
+    return layout.nest(out)
+
+
+def _working(leaf: Leaf, keys: mx.array, values: mx.array, offset: int, first: int) -> Any:
+    """An attention leaf's working cache over `keys` and `values` (tokens from `first`)."""
+    if leaf.kind == "kv":
+        c = KVCache()
+        c.keys, c.values, c.offset = keys, values, offset
+        return c
+    cls = WindowCache if leaf.kind == "window" else ChunkCache
+    return cls(leaf.size, keys, values, offset, first)
+
+
+def host_view(a: mx.array) -> np.ndarray:
+    """numpy's view of an evaluated CPU array's memory (bfloat16, which numpy lacks, as uint16)."""
+    return np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a, copy=False)
+
+
+def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[list[Leaf]], reuse: int, size: int,
+                    block_tokens: int, storage: Storage, buffer: np.ndarray | None = None,
+                    rows: dict[int, int] | None = None, spares: Spares | None = None) -> tuple[list[Any], dict[int, str]]:
+    """A working cache of `reuse` tokens with room up to `size`, built on the host (CPU) from
+    `parts`, one after another, each giving its `wanted` leaves: blocks (copied in by numpy, about
+    twice as fast as MLX's strided copy here, and dequantized by numpy: `dequantize_into`; their
+    arrays MLX's or numpy's) and
+    block files from `Store.open_blocks`, stored as computed (their arrays read straight in by
+    `store.blocks.fill_blocks`, checksummed), or read already into one `buffer` (numpy's view of
+    `Store.read_into_one`'s; part i in row `rows[i]`: quantized or float16 files, converted from
+    there a run of files at a time, `_from_buffer`). Its K/V arrays are `spares`' where it has
+    them. Returns the cache and, by the token where it begins, why each file that failed could
+    not be used."""
+    mx.eval([a for part in parts if isinstance(part, Block) for a in part.arrays.values() if isinstance(a, mx.array)])  # cut lazily
+    firsts = {leaf.name: span_start(leaf, reuse, block_tokens) for leaf in layout.leaves}
+    names = block_names(layout)  # the arrays as the model computes them
+    shapes = {}
+    for leaf in layout.leaves:
+        for name in names[leaf.name]:
+            shape, dtype = layout.shapes[name]
+            shapes[name] = ((1, shape[1], size - firsts[leaf.name], shape[3]) if leaf.attention else tuple(shape)), dtype
+    # K/V arrays (every token they hold is written below) of a working cache that is gone, if
+    # any; the rest new, filled with zeros: fresh memory is filled at about 2.5 GB/s by one
+    # thread here (page faults), so two streams, each a thread of its own, fill half each
+    buffers = spares.take({k: v for k, v in shapes.items() if ".state." not in k}) if spares is not None else {}
+    streams = _fill_streams()
+    for i, name in enumerate(k for k in shapes if k not in buffers):
+        buffers[name] = mx.zeros(*shapes[name], stream=streams[i % len(streams)])
+    mx.eval(list(buffers.values()))
+    if spares is not None:
+        spares.keep([a for k, a in buffers.items() if ".state." not in k])
+    views = {k: host_view(a) for k, a in buffers.items()}
+    fits: set[tuple[str, tuple[int, ...], int]] = set()
+    head_views: dict[str, list[np.ndarray]] = {}
+
+    def runs(name: str, at: int, shape: list[int], itemsize: int, per_token: bool) -> list[np.ndarray]:
+        """Where a block file's array goes, as the runs of bytes it fills (a head's tokens, or
+        a state whole); the fit checked once per array shape, then the tokens' place per file."""
+        key = (name, tuple(shape), itemsize)
+        if key not in fits or not per_token or not 0 <= at <= views[name].shape[2] - shape[2]:
+            region = _region(views, name, at, shape, itemsize, per_token)  # raises where it does not fit
+            fits.add(key)
+            if not per_token:
+                return [region]
+        if name not in head_views:
+            head_views[name] = [views[name][0, h] for h in range(views[name].shape[1])]
+        return [head[at : at + shape[2]] for head in head_views[name]]
+
+    files, targets, dequantize, copies = [], [], [], []
+    in_buffer: dict[str, list[tuple[int, int]]] = {}  # per array, the files in `buffer` that give it: (part, token)
+    def file_targets(start: int, leaves: list[Leaf], part: Any) -> list[tuple[str, list[np.ndarray]]]:
+        """A block file's arrays and where they go: made on the reading thread that reads the file."""
+        heads = []
+        for leaf in leaves:
+            for name in names[leaf.name]:
+                if name not in part.layout:
+                    raise ValueError(f"block file {part.path.name} lacks {name}")
+                dtype, shape, _, _ = part.layout[name]
+                heads.append((name, runs(name, start - firsts[leaf.name], shape, dtype.size, leaf.attention)))
+        return heads
+
+    for i, (start, part, leaves) in enumerate(zip(starts(parts), parts, wanted)):
+        if not isinstance(part, Block) and not (rows is not None and i in rows):
+            files.append((start, part))
+            targets.append(partial(file_targets, start, leaves))
+            continue
+        for leaf in leaves:
+            at = start - firsts[leaf.name]
+            for name in names[leaf.name]:
+                if rows is not None and i in rows:
+                    in_buffer.setdefault(name, []).append((i, at))
+                elif isinstance(part, Block) and name + ".weight" in part.arrays:
+                    w, scales, biases = (host_view(part.arrays[f"{name}.{k}"]) for k in ("weight", "scales", "biases"))
+                    shape = w.shape[:-1] + (w.shape[-1] * 32 // storage.kv_bits,)
+                    dequantize.append((_region(views, name, at, shape, views[name].itemsize, True), w, scales, biases))
+                elif isinstance(part, Block):
+                    if name not in part.arrays:
+                        raise ValueError(f"block {part.id} lacks {name}")
+                    data = host_view(part.arrays[name])
+                    itemsize = views[name].itemsize if data.dtype == np.float16 else data.itemsize  # numpy converts float16
+                    copies.append((_region(views, name, at, data.shape, itemsize, leaf.attention), data))
+    # numpy lets go of the GIL in its loops: the copies (a conversion at --kv-bits 16) and the
+    # dequantization run on every core, a share each
+    jobs = [partial(copy_into, region, data) for region, data in copies]
+    jobs += [partial(dequantize_into, *job, storage.kv_bits) for job in dequantize]
+    for name, found in in_buffer.items():
+        jobs += _from_buffer(views, name, found, parts, buffer, rows, storage.kv_bits)
+    n = os.cpu_count() or 1
+    list(_host_threads().map(lambda share: [job() for job in share], [jobs[i::n] for i in range(n)]))
+    problems = store.blocks.fill_blocks([f for _, f in files], targets) if files else []
+    failed = {start: problem for (start, _), problem in zip(files, problems) if problem}
+    out = []
+    for leaf in layout.leaves:
+        if leaf.kind == "state":
+            c = ArraysCache(leaf.size)
+            c.cache = [buffers.get(f"{leaf.name}.state.{j}") for j in range(leaf.size)]
+            out.append(c)
+        else:
+            out.append(_working(leaf, buffers[f"{leaf.name}.keys"], buffers[f"{leaf.name}.values"], reuse, firsts[leaf.name]))
+    return layout.nest(out), failed
+
+
+class Spares:
+    """The K/V arrays of the working caches read_into_cache made, for the next that needs arrays of
+    the same shape once their cache is gone: MLX fills every new array (zeros; on this CPU about
+    a fifth of a lossless load, and into fresh memory far more), where a build overwrites every
+    token it holds anyway (the room after them is never read: the caches show keys up to their
+    offset). Caches.cache_size rounds sizes, so an agent's next builds mostly match.
+
+    An array is taken only when nothing else refers to it (Python's count; the caller holds no
+    view of it), and MLX confirms that nothing shares its memory, such as a block cut from it as
+    a view: `mx.slice_update` writes in place only then, and otherwise copies (correct, slower)."""
+
+    def __init__(self) -> None:
+        self.arrays: list[mx.array] = []  # oldest first; those in use too
+        self._keys: list[tuple[tuple[int, ...], mx.Dtype]] = []  # each one's (shape, dtype)
+        self.room = 0  # bytes of idle arrays kept: the last working cache's
+
+    def _idle(self, i: int) -> bool:
+        return sys.getrefcount(self.arrays[i]) == 2  # this list's reference, and getrefcount's argument
+
+    def take(self, shapes: dict[str, tuple[tuple[int, ...], mx.Dtype]]) -> dict[str, mx.array]:
+        """For each name, an idle array of its (shape, dtype) if there is one, ours to write."""
+        idle: dict[tuple, list[int]] = {}  # by (shape, dtype), the idle arrays' places
+        wanted = set(shapes.values())
+        for i, key in enumerate(self._keys):
+            if key in wanted and self._idle(i):
+                idle.setdefault(key, []).append(i)
+        taken = {name: idle[key].pop() for name, key in shapes.items() if idle.get(key)}
+        found = {name: self.arrays[i] for name, i in taken.items()}
+        for i in sorted(taken.values(), reverse=True):
+            del self.arrays[i], self._keys[i]
+        for name, (shape, dtype) in shapes.items():
+            if name in found:  # the list's reference is gone: MLX may donate the memory to the update
+                found[name] = mx.slice_update(found[name], mx.zeros((1,) * len(shape), dtype), mx.array([0] * len(shape)),
+                                              tuple(range(len(shape))))
+        mx.eval(list(found.values()))
+        return found
+
+    def keep(self, arrays: list[mx.array]) -> None:
+        """Keep a new working cache's arrays; of those idle, at most as many bytes as these."""
+        self.arrays.extend(arrays)
+        self._keys.extend((tuple(a.shape), a.dtype) for a in arrays)
+        self.room = sum(a.nbytes for a in arrays)
+        self.trim()
+
+    def trim(self) -> None:
+        """Let idle arrays beyond `room` bytes (the last working cache's) go, the oldest first (to
+        MLX's buffer cache): calls that ran together and ended leave one cache's worth."""
+        room = self.room
+        for i in reversed(range(len(self.arrays))):
+            if self._idle(i):
+                room -= self.arrays[i].nbytes
+                if room < 0:
+                    del self.arrays[i], self._keys[i]
+
+    def clear(self) -> None:
+        self.arrays.clear()
+        self._keys.clear()
+
+
+def _continues(parts: list[Any], rows: dict[int, int], i: int, j: int, name: str) -> bool:
+    """Whether part j, a file read into one buffer, continues a run of files through part i: the
+    next part, in the next row, with its array `name` at the same place and of the same shape. A
+    run is then one strided view of the buffer (reconstruct, _from_buffer)."""
+    return (j == i + 1 and j in rows and rows[j] == rows[i] + 1
+            and parts[j].layout[name][1:3] == parts[i].layout[name][1:3])
+
+
+def _from_buffer(views: dict[str, np.ndarray], name: str, found: list[tuple[int, int]], parts: list[Any],
+                 buffer: np.ndarray, rows: dict[int, int], kv_bits: int | None) -> list[Any]:
+    """Jobs that put the array `name` of the files `found` (part, token where it goes), read into
+    `buffer`, into the working cache (`views`), converting or dequantizing it: one per run of
+    files alike (the array at the same place in rows one after another, tokens one after
+    another), as a strided view of the buffer (a job per block and array, 1,680 for 7K tokens of
+    the default model, was most of a quantized load), cut so that each writes about 1 MB."""
+    jobs: list[Any] = []
+    quantized = name + ".weight" in parts[found[0][0]].layout
+    first = name + ".weight" if quantized else name
+    run: list[tuple[int, int]] = []
+    for k, item in enumerate(found):
+        run.append(item)
+        if k + 1 < len(found) and ".state." not in name and _continues(parts, rows, item[0], found[k + 1][0], first):
+            continue
+        (i, at), n = run[0], len(run)
+        arrays = {}
+        for sfx in (".weight", ".scales", ".biases") if quantized else ("",):
+            dtype, shape, begin, end = parts[i].layout[name + sfx]
+            stacked = buffer[rows[i] : rows[i] + n, begin:end].view(_np_dtype(dtype)).reshape(n, *shape)
+            # K/V (n, 1, heads, tokens, dim) as (heads, n, tokens, dim); a state as it is
+            arrays[sfx] = stacked[:, 0].transpose(1, 0, 2, 3) if ".state." not in name else stacked[0]
+        target = views[name]
+        if ".state." in name:
+            if arrays[""].shape != target.shape or arrays[""].dtype.itemsize != target.dtype.itemsize:
+                raise ValueError(f"a block's {name} of shape {arrays[''].shape} does not fit a cache of {target.shape}")
+            jobs.append(partial(np.copyto, target, arrays[""]))
+            run = []
+            continue
+        lead = arrays[".weight" if quantized else ""]
+        heads, tokens = lead.shape[0], lead.shape[2]
+        dim = lead.shape[3] * 32 // kv_bits if quantized else lead.shape[3]
+        # a view: the token axis split in two
+        out = _region(views, name, at, (1, heads, n * tokens, dim), target.itemsize, True)[0].reshape(heads, n, tokens, dim)
+        step = max(1, (1 << 20) // (heads * tokens * dim * target.itemsize))
+        for s in range(0, n, step):
+            part = {sfx: a[:, s : s + step] for sfx, a in arrays.items()}
+            if quantized:
+                jobs.append(partial(dequantize_into, out[:, s : s + step], part[".weight"], part[".scales"], part[".biases"], kv_bits))
+            else:
+                jobs.append(partial(copy_into, out[:, s : s + step], part[""]))
+        run = []
+    return jobs
+
+
+def copy_into(out: np.ndarray, data: np.ndarray) -> None:
+    """np.copyto(out, data), float16 to float32 by bits at about 3x numpy's cast here.
+
+    numpy's float16 cast runs one element at a time (2.8 GB/s on this CPU; MLX's, 3.8): at
+    --kv-bits 16 it was most of a resume's load. The bits of a float16 shifted into a float32's
+    place are the value times 2^-112, exactly, so a multiply by 2^112 gives it (subnormals
+    included: their float32 is normal); infinities and NaNs then get the float32's top exponent,
+    their payload kept (as numpy keeps it). Where denormals are flushed to zero on this thread
+    (a library built with -ffast-math), the multiply would zero the subnormals: numpy's cast then."""
+    if data.dtype != np.float16 or out.dtype != np.float32 or np.float32(1e-45) * np.float32(2) == 0:
+        np.copyto(out, data)
+        return
+    bits, raw = data.view(np.uint16), out.view(np.uint32)
+    (magnitude,), (special,) = _scratch(data.shape, np.uint32), _scratch(data.shape, np.bool_, slot=1)
+    np.bitwise_and(bits, 0x7FFF, out=magnitude)
+    np.left_shift(magnitude, 13, out=magnitude)
+    np.multiply(magnitude.view(np.float32), np.float32(2.0**112), out=out)
+    np.greater_equal(magnitude, 0x7C00 << 13, out=special)  # infinities and NaNs
+    np.bitwise_or(raw, 0x7F800000, out=raw, where=special)
+    np.bitwise_and(bits, 0x8000, out=magnitude)  # the sign
+    np.left_shift(magnitude, 16, out=magnitude)
+    np.bitwise_or(raw, magnitude, out=raw)
+
+
+def _scratch(shape: tuple[int, ...], dtype: Any, count: int = 1, slot: int = 0) -> list[np.ndarray]:
+    """`count` arrays of `shape` in this thread's scratch memory `slot`, reused from call to call:
+    fresh memory costs page faults (on this VM more than the work done in it)."""
+    n = math.prod(shape) * np.dtype(dtype).itemsize
+    buffers = _local.__dict__.setdefault("scratch", {})
+    if slot not in buffers or len(buffers[slot]) < n * count:
+        buffers[slot] = np.empty(n * count, np.uint8)
+    return [buffers[slot][i * n : (i + 1) * n].view(dtype).reshape(shape) for i in range(count)]
+
+
+def _np_dtype(dtype: mx.Dtype) -> np.dtype:
+    """numpy's dtype for an MLX one (bfloat16, which numpy lacks, as uint16)."""
+    return np.dtype("uint16" if dtype == mx.bfloat16 else str(dtype).rsplit(".", 1)[1])
+
+
+def dequantize_into(out: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int) -> None:
+    """MLX's affine dequantization (`mx.dequantize`: each group of the last axis is q * scale +
+    bias, q packed `bits` to a uint32 from the low bits up) on the host, into `out`.
+
+    Why not mx.dequantize on the CPU: it runs element by element there; a 4K-token agent stored at
+    --kv-bits 8 loaded in 465 ms against 114 ms lossless (issue 14). numpy's vectorized byte
+    unpacking and multiply-add run at memory speed."""
+    packed = w.view(np.uint8)  # little-endian: the elements in order, a byte each (8 bits) or two (4)
+    if bits == 8:
+        q = packed
+    else:  # byte 0xab as the uint16 0x0a0b, whose bytes are b, a: 1.5x the speed of two strided writes
+        wide, shifted = _scratch(packed.shape, np.uint16, 2)
+        np.copyto(wide, packed)
+        np.left_shift(wide, 4, out=shifted)
+        np.bitwise_or(wide, shifted, out=wide)
+        np.bitwise_and(wide, 0x0F0F, out=wide)
+        q = wide.view(np.uint8)
+    grouped = out.reshape(out.shape[:-1] + (scales.shape[-1], -1))  # a view: the last axis is contiguous
+    np.multiply(q.reshape(grouped.shape), scales[..., None], out=grouped)
+    grouped += biases[..., None]
+
+
+_local = threading.local()
+
+
+def _fill_streams() -> list[mx.Stream]:
+    """This thread's default CPU stream, and a second one where there is a second core (MLX's
+    streams belong to the thread that made them)."""
+    if not hasattr(_local, "streams"):
+        _local.streams = [mx.default_stream(mx.cpu)]
+        if (os.cpu_count() or 1) > 1:
+            _local.streams.append(mx.new_stream(mx.cpu))
+    return _local.streams
+
+
+@functools.cache
+def _host_threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="mcp-semantic-copy")
+
+
+def starts(parts: list[Any]) -> list[int]:
+    """The token position where each part begins."""
+    starts, n = [], 0
+    for part in parts:
+        starts.append(n)
+        n += len(part.tokens)
+    return starts
+
+
+def _region(views: dict[str, np.ndarray], name: str, at: int, shape: tuple[int, ...] | list[int], itemsize: int,
+            per_token: bool) -> np.ndarray:
+    """Where a block's array `name` of `shape` goes in the working cache: for K/V (`per_token`)
+    from token `at`, for a state the whole of it. An array that does not fit (other heads, head
+    size, state shape or item size) raises ValueError."""
+    target = views[name]
+    shape = list(shape)
+    if per_token:
+        fits = len(shape) == 4 and shape[:2] == list(target.shape[:2]) and shape[3] == target.shape[3] \
+            and 0 <= at and at + shape[2] <= target.shape[2]
+    else:
+        fits = shape == list(target.shape)
+    if not fits or itemsize != target.dtype.itemsize:
+        raise ValueError(f"a block's {name} of shape {tuple(shape)} does not fit a cache of {target.shape}")
+    return target[:, :, at : at + shape[2], :] if per_token else target
