@@ -97,7 +97,7 @@ def thinking(lm, spec: dict, work: Path) -> dict:
         ours.new("t", document(lm, THINKING_CONTEXT, "thinking"))
         first = ours.ask("t", QUESTIONS[0], 32)
         second = ours.ask("t", QUESTIONS[1], REPLY)
-        agent = ours.engine._agents["t"]
+        agent = ours.engine.agents.memory["t"]
         tok = ours.lm.tokenizer
         before = tok.apply_chat_template(agent.messages[:2], add_generation_prompt=True)
         after = tok.apply_chat_template(agent.messages[:3], add_generation_prompt=True)

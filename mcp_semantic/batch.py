@@ -21,10 +21,26 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import mlx.core as mx
+from mlx_lm.sample_utils import apply_top_p
 
 from mcp_semantic.cache_kinds import Layout, row_of, to_batch, whole_of
 
 Sampler = Callable[[mx.array], mx.array]
+
+
+def seeded_sampler(temperature: float, top_p: float, seed: int) -> Sampler:
+    """Sampling from the request's own random stream, so a seeded reply is the same whatever
+    else is in the batch (mlx-lm's samplers draw from the global stream)."""
+    key = mx.random.key(seed)
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        key, step = mx.random.split(key)
+        if top_p < 1:
+            logprobs = apply_top_p(logprobs, top_p)
+        return mx.random.categorical(logprobs * (1 / temperature), key=step)
+
+    return sample
 
 
 @dataclass

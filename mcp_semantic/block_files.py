@@ -25,6 +25,8 @@ checksum release the GIL). The files stay plain safetensors, readable by any saf
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
@@ -33,7 +35,7 @@ import re
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,19 +58,23 @@ BLOCK_FORMAT = "mcp-semantic-block/3"
 BLOCK_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through `write(tmp_path)`, fsync, and rename over `path`."""
+def atomic_write(path: Path, write: Callable[[Path], None], sync: bool = True) -> None:
+    """Write through `write(tmp_path)`, fsync (unless not `sync`: a copy of what is safe
+    elsewhere, whose loss or damage is a miss), and rename over `path`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
+        if sync:
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    if not sync:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -149,6 +155,7 @@ class BlockFile:
     start: int  # where the data region starts in the file
     checksums: dict[str, str]  # name -> xxh3_64 of its data
     layout: dict[str, tuple[mx.Dtype, list[int], int, int]]  # name -> (dtype, shape, begin, end), in file order
+    data: bytes | None = None  # the file's bytes, where they came from the shared tier (no file here)
 
 
 class Unusable(Exception):
@@ -223,6 +230,20 @@ def _parse_header(path: Path, f, size: int, bid: str, storage: Storage, names: s
     return BlockFile(path, bid, parent, tokens, 8 + n, checksums, layout)
 
 
+def _read_into(p: BlockFile, fd: int | None, buffers: list[Any], offset: int, n: int) -> None:
+    """`n` bytes of the block at `offset` into `buffers`: from its file, or its bytes in memory."""
+    if p.data is None:
+        _preadv(fd, buffers, offset, n)
+        return
+    data = memoryview(p.data)
+    if offset + n > len(data):
+        raise Unusable("is unreadable (shorter than its header says)")
+    for b in buffers:
+        view = memoryview(b).cast("B")
+        view[:] = data[offset : offset + len(view)]
+        offset += len(view)
+
+
 Target = memoryview | tuple[int, int]  # host memory, or (address, bytes) on a CUDA GPU (cuda.py)
 
 
@@ -231,7 +252,7 @@ def _fill(p: BlockFile, targets: list[tuple[str, list[Any]]] | Target) -> None:
     (bytes, in file order, as many as the array holds: a buffer of its own, or a working cache's
     heads); or, given one target, the file's whole data region into it (_fill_whole). No MLX
     call: this runs on the reading threads."""
-    with open(p.path, "rb", buffering=0) as f:
+    with open(p.path, "rb", buffering=0) if p.data is None else contextlib.nullcontext() as f:
         if not isinstance(targets, list):
             _fill_whole(p, f, targets)
             return
@@ -240,11 +261,11 @@ def _fill(p: BlockFile, targets: list[tuple[str, list[Any]]] | Target) -> None:
             begin = p.layout[name][2]
             if group and (begin - p.layout[group[0][0]][2] >= _GROUP_BYTES or p.layout[group[-1][0]][3] != begin
                           or sum(len(bufs) for _, bufs in group) + len(into) > _GROUP_BUFFERS):
-                _fill_group(p, f.fileno(), group)
+                _fill_group(p, f and f.fileno(), group)
                 group = []
             group.append((name, into))
         if group:
-            _fill_group(p, f.fileno(), group)
+            _fill_group(p, f and f.fileno(), group)
 
 
 # What one call reads: arrays one after another, about 1 MB, few calls (an array is a call's
@@ -253,11 +274,11 @@ def _fill(p: BlockFile, targets: list[tuple[str, list[Any]]] | Target) -> None:
 _GROUP_BYTES, _GROUP_BUFFERS = 1 << 20, 512
 
 
-def _fill_group(p: BlockFile, fd: int, group: list[tuple[str, list[Any]]]) -> None:
+def _fill_group(p: BlockFile, fd: int | None, group: list[tuple[str, list[Any]]]) -> None:
     """Arrays one after another in the file, read by one call straight into their buffers (the
     bytes copied once, where they go), then checksummed there."""
     begin, end = p.layout[group[0][0]][2], p.layout[group[-1][0]][3]
-    _preadv(fd, [b for _, into in group for b in into], p.start + begin, end - begin)
+    _read_into(p, fd, [b for _, into in group for b in into], p.start + begin, end - begin)
     for name, into in group:
         checksum = xxhash.xxh3_64()
         for b in into:
@@ -299,7 +320,7 @@ def _fill_whole(p: BlockFile, f, target: Target) -> None:
     n = max((end for *_, end in p.layout.values()), default=0)
     staging = None if isinstance(target, memoryview) else cuda.staging(n)
     view = target[:n] if staging is None else staging.view[:n]
-    _preadv(f.fileno(), [view], p.start, n)
+    _read_into(p, f and f.fileno(), [view], p.start, n)
     for name, (_, _, begin, end) in p.layout.items():
         if xxhash.xxh3_64_hexdigest(view[begin:end]) != p.checksums[name]:
             raise Unusable(f"fails its checksum ({name}): its data was damaged on disk")
@@ -371,6 +392,11 @@ class BlockFiles:
         path = self.path(block.id)
         atomic_write(path, lambda p: write_block(block, storage, p))
         return path.stat().st_size
+
+    def write_bytes(self, bid: str, data: bytes) -> None:
+        """Keep a block's file bytes from the shared tier (Redis) here; not fsynced: Redis keeps
+        the block, and a file lost or torn in a crash is a miss (checksums)."""
+        atomic_write(self.path(bid), lambda p: p.write_bytes(data), sync=False)
 
     def delete(self, bid: str) -> int:
         """Delete the block's file; returns the bytes freed."""
@@ -448,13 +474,19 @@ class BlockFiles:
         spans = lambda p: [(name, begin, end) for name, (_, _, begin, end) in p.layout.items()]  # noqa: E731
         return [Block(p.bid, p.parent, p.tokens, _arrays(p, buffer[i], spans(p))) for i, p in enumerate(files)]
 
-    def open_blocks(self, bids: list[str], storage: Storage, names: set[str]) -> list[BlockFile | str]:
+    def open_blocks(self, bids: list[str], storage: Storage, names: set[str],
+                    fetched: dict[str, bytes] | None = None) -> list[BlockFile | str]:
         """Each block file with its header checked (nothing of its data read yet), or why it
-        cannot be used (a missing file; a damaged or foreign one, which is deleted)."""
+        cannot be used (a missing file; a damaged or foreign one, which is deleted). A block in
+        `fetched` (its file's bytes, from the shared tier) is read from those bytes instead."""
         opened: list[BlockFile | str] = []
         for bid in bids:
             path = self.path(bid)
             try:
+                if fetched and bid in fetched:
+                    data = fetched[bid]
+                    opened.append(replace(_parse_header(path, io.BytesIO(data), len(data), bid, storage, names), data=data))
+                    continue
                 with open(path, "rb", buffering=0) as f:
                     opened.append(_parse_header(path, f, os.fstat(f.fileno()).st_size, bid, storage, names))
             except FileNotFoundError:

@@ -17,7 +17,7 @@ import logging
 
 import redis
 
-from mcp_semantic.block_files import BlockFiles, atomic_write
+from mcp_semantic.block_files import BlockFiles
 from mcp_semantic.settings import masked
 from mcp_semantic.store import StoreUnavailable
 
@@ -65,25 +65,28 @@ class RedisBlocks:
             pipe.execute()
         return sent
 
-    def fetch(self, bids: list[str]) -> list[str]:
-        """Bring the blocks the local files lack from Redis into them; returns those that came
-        from Redis (the `remote` tier). One Redis lacks stays missing: a miss when read."""
-        lacking = [bid for bid in bids if not self.files.exists(bid)]
-        if not lacking:
-            return []
+    def get(self, bids: list[str]) -> dict[str, bytes]:
+        """The file bytes of the blocks Redis has (one round trip); one it lacks, or a Redis out of
+        reach (logged), is left out: a miss when the cache is built."""
+        if not bids:
+            return {}
         try:
-            found = self.client.mget([PREFIX + bid for bid in lacking])
+            found = self.client.mget([PREFIX + bid for bid in bids])
         except redis.RedisError as e:
-            log.warning("Redis at %s cannot be reached (%s): %d KV blocks are misses", self.url, e, len(lacking))
-            return []
-        fetched = []
-        for bid, data in zip(lacking, found):
+            log.warning("Redis at %s cannot be reached (%s): %d KV blocks are misses", self.url, e, len(bids))
+            return {}
+        for bid, data in zip(bids, found):
             if data is None:
                 log.info("KV block %s is in neither the local files nor Redis", bid)
-                continue
-            atomic_write(self.files.path(bid), lambda p, data=data: p.write_bytes(data))
-            fetched.append(bid)
-        return fetched
+        return {bid: data for bid, data in zip(bids, found) if data is not None}
+
+    def fetch(self, bids: list[str]) -> list[str]:
+        """Bring the blocks the local files lack from Redis into them; returns those that came
+        from Redis (the `remote` tier)."""
+        got = self.get([bid for bid in bids if not self.files.exists(bid)])
+        for bid, data in got.items():
+            self.files.write_bytes(bid, data)
+        return list(got)
 
     def delete(self, bids: list[str]) -> None:
         """Delete blocks from Redis (the store decides when: no list names them, no commit that

@@ -497,7 +497,9 @@ class Caches:
         failed = []
         if lacking:
             self.writer.wait()  # a block may be in a write not done yet
-            self.fetched |= self.store.fetch([bid for bid, _ in lacking if not self.store.has_block(bid)])
+            for bid, data in self.store.fetch([bid for bid, _ in lacking if not self.store.has_block(bid)]).items():
+                self.store.blocks.write_bytes(bid, data)  # read below as any local file
+                self.fetched.add(bid)
             read = self.store.blocks.read_blocks([bid for bid, _ in lacking], self.storage, self.all_names, [need for _, need in lacking])
             for (bid, _), (block, problem) in zip(lacking, read):
                 if block is None:
@@ -543,11 +545,16 @@ class Caches:
         parts: list[Any] = [self.pool.get(bid) for bid in ids]  # a Block, or a block file still to read
         missing = [i for i, (part, need) in enumerate(zip(parts, self._wanted(leaves)))
                    if part is None or not need <= set(part.arrays)]
+        fetched: dict[str, bytes] = {}
         if missing:
             self.writer.wait()  # a block may be in a write not done yet
-            self.fetched |= self.store.fetch([ids[i] for i in missing if not self.store.has_block(ids[i])])
+            # from the shared tier (Redis) into memory, read from there: their files are written
+            # when the agent is saved, not before the call (on this VM that doubled a remote load)
+            fetched = self.store.fetch([ids[i] for i in missing if not self.store.has_block(ids[i])])
+            self.fetched.update(fetched)
         failed = []
-        for i, part in zip(missing, self.store.blocks.open_blocks([ids[i] for i in missing], self.storage, self.all_names)):
+        opened = self.store.blocks.open_blocks([ids[i] for i in missing], self.storage, self.all_names, fetched)
+        for i, part in zip(missing, opened):
             if isinstance(part, str):
                 self._missed(name, part, warnings)
                 failed.append(ids[i])

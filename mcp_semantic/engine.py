@@ -26,9 +26,8 @@ import queue
 import threading
 import time
 import weakref
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Literal
@@ -37,15 +36,14 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_top_p, make_sampler
+from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import common_prefix_len
 from mcp_semantic import attention
-from mcp_semantic.batch import DecodeBatch, Row
+from mcp_semantic.batch import DecodeBatch, Row, seeded_sampler
 from mcp_semantic.block_pool import BLOCK_TOKENS, Storage, kv_bits_supported
 from mcp_semantic.cache_kinds import Layout, probe, whole_of
 from mcp_semantic.caches import Caches, Checkpoints, Tier
 from mcp_semantic.calls import (
-    AgentInfo,
     AgentList,
     AskRequest,
     AskResult,
@@ -57,20 +55,17 @@ from mcp_semantic.calls import (
     TokenCounts,
 )
 from mcp_semantic.leases import AgentBusy, Leases
+from mcp_semantic.agents import Agents, EvictLevel
 from mcp_semantic.models import LoadedModel
 from mcp_semantic.store import Agent, InvalidName, Store, StoreUnavailable, check_name
 
 log = logging.getLogger(__name__)
 
-EvictLevel = Literal["memory", "disk", "agent"]
 ProgressFn = Callable[[float, float, str], Awaitable[None]]
 Finish = Literal["stop", "length", "cancelled"]
 
 LIST_LIMIT, MAX_LIST_LIMIT = 100, 1000
 """list_agents' page: by default, and at most."""
-
-AGENTS_IN_MEMORY = 1024
-"""Transcripts kept in memory, the most recently used; the others are read from the store when named."""
 
 SAVE_AFTER_IDLE_S = 0.5
 """Caches are saved once the engine has had no work for this long: a host's back-to-back
@@ -181,21 +176,6 @@ def check_model(lm: LoadedModel, kv_bits: int | None) -> Layout:
     return layout
 
 
-def seeded_sampler(temperature: float, top_p: float, seed: int) -> Callable[[mx.array], mx.array]:
-    """Sampling from the request's own random stream, so a seeded reply is the same whatever
-    else is in the batch (mlx-lm's samplers draw from the global stream)."""
-    key = mx.random.key(seed)
-
-    def sample(logprobs: mx.array) -> mx.array:
-        nonlocal key
-        key, step = mx.random.split(key)
-        if top_p < 1:
-            logprobs = apply_top_p(logprobs, top_p)
-        return mx.random.categorical(logprobs * (1 / temperature), key=step)
-
-    return sample
-
-
 class Engine:
     def __init__(
         self,
@@ -227,12 +207,8 @@ class Engine:
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.max_message_bytes = max_message_bytes
-        self.max_agents = max_agents
         self._asks = 0  # ask calls queued or running
         self._asks_lock = threading.Lock()
-        # transcripts read from the store when an agent is named, the least recently used let go
-        # beyond AGENTS_IN_MEMORY (every answered turn is in the store already)
-        self._agents: OrderedDict[str, Agent] = OrderedDict()
         self.caches = Caches(
             self.layout,
             store,
@@ -240,6 +216,7 @@ class Engine:
             block_tokens=block_tokens,
             memory_budget=memory_budget,
         )
+        self.agents = Agents(store, self.caches, max_agents, self._busy)
         self._tiers: Counter[str] = Counter()  # where the caches of calls to existing agents came from
         self._tokens: Counter[str] = Counter()  # prompt tokens of all calls: "prompt", "cached"
         self._greedy = make_sampler(temp=0.0)  # one object: greedy rows are sampled in one call
@@ -364,7 +341,7 @@ class Engine:
     async def fork(self, source: str, agent: str) -> ForkResult:
         check_name(source)
         check_name(agent)
-        return await self._call(lambda: self._fork(source, agent), frozenset([source, agent]))
+        return await self._call(lambda: self.agents.fork(source, agent), frozenset([source, agent]))
 
     async def list_agents(self, limit: int = LIST_LIMIT, cursor: str | None = None) -> AgentList:
         """A page of at most `limit` agents by name, after the agent named `cursor` (the last
@@ -376,14 +353,14 @@ class Engine:
                 check_name(cursor)
             except InvalidName:
                 raise RequestError(f"cursor {cursor!r} is not one list_agents gave: pass its next_cursor as it is") from None
-        return await self._call(lambda: self._list(limit, cursor), frozenset())
+        return await self._call(lambda: self.agents.list(limit, cursor, self._memory()), frozenset())
 
     async def evict(self, agent: str | None = None, level: EvictLevel = "memory") -> EvictResult:
         if agent is not None:
             check_name(agent)
         if level not in ("memory", "disk", "agent"):
             raise RequestError(f"invalid level {level!r}: use 'memory', 'disk' or 'agent'")
-        return await self._call(lambda: self._evict(agent, level), frozenset([agent]) if agent else None)
+        return await self._call(lambda: self.agents.evict(agent, level), frozenset([agent]) if agent else None)
 
     async def flush(self) -> None:
         """Return once every agent's cache is on disk (saves normally wait for an idle moment)."""
@@ -455,8 +432,7 @@ class Engine:
                 blocked |= job.agents or set()
                 continue
             for name in job.fresh:  # served by another server since we last did, perhaps: read it again
-                self._agents.pop(name, None)
-                self.caches.refresh(name)
+                self.agents.refresh(name)
             if job.req is None:
                 try:
                     job.result = job.fn()
@@ -476,9 +452,9 @@ class Engine:
                 raise RequestError(f"max_tokens must be between 1 and {self.max_tokens_limit}, got {req.max_tokens}")
             if req.temperature < 0 or not 0 < req.top_p <= 1:
                 raise RequestError("temperature must be >= 0 and top_p in (0, 1]")
-            agent = self._agent(req.agent)
+            agent = self.agents.get(req.agent)
             if agent is None:
-                self._check_room_for_an_agent()
+                self.agents.check_room()
                 agent = Agent(name=req.agent, system=req.system)
                 if req.system is not None:
                     agent.messages.append({"role": "system", "content": req.system})
@@ -654,7 +630,7 @@ class Engine:
                 finish = "cancelled"
             else:
                 agent.messages, agent.tokens, agent.last_used_at = turn.messages, turn.tokens, turn.last_used_at
-                self._keep(agent)
+                self.agents.keep(agent)
                 whole = r.row.whole if r.row is not None else whole_of(self.layout, r.cache)
                 self.caches.remember(agent.name, r.cache, tokens, r.checkpoints, r.turn, whole)
                 self.caches.enforce_budget()
@@ -701,114 +677,20 @@ class Engine:
         detokenizer.finalize()
         return detokenizer.text
 
-    # The engine thread: the other calls
+    def _busy(self) -> set[str]:
+        """The agents of calls started or waiting: their transcripts stay in memory."""
+        return {r.agent.name for r in self._running} | {j.req.agent for j in self._waiting if j.req is not None}
 
-    def _check_room_for_an_agent(self) -> None:
-        if (n := self.store.count()) >= self.max_agents:
-            raise RequestError(
-                f"the server keeps {n} agents, its --max-agents; forget some with "
-                "evict_cache(level='agent') first; nothing was changed"
-            )
-
-    def _agent(self, name: str) -> Agent | None:
-        """The agent's transcript (read from the store if it is not in memory), or None if there
-        is no such agent. One the store holds but cannot read is an error, never a new agent
-        over it."""
-        agent = self._agents.get(name)
-        if agent is not None:
-            self._agents.move_to_end(name)
-            return agent
-        agent = self.store.load_agent(name)
-        if agent is None and self.store.exists(name):
-            raise RequestError(f"agent {name!r}: its stored transcript cannot be read (the server's log says why); "
-                               "evict_cache(agent, level='agent') forgets it")
-        if agent is not None:
-            self._keep(agent)
-        return agent
-
-    def _keep(self, agent: Agent) -> None:
-        """Hold the transcript in memory, the most recently used; let the least recently used
-        idle ones go beyond AGENTS_IN_MEMORY, with their block lists where nothing of them is in
-        memory."""
-        self._agents[agent.name] = agent
-        self._agents.move_to_end(agent.name)
-        if len(self._agents) <= AGENTS_IN_MEMORY:
-            return
-        busy = {r.agent.name for r in self._running} | {j.req.agent for j in self._waiting if j.req is not None}
-        for name in [n for n in self._agents if n not in busy][: len(self._agents) - AGENTS_IN_MEMORY]:
-            del self._agents[name]
-            self.caches.release(name)
-
-    def _get(self, name: str) -> Agent:
-        agent = self._agent(name)
-        if agent is None:
-            raise RequestError(f"unknown agent {name!r}; ask_agent creates agents, list_agents lists them")
-        return agent
-
-    def _fork(self, source: str, name: str) -> ForkResult:
-        """A fork copies the source's transcript and block list: it writes no KV, whatever the
-        source's length, and holds the same blocks in memory and on disk until it diverges."""
-        src = self._get(source)
-        if self.store.exists(name):
-            raise RequestError(f"agent {name!r} already exists; fork onto a new name")
-        self._check_room_for_an_agent()
-        agent = Agent(
-            name=name,
-            system=src.system,
-            parent=source,
-            messages=[dict(m) for m in src.messages],
-            tokens=list(src.tokens),
-        )
-        self.store.save_agent(agent)
-        self._keep(agent)
-        self.caches.fork(source, name)
-        return ForkResult(agent=name, source=source, tokens=len(agent.tokens))
-
-    def _list(self, limit: int, cursor: str | None) -> AgentList:
-        page = self.store.names(after=cursor, limit=limit + 1)
-        more = len(page) > limit
-        infos = []
-        for name in page[:limit]:
-            a = self._agents.get(name) or self.store.load_agent(name)  # not kept: a listing is no use
-            if a is None:
-                continue  # its transcript cannot be read (logged); asking it says so
-            infos.append(
-                AgentInfo(
-                    name=name,
-                    parent=a.parent,
-                    tokens=len(a.tokens),
-                    turns=a.turns,
-                    created_at=datetime.fromtimestamp(a.created_at).astimezone(),
-                    last_used_at=datetime.fromtimestamp(a.last_used_at).astimezone(),
-                    **self.caches.agent_memory(name),
-                )
-            )
+    def _memory(self) -> MemoryInfo:
+        """list_agents' account of the memory and of the calls' caches."""
         calls = sum(self._tiers.values())
-        pool = self.caches.pool
-        memory = MemoryInfo(
+        return MemoryInfo(
             budget_bytes=self.memory_budget,
             used_bytes=self.caches.used(),
             block_tokens=self.caches.block_tokens,
-            blocks_in_memory=len(pool),
+            blocks_in_memory=len(self.caches.pool),
             blocks_on_disk=self.store.disk_blocks(),
             hot_agents=self.caches.hot_agents(),
             hit_rate=round(self._tiers["hot"] / calls, 3) if calls else 0.0,
             cached_token_rate=round(self._tokens["cached"] / self._tokens["prompt"], 3) if self._tokens["prompt"] else 0.0,
         )
-        return AgentList(agents=infos, total=self.store.count(), next_cursor=page[limit - 1] if more else None, memory=memory)
-
-    def _evict(self, agent: str | None, level: EvictLevel) -> EvictResult:
-        """memory: drop the agent's blocks that no other agent holds (saved
-        first); disk: also its saved cache (blocks another agent's list names stay); agent: all."""
-        if agent is not None and agent not in self._agents and not self.store.exists(agent):
-            raise RequestError(f"unknown agent {agent!r}; ask_agent creates agents, list_agents lists them")
-        names = [agent] if agent is not None else self.store.names()  # one whose transcript is unreadable too
-        before = self.caches.used()
-        freed_disk = 0
-        if level == "memory":
-            self.caches.evict_memory(names)
-        for name in names if level != "memory" else ():
-            freed_disk += self.caches.delete(name, agent_too=level == "agent")
-            if level == "agent":
-                self._agents.pop(name, None)
-        return EvictResult(evicted=names, freed_memory_bytes=before - self.caches.used(), freed_disk_bytes=freed_disk)

@@ -235,5 +235,5 @@ class PostgresStore(Store):
         with self._db() as db:
             return db.execute("SELECT count(DISTINCT block) FROM kv_blocks").fetchone()[0]
 
-    def fetch(self, bids: list[str]) -> set[str]:
-        return set(self.remote.fetch(bids)) if self.remote is not None and bids else set()
+    def fetch(self, bids: list[str]) -> dict[str, bytes]:
+        return self.remote.get(bids) if self.remote is not None else {}

@@ -326,9 +326,9 @@ class Store:
 
     shared = False  # whether blocks missing here may be in a tier other servers share (`fetch`)
 
-    def fetch(self, bids: list[str]) -> set[str]:
-        """Bring blocks the local files lack from the shared tier; returns those it gave (none here)."""
-        return set()
+    def fetch(self, bids: list[str]) -> dict[str, bytes]:
+        """The file bytes of those of `bids` the shared tier has (none here)."""
+        return {}
 
     # transcripts
 

@@ -69,3 +69,33 @@ def test_an_unreachable_redis_is_a_clear_error_that_hides_the_password(tmp_path:
         RedisBlocks(f"redis://:s3cret@127.0.0.1:{free_port()}/0", files, timeout_s=2)
     assert "redis://:***@127.0.0.1" in str(e.value) and "s3cret" not in str(e.value)
     files.close()
+
+
+def test_blocks_read_from_redis_s_bytes_in_memory_are_checked_as_files_are(tmp_path: Path, redis_url: str) -> None:
+    """A remote load reads the bytes Redis gave, without files: exact, and a damaged or
+    truncated one is a miss (checksum), never data in the cache."""
+    import numpy as np
+
+    a, b = BlockFiles(tmp_path / "a"), BlockFiles(tmp_path / "b")
+    blocks = write_blocks(a)
+    ids = [blk.id for blk in blocks]
+    ra, rb = RedisBlocks(redis_url, a), RedisBlocks(redis_url, b)
+    ra.put(ids)
+    got = rb.get(ids + ["0" * 32])
+    assert set(got) == set(ids)  # one Redis lacks is left out
+    got[ids[1]] = got[ids[1]][:-1] + bytes([got[ids[1]][-1] ^ 1])
+    files = b.open_blocks(ids, STORAGE, array_names(LAYOUT, STORAGE), got)
+    assert not any(isinstance(f, str) for f in files) and not list(b.dir.glob("*.safetensors"))
+    name = "layers.0.keys"
+    targets = [[(n, [np.zeros(f.layout[n][1], np.float32)]) for n in f.layout] for f in files]
+    problems = b.fill_blocks(files, targets)
+    assert problems[0] is None and "checksum" in problems[1]
+    original = np.array(blocks[0].arrays[name], copy=False)
+    assert np.array_equal(dict(targets[0])[name][0], original)
+    short = {ids[0]: got[ids[0]][:-8]}
+    (opened,) = b.open_blocks(ids[:1], STORAGE, array_names(LAYOUT, STORAGE), short)
+    assert isinstance(opened, str) and "unreadable" in opened
+    for r in (ra, rb):
+        r.close()
+    for f in (a, b):
+        f.close()

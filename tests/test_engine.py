@@ -45,7 +45,7 @@ async def test_fork_reuses_the_source_cache_and_diverges(settings: Settings, rep
     engine = open_engine(settings)
     base = await engine.ask(AskRequest("src", "Tell me a story about a fox.", max_tokens=16))
     fork = await engine.fork("src", "alt")
-    assert fork.tokens == len(engine._agents["src"].tokens) > 0
+    assert fork.tokens == len(engine.agents.memory["src"].tokens) > 0
     shared = {a.name: a for a in (await engine.list_agents()).agents}
     assert shared["alt"].blocks == shared["src"].blocks > 0
     assert shared["alt"].shared_memory_bytes == shared["src"].shared_memory_bytes > 0  # one copy in memory
@@ -578,21 +578,21 @@ async def test_agents_are_read_when_named_and_idle_ones_let_go(settings: Setting
     """A store of many agents: nothing of them is read at start; an agent's transcript and block
     list come from the store when a call names it, the least recently used idle ones go from
     memory beyond the limit, and every agent still resumes from disk exactly."""
-    from mcp_semantic import engine as engine_module
+    from mcp_semantic import agents as agents_module
 
-    monkeypatch.setattr(engine_module, "AGENTS_IN_MEMORY", 3)
+    monkeypatch.setattr(agents_module, "AGENTS_IN_MEMORY", 3)
     engine = open_engine(settings)
     replies = {}
     for i in range(6):
         replies[f"a{i}"] = await engine.ask(AskRequest(f"a{i}", f"{i}: {QUESTIONS[0]}", system="You are terse.", max_tokens=8))
-    assert list(engine._agents) == ["a3", "a4", "a5"]
+    assert list(engine.agents.memory) == ["a3", "a4", "a5"]
     await engine.aclose()
 
     engine = open_engine(settings)
-    assert not engine._agents and not engine.caches.records  # nothing read at start
+    assert not engine.agents.memory and not engine.caches.records  # nothing read at start
     listed = await engine.list_agents(limit=4)
     assert [a.name for a in listed.agents] == ["a0", "a1", "a2", "a3"] and listed.total == 6 and listed.next_cursor == "a3"
-    assert all(a.turns == 1 and a.tier == "disk" for a in listed.agents) and not engine._agents  # a listing keeps nothing
+    assert all(a.turns == 1 and a.tier == "disk" for a in listed.agents) and not engine.agents.memory  # a listing keeps nothing
     for name in ["a0", "a5", "a1"]:
         second = await engine.ask(AskRequest(name, QUESTIONS[1], max_tokens=8))
         assert second.tier == "disk" and second.tokens.cached >= replies[name].tokens.context
@@ -601,7 +601,7 @@ async def test_agents_are_read_when_named_and_idle_ones_let_go(settings: Setting
         assert second.reply == replay(engine.lm, messages, 8)
     await engine.evict(level="memory")  # nothing of them in memory: their block lists can go too
     await engine.ask(AskRequest("a2", QUESTIONS[1], max_tokens=8))
-    assert list(engine._agents) == ["a5", "a1", "a2"] and set(engine.caches.records) <= {"a5", "a1", "a2"}
+    assert list(engine.agents.memory) == ["a5", "a1", "a2"] and set(engine.caches.records) <= {"a5", "a1", "a2"}
     assert (await engine.list_agents()).total == 6
     await engine.aclose()
 

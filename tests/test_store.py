@@ -536,7 +536,8 @@ def test_gc_across_servers_waits_for_a_commit_in_flight(tmp_path: Path, postgres
     delete.join(10)
     assert b.kv_record("y") == record and a.kv_record("x") is None
     assert b.remote.missing(record.ids) == []  # still in Redis: y names them
-    assert c.fetch(record.blocks) == set(record.blocks) and load(c, "y")[0].offset == 10
+    assert set(c.fetch(record.blocks)) == set(record.blocks)
+    assert c.remote.fetch(record.blocks) == record.blocks and load(c, "y")[0].offset == 10
     b.delete_kv("y")
     assert set(b.remote.missing(record.ids)) == set(record.ids)  # no list names them: gone from Redis
     assert not any(b.blocks.path(bid).exists() for bid in record.ids)
