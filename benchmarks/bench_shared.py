@@ -18,7 +18,8 @@ cache load included), median of `--runs`, each run a new agent of about `context
 - disk: on A, after evict_cache(memory) there;
 - remote: on B, which never saw the agent (its blocks come from Redis).
 Throughput: `--clients` threads, each its own agent, `--turns` turns of `--max-tokens` tokens,
-all against A, then split between A and B (new agents). Target: remote within 1.5x of disk.
+all against A, then split between A and B (new agents), then against one embedded server (no
+shared stores: the baseline). Target: remote within 1.5x of disk.
 Writes benchmarks/results/<date>-<machine>-shared.json and .png.
 """
 
@@ -54,9 +55,11 @@ def history(tokens: int, seed: int) -> str:
     return "Remember these places: " + " ".join(words)
 
 
-def start_server(name: str, root: Path, pg: str, rd: str, model: str | None) -> StdioServer:
-    args = ["-m", "mcp_semantic", "serve", "--cache-dir", str(root / name), "--store", pg, "--block-store", rd,
-            "--server-id", name, "--max-tokens-limit", "4096", *(["--model", model] if model else [])]
+def start_server(name: str, root: Path, pg: str | None, rd: str | None, model: str | None) -> StdioServer:
+    """Server `name` of the shared mode; without `pg`, an embedded one (the baseline)."""
+    shared = ["--store", pg, "--block-store", rd, "--server-id", name] if pg else []
+    args = ["-m", "mcp_semantic", "serve", "--cache-dir", str(root / name), *shared, "--max-tokens-limit", "4096",
+            *(["--model", model] if model else [])]
     return StdioServer(args)
 
 
@@ -176,9 +179,9 @@ def plot(result: dict, path: Path) -> None:
     a.set_ylabel("TTFT, ms (log)")
     a.set_title("a ~20-token follow-up, by where the cache is", fontsize=9)
     a.legend(fontsize=8)
-    rows = result["throughput"]
-    bars = b.bar([f"{r['servers']} server{'s' * (r['servers'] > 1)}" for r in rows], [r["tokens_per_s"] for r in rows],
-                 color=["#48c", "#c84"])
+    rows = result["throughput"] + [result["throughput_embedded"]]
+    labels = [f"{r['servers']} server{'s' * (r['servers'] > 1)}\nshared" for r in result["throughput"]] + ["1 server\nembedded"]
+    bars = b.bar(labels, [r["tokens_per_s"] for r in rows], color=["#48c", "#c84", "#999"])
     for bar, r in zip(bars, rows):
         b.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{r['tokens_per_s']:.0f}", ha="center", va="bottom")
     b.set_ylabel("generated tokens/s, all clients")
@@ -228,6 +231,15 @@ def main() -> None:
             row["per_call"] = per_call(before, stats(pg_url, rd), row["calls"])
             result["throughput"].append(row)
             print(f"{len(group)} server(s): {row['tokens_per_s']} tokens/s, per call {row['per_call']}", flush=True)
+        for s in servers:
+            s.close()
+        servers.clear()
+        embedded = start_server("embedded", root, None, None, args.model)  # the same calls without the shared stores
+        servers.append(embedded)
+        ask(embedded, "warm-up", "Hello.")
+        row = throughput([embedded], args.clients, args.turns, args.max_tokens, "embedded")
+        result["throughput_embedded"] = row
+        print(f"1 embedded server: {row['tokens_per_s']} tokens/s", flush=True)
         result["targets"] = {f"remote within 1.5x of disk at {r['context']}": r["remote_over_disk"] <= 1.5
                              for r in result["ttft"]}
     finally:
