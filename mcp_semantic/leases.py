@@ -77,7 +77,7 @@ class Leases:
             return self.held[agent] == 1
 
     def _renew_held(self) -> None:
-        while not self._stop.wait(self.ttl_s / 3):
+        while not self._stop.wait(self.ttl_s / 3) and not self.pool.closed:
             with self._lock:
                 agents = [a for a, n in self.held.items() if n > 0]
             try:

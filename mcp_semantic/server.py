@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Annotated, Any, AsyncIterator, Literal
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.stdio import stdio_server
 from mcp_types import CallToolResult, TextContent
 from pydantic import BaseModel, Field
 
@@ -251,8 +253,49 @@ async def _serve_stdio(server: MCPServer) -> None:
                     tg.cancel_scope.cancel()
 
         tg.start_soon(stop_on_signal)
-        await server.run_stdio_async()
+        lowlevel = getattr(server, "_lowlevel_server", None)  # what run_stdio_async runs; the SDK's own path where it moves
+        lines = StdinLines.of(0)
+        if lowlevel is None or lines is None:
+            await server.run_stdio_async()
+        else:
+            async with stdio_server(stdin=lines) as (read_stream, write_stream):
+                await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
         tg.cancel_scope.cancel()
+
+
+class StdinLines:
+    """stdin's lines for the SDK's stdio_server, read when the pipe is readable: a cancellation
+    (SIGTERM) stops the wait. Why: the SDK reads stdin on a worker thread, which nothing can
+    stop, so a server whose host kept stdin open ignored SIGTERM and never saved its caches.
+    Pipes, sockets and terminals only (a regular file cannot be waited on: the SDK reads it)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buffer = b""
+
+    @classmethod
+    def of(cls, fd: int) -> "StdinLines | None":
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            return None
+        return cls(fd) if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) else None
+
+    def __aiter__(self) -> "StdinLines":
+        return self
+
+    async def __anext__(self) -> str:
+        while b"\n" not in self.buffer:
+            await anyio.wait_readable(self.fd)
+            chunk = os.read(self.fd, 1 << 16)  # readable: it does not block
+            if not chunk:
+                if not self.buffer:
+                    raise StopAsyncIteration
+                line, self.buffer = self.buffer, b""
+                return line.decode("utf-8", errors="replace")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode("utf-8", errors="replace") + "\n"
 
 
 def serve(settings: Settings) -> None:

@@ -255,3 +255,22 @@ async def test_list_agents_pages_by_name(settings: Settings) -> None:
         assert "limit" in await error_of(client, "list_agents", limit=0)
         assert "next_cursor" in await error_of(client, "list_agents", cursor="../x")
         assert (await call(client, "list_agents"))["total"] == 5
+
+
+async def test_stdin_lines_read_a_pipe_line_by_line_and_leave_files_to_the_sdk(tmp_path) -> None:
+    import os
+
+    from mcp_semantic.server import StdinLines
+
+    r, w = os.pipe()
+    os.write(w, '{"a": 1}\n{"b": "ü"'.encode())
+    lines = StdinLines.of(r)
+    assert await lines.__anext__() == '{"a": 1}\n'
+    os.write(w, b"}\nlast")
+    os.close(w)
+    assert [line async for line in lines] == ['{"b": "ü"}\n', "last"]  # the last line without its newline, then the end
+    os.close(r)
+    path = tmp_path / "input"
+    path.write_text("{}\n")
+    with open(path) as f:
+        assert StdinLines.of(f.fileno()) is None

@@ -82,8 +82,7 @@ async def test_sse_sessions_share_one_engine(settings: Settings) -> None:
 def test_sigterm_on_stdio_saves_every_cache(settings: Settings, stdio_server) -> None:
     server = stdio_server(settings)
     server.call("ask_agent", {"agent": "t", "message": "Hello.", "max_tokens": 4})
-    server.proc.send_signal(signal.SIGTERM)  # before the idle save: the lifespan must save it
-    server.proc.stdin.close()  # as a host does (the SDK's stdin reader is a thread a signal cannot stop)
+    server.proc.send_signal(signal.SIGTERM)  # before the idle save, stdin still open: the lifespan must save it
     server.proc.wait(timeout=30)
     assert server.proc.returncode == 0 and "terminate called" not in server.log(), server.log()[-2000:]
     assert saved_blocks(settings.cache_dir, "t") and all(p.exists() for p in saved_blocks(settings.cache_dir, "t"))
