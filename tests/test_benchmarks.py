@@ -181,8 +181,10 @@ def test_families_benchmark_quick(tmp_path: Path) -> None:
     assert len(data["targets"]) == 4 and all(isinstance(t["met"], bool) for t in data["targets"].values())
 
 
-def test_agents_benchmark_small(tiny_model_dir: Path, tmp_path: Path) -> None:
-    data = run_benchmark("bench_agents.py", tmp_path, "--agents", "150", "--tokens", "40", "--model", str(tiny_model_dir))
+def test_agents_benchmark_small(tiny_model_dir: Path, tmp_path: Path, postgres_server) -> None:  # PostgreSQL present, or skipped
+    data = run_benchmark("bench_agents.py", tmp_path, "--agents", "150", "--tokens", "40", "--model", str(tiny_model_dir),
+                         "--postgresql")
     assert data["on_demand"]["total"] == data["read_all"]["total"] == data["read_all"]["records"] == 150
+    assert data["on_demand_postgresql"]["total"] == 150 and data["on_demand_postgresql"]["listed"] == 100
     assert data["on_demand"]["listed"] == 100  # the first page
     assert data["on_demand"]["start_s"] > 0 and data["read_all"]["start_s"] > 0
