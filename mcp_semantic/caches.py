@@ -99,7 +99,6 @@ class Caches:
         self.loaded: dict[str, tuple[list[Any], mx.array]] = {}  # by agent: files its call read into one buffer
         self.working: dict[str, Kept] = {}  # by agent: its last call's working cache, for its next call (_take_kept)
         self.spares = Spares()  # the arrays of working caches gone, for the next (on the CPU)
-        self.fetched: set[str] = set()  # blocks the lookup under way brought from the shared tier
         # on the CPU, blocks are copied into the working cache by numpy (_build, _build_straight): those stored as
         # computed straight from their files, quantized ones dequantized (a float32 model's, as the CPU runs)
         self.on_host = mx.default_device() == mx.cpu and (storage.kv_bits is None or storage.dtype == "float32")
@@ -490,16 +489,16 @@ class Caches:
         """The arrays each block must give, from the leaves it must give (wanted_leaves)."""
         return [{n for leaf in part for n in self.names[leaf.name]} for part in leaves]
 
-    def _read_into_pool(self, name: str, ids: list[str], wanted: list[set[str]], warnings: list[str]) -> tuple[bool, list[str]]:
+    def _read_into_pool(self, name: str, ids: list[str], wanted: list[set[str]], warnings: list[str]) -> tuple[Tier, list[str]]:
         """Read the wanted arrays the pool lacks from disk, each block into a buffer of its own,
-        and add them to the pool. Returns whether any were read, and the blocks that could not be."""
+        and add them to the pool. Returns where they came from (hot: nothing read; remote: some
+        from the shared tier), and the blocks that could not be read."""
         lacking = [(bid, need) for bid, need in zip(ids, wanted) if not need <= set(getattr(self.pool.get(bid), "arrays", ()))]
-        failed = []
+        failed: list[str] = []
+        tier: Tier = "hot"
         if lacking:
             self.writer.wait()  # a block may be in a write not done yet
-            for bid, data in self.store.fetch([bid for bid, _ in lacking if not self.store.has_block(bid)]).items():
-                self.store.blocks.write_bytes(bid, data)  # read below as any local file
-                self.fetched.add(bid)
+            tier = "remote" if self.store.fetch_files([bid for bid, _ in lacking]) else "disk"  # read below as any local file
             read = self.store.blocks.read_blocks([bid for bid, _ in lacking], self.storage, self.all_names, [need for _, need in lacking])
             for (bid, _), (block, problem) in zip(lacking, read):
                 if block is None:
@@ -507,7 +506,7 @@ class Caches:
                     failed.append(bid)
                 else:
                     self.pool.add(block)
-        return bool(lacking), failed
+        return tier, failed
 
     def _build(self, name: str, ids: list[str], ends: list[int], reuse: int, size: int,
                warnings: list[str]) -> tuple[Tier, list[Any], list[str]]:
@@ -516,7 +515,7 @@ class Caches:
         on the CPU (read_into_cache, which dequantizes there too), with MLX elsewhere
         (reconstruct: a GPU). Returns the tier, the cache and the blocks that could not be read."""
         leaves = wanted_leaves(self.layout, ends, reuse, self.block_tokens)
-        read, failed = self._read_into_pool(name, ids, self._wanted(leaves), warnings)
+        tier, failed = self._read_into_pool(name, ids, self._wanted(leaves), warnings)
         if failed:
             return "new", [], failed
         blocks = [self.pool.peek(bid) for bid in ids]
@@ -526,7 +525,7 @@ class Caches:
         else:
             cache = reconstruct(self.layout, self.storage, blocks, reuse, size, self.block_tokens)
         self.enforce_budget()  # blocks read for this call count at once; the working cache is aside
-        return self._tier(ids, read), cache, []
+        return tier, cache, []
 
     def _build_straight(self, name: str, ids: list[str], ends: list[int], reuse: int, size: int,
                         warnings: list[str]) -> tuple[Tier, list[Any], list[str]]:
@@ -551,7 +550,6 @@ class Caches:
             # from the shared tier (Redis) into memory, read from there: their files are written
             # when the agent is saved, not before the call (on this VM that doubled a remote load)
             fetched = self.store.fetch([ids[i] for i in missing if not self.store.has_block(ids[i])])
-            self.fetched.update(fetched)
         failed = []
         opened = self.store.blocks.open_blocks([ids[i] for i in missing], self.storage, self.all_names, fetched)
         for i, part in zip(missing, opened):
@@ -582,15 +580,7 @@ class Caches:
                                     {i: row for row, i in enumerate(missing)})
         for problem in problems.values():
             self._missed(name, problem, warnings)
-        return self._tier(ids, bool(missing)), cache, failed
-
-    def _tier(self, ids: list[str], read: bool) -> Tier:
-        """hot: all from memory; remote: some blocks came from the shared tier (Redis); else disk."""
-        if not read:
-            return "hot"
-        remote = not self.fetched.isdisjoint(ids)
-        self.fetched.clear()
-        return "remote" if remote else "disk"
+        return ("remote" if fetched else "disk" if missing else "hot"), cache, failed
 
     # reports
 
@@ -607,9 +597,16 @@ class Caches:
         in_memory = [bid for bid in ids if bid in self.pool]
         disk, shared_disk = self.store.kv_bytes(name)
         hot = record is not None and len(in_memory) == len(ids) > 0
-        local = record is not None and all(bid in self.pool or self.store.has_block(bid) for bid in ids)
+        if record is None:
+            tier = "none"
+        elif hot:
+            tier = "hot"
+        elif self.store.shared and not all(bid in self.pool or self.store.has_block(bid) for bid in ids):
+            tier = "remote"  # some blocks only in the shared tier
+        else:
+            tier = "disk"
         return {
-            "tier": "hot" if hot else "disk" if local else "remote" if record and self.store.shared else "disk" if record else "none",
+            "tier": tier,
             "blocks": len(record.ids) if record else 0,
             "memory_bytes": sum(self.pool.peek(b).nbytes for b in in_memory),
             "shared_memory_bytes": sum(self.pool.peek(b).nbytes for b in in_memory if self.pool.refs[b] > 1),

@@ -263,7 +263,7 @@ class Engine:
 
     async def _lease(self, job: _Job) -> list[str]:
         """In the shared mode, take the leases of the agents the call names, waiting (up to
-        leases.WAIT_S) while another server serves one; returns those taken. AgentBusy after the
+        --lease-wait) while another server serves one; returns those taken. AgentBusy after the
         wait, and StoreUnavailable, change nothing."""
         if self.leases is None or not job.agents:
             return []

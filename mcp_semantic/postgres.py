@@ -127,6 +127,11 @@ def using(pool: ConnectionPool) -> Iterator[psycopg.Connection]:
                           "nothing was changed, try again shortly") from None
 
 
+def _named(db: psycopg.Connection, bids: list[str]) -> set[str]:
+    """Of `bids`, those some list names."""
+    return {row[0] for row in db.execute("SELECT DISTINCT block FROM kv_blocks WHERE block = ANY(%s)", (bids,))}
+
+
 class PostgresStore(Store):
     """Transcripts and block lists in PostgreSQL; block bytes in the local block files and, with
     `remote`, in Redis behind them. The schema's ideas are store.db's (sqlite_store.py)."""
@@ -135,7 +140,6 @@ class PostgresStore(Store):
         from mcp_semantic.block_redis import RedisBlocks
 
         super().__init__(root)
-        self.url = masked(url)
         self.pool: ConnectionPool | None = None
         self.remote: RedisBlocks | None = None  # None: each server's blocks are its own
         try:
@@ -145,8 +149,8 @@ class PostgresStore(Store):
         except BaseException:
             self.close()
             raise
-        local = [p.stem for p in self.blocks.dir.glob("*.safetensors")]
-        named = self._named(local)
+        with self._db() as db:
+            named = _named(db, [p.stem for p in self.blocks.dir.glob("*.safetensors")])
         self.blocks.collect(lambda bid: bid in named)
 
     def close(self) -> None:
@@ -213,15 +217,10 @@ class PostgresStore(Store):
                 db.execute("DELETE FROM agents WHERE name = %s", (name,))
         return old
 
-    def _named(self, bids: list[str]) -> set[str]:
-        """Of `bids`, those some list names."""
-        with self._db() as db:
-            return {row[0] for row in db.execute("SELECT DISTINCT block FROM kv_blocks WHERE block = ANY(%s)", (bids,))}
-
     def _unnamed(self, bids: list[str]) -> list[str]:
         with self._db() as db, db.transaction():
             db.execute("SELECT pg_advisory_xact_lock(%s)", (_GC_LOCK,))  # no commit is in flight now
-            named = {row[0] for row in db.execute("SELECT DISTINCT block FROM kv_blocks WHERE block = ANY(%s)", (bids,))}
+            named = _named(db, bids)
             unnamed = [bid for bid in bids if bid not in named]
             if self.remote is not None:
                 self.remote.delete(unnamed)  # before the lock goes: a commit then sees them gone
@@ -237,3 +236,6 @@ class PostgresStore(Store):
 
     def fetch(self, bids: list[str]) -> dict[str, bytes]:
         return self.remote.get(bids) if self.remote is not None else {}
+
+    def fetch_files(self, bids: list[str]) -> list[str]:
+        return self.remote.fetch(bids) if self.remote is not None else []

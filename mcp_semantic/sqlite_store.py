@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from mcp_semantic.store import Agent, KVRecord, Store, _checked_record, agent_row, check_name, kv_row
+from mcp_semantic.store import Agent, KVRecord, Store, agent_row, check_name, checked_record, kv_row
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class SQLiteStore(Store):
         with self._lock:  # the lists' block ids only: their token lists are read when an agent is used
             rows = self.db.execute("SELECT agent, blocks, '[]', branch FROM kv").fetchall()
         for agent, *row in rows:
-            if (record := _checked_record(agent, row)) is not None:
+            if (record := checked_record(agent, row)) is not None:
                 self.refs.update(record.ids)
         self.blocks.collect(lambda bid: bid in self.refs)
 
@@ -129,7 +129,7 @@ class SQLiteStore(Store):
         """Every agent's stored block list; unreadable rows are left out (logged)."""
         with self._lock:
             rows = self.db.execute("SELECT agent, blocks, tokens, branch FROM kv").fetchall()
-        return {agent: record for agent, *row in rows if (record := _checked_record(agent, row)) is not None}
+        return {agent: record for agent, *row in rows if (record := checked_record(agent, row)) is not None}
 
     def _put_record(self, name: str, record: KVRecord) -> list[str]:
         old = self.kv_record(name)

@@ -223,7 +223,7 @@ def _record(blocks: str, tokens: str, branch: str | None) -> KVRecord:
     return record
 
 
-def _checked_record(agent: str, row: list | tuple) -> KVRecord | None:
+def checked_record(agent: str, row: list | tuple) -> KVRecord | None:
     """A kv row as a KVRecord, or None if it cannot be read (logged)."""
     try:
         record = _record(*row)
@@ -330,6 +330,11 @@ class Store:
         """The file bytes of those of `bids` the shared tier has (none here)."""
         return {}
 
+    def fetch_files(self, bids: list[str]) -> list[str]:
+        """Bring those of `bids` the local files lack from the shared tier into them; returns those
+        it brought (none here)."""
+        return []
+
     # transcripts
 
     def load_agent(self, name: str) -> Agent | None:
@@ -360,7 +365,7 @@ class Store:
     def kv_record(self, name: str) -> KVRecord | None:
         """The agent's stored block list; None if it has none, or it cannot be read (logged)."""
         row = self._kv_row(check_name(name))
-        return _checked_record(name, row) if row else None
+        return checked_record(name, row) if row else None
 
     def commit_kv(self, name: str, record: KVRecord, blocks: list[HostBlock], storage: Storage) -> int:
         """Save an agent's cache: write the blocks of `record` that are not on disk yet (from
