@@ -58,23 +58,19 @@ BLOCK_FORMAT = "mcp-semantic-block/3"
 BLOCK_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
-def atomic_write(path: Path, write: Callable[[Path], None], sync: bool = True) -> None:
-    """Write through `write(tmp_path)`, fsync (unless not `sync`: a copy of what is safe
-    elsewhere, whose loss or damage is a miss), and rename over `path`."""
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through `write(tmp_path)`, fsync, and rename over `path`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
-        if sync:
-            with open(tmp_path, "rb+") as f:
-                os.fsync(f.fileno())
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
-    if not sync:
-        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -155,7 +151,18 @@ class BlockFile:
     start: int  # where the data region starts in the file
     checksums: dict[str, str]  # name -> xxh3_64 of its data
     layout: dict[str, tuple[mx.Dtype, list[int], int, int]]  # name -> (dtype, shape, begin, end), in file order
-    data: bytes | None = None  # the file's bytes, where they came from the shared tier (no file here)
+    source: Any = None  # where its bytes are read from when not from its file: the shared tier (Remote)
+
+
+@dataclass
+class Remote:
+    """A block in the shared tier (block_redis.RedisBlocks) rather than in a file here: its size
+    and first bytes (the header), and the tier, whose `read_into(bid, buffers, offset, n)` reads
+    the rest and `damaged(bid)` deletes one that fails its checks."""
+
+    size: int
+    head: bytes
+    source: Any
 
 
 class Unusable(Exception):
@@ -231,17 +238,11 @@ def _parse_header(path: Path, f, size: int, bid: str, storage: Storage, names: s
 
 
 def _read_into(p: BlockFile, fd: int | None, buffers: list[Any], offset: int, n: int) -> None:
-    """`n` bytes of the block at `offset` into `buffers`: from its file, or its bytes in memory."""
-    if p.data is None:
+    """`n` bytes of the block at `offset` into `buffers`: from its file, or the shared tier."""
+    if p.source is None:
         _preadv(fd, buffers, offset, n)
-        return
-    data = memoryview(p.data)
-    if offset + n > len(data):
-        raise Unusable("is unreadable (shorter than its header says)")
-    for b in buffers:
-        view = memoryview(b).cast("B")
-        view[:] = data[offset : offset + len(view)]
-        offset += len(view)
+    else:
+        p.source.read_into(p.bid, buffers, offset, n)
 
 
 Target = memoryview | tuple[int, int]  # host memory, or (address, bytes) on a CUDA GPU (cuda.py)
@@ -252,7 +253,7 @@ def _fill(p: BlockFile, targets: list[tuple[str, list[Any]]] | Target) -> None:
     (bytes, in file order, as many as the array holds: a buffer of its own, or a working cache's
     heads); or, given one target, the file's whole data region into it (_fill_whole). No MLX
     call: this runs on the reading threads."""
-    with open(p.path, "rb", buffering=0) if p.data is None else contextlib.nullcontext() as f:
+    with open(p.path, "rb", buffering=0) if p.source is None else contextlib.nullcontext() as f:
         if not isinstance(targets, list):
             _fill_whole(p, f, targets)
             return
@@ -393,11 +394,6 @@ class BlockFiles:
         atomic_write(path, lambda p: write_block(block, storage, p))
         return path.stat().st_size
 
-    def write_bytes(self, bid: str, data: bytes) -> None:
-        """Keep a block's file bytes from the shared tier (Redis) here; not fsynced: Redis keeps
-        the block, and a file lost or torn in a crash is a miss (checksums)."""
-        atomic_write(self.path(bid), lambda p: p.write_bytes(data), sync=False)
-
     def delete(self, bid: str) -> int:
         """Delete the block's file; returns the bytes freed."""
         freed = self.size(bid)
@@ -427,12 +423,12 @@ class BlockFiles:
         block writes it anew rather than finding its name taken by the damaged one."""
         return self.read_blocks([bid], storage, names)[0]
 
-    def read_blocks(self, bids: list[str], storage: Storage, names: set[str],
-                    wanted: list[set[str]] | None = None) -> list[tuple[Block | None, str | None]]:
+    def read_blocks(self, bids: list[str], storage: Storage, names: set[str], wanted: list[set[str]] | None = None,
+                    remote: dict[str, Remote] | None = None) -> list[tuple[Block | None, str | None]]:
         """`read_block` for several blocks, each into a buffer of its own, the files read at once
-        on the reading threads; of block i only the arrays `wanted[i]` (all by default). MLX is
-        called on this thread only."""
-        opened = self.open_blocks(bids, storage, names)
+        on the reading threads; of block i only the arrays `wanted[i]` (all by default); those in
+        `remote` from the shared tier. MLX is called on this thread only."""
+        opened = self.open_blocks(bids, storage, names, remote)
         files = []  # (file, its arrays' spans in its buffer, the buffer)
         for i, p in enumerate(opened):
             if isinstance(p, BlockFile):
@@ -475,24 +471,24 @@ class BlockFiles:
         return [Block(p.bid, p.parent, p.tokens, _arrays(p, buffer[i], spans(p))) for i, p in enumerate(files)]
 
     def open_blocks(self, bids: list[str], storage: Storage, names: set[str],
-                    fetched: dict[str, bytes] | None = None) -> list[BlockFile | str]:
+                    remote: dict[str, Remote] | None = None) -> list[BlockFile | str]:
         """Each block file with its header checked (nothing of its data read yet), or why it
         cannot be used (a missing file; a damaged or foreign one, which is deleted). A block in
-        `fetched` (its file's bytes, from the shared tier) is read from those bytes instead."""
+        `remote` is read from the shared tier instead, its header from the bytes given."""
         opened: list[BlockFile | str] = []
         for bid in bids:
-            path = self.path(bid)
+            path, r = self.path(bid), (remote or {}).get(bid)
             try:
-                if fetched and bid in fetched:
-                    data = fetched[bid]
-                    opened.append(replace(_parse_header(path, io.BytesIO(data), len(data), bid, storage, names), data=data))
+                if r is not None:
+                    header = _parse_header(path, io.BytesIO(r.head), r.size, bid, storage, names)
+                    opened.append(replace(header, source=r.source))
                     continue
                 with open(path, "rb", buffering=0) as f:
                     opened.append(_parse_header(path, f, os.fstat(f.fileno()).st_size, bid, storage, names))
             except FileNotFoundError:
                 opened.append(f"KV block {path.name} is missing")
             except Exception as e:  # noqa: BLE001 - any unreadable file is a cache miss, never a crash
-                opened.append(self._unusable(path, bid, e))
+                opened.append(self._unusable(path, bid, e, r and r.source))
         return opened
 
     def fill_blocks(self, files: list[BlockFile], targets: list[Any]) -> list[str | None]:
@@ -503,7 +499,7 @@ class BlockFiles:
         for e in errors:
             if isinstance(e, _Misfit):  # not the file's fault: the caller's
                 raise e.error
-        return [None if e is None else self._unusable(p.path, p.bid, e) for p, e in zip(files, errors)]
+        return [None if e is None else self._unusable(p.path, p.bid, e, p.source) for p, e in zip(files, errors)]
 
     @staticmethod
     def _try_fill(p: BlockFile, targets: Any) -> Exception | None:
@@ -520,14 +516,21 @@ class BlockFiles:
         except Exception as e:  # noqa: BLE001
             return e
 
-    def _unusable(self, path: Path, bid: str, e: Exception) -> str:
-        """Say why the file cannot be used, and delete it."""
+    def _unusable(self, path: Path, bid: str, e: Exception, source: Any = None) -> str:
+        """Say why the block cannot be used, and delete it: its file, or in the shared tier
+        (`source`) one that failed its checks (not one out of reach)."""
+        where = f"KV block {path.name}" if source is None else f"KV block {bid} in the shared tier"
         if isinstance(e, Unusable):
-            problem = f"KV block {path.name} {e}"
+            problem = f"{where} {e}"
+            if source is not None:
+                source.damaged(bid)
         else:
             why = str(e).replace(str(path.parent), "")  # the file's name is enough; its place is the server's
-            problem = f"KV block {path.name} is unreadable ({type(e).__name__}: {why})"
-        log.warning("%s: deleting it, it is rebuilt when an agent holding it is saved", problem)
+            problem = f"{where} is unreadable ({type(e).__name__}: {why})"
+        if source is None or isinstance(e, Unusable):
+            log.warning("%s: deleting it, it is rebuilt when an agent holding it is saved", problem)
+        else:
+            log.warning("%s: a miss", problem)
         with self._lock:
             path.unlink(missing_ok=True)
             self._sizes.pop(bid, None)

@@ -59,7 +59,7 @@ from mcp_semantic.block_pool import (
 from mcp_semantic.cache_build import Spares, read_into_cache, reconstruct, starts
 from mcp_semantic import cuda
 from mcp_semantic.cache_kinds import Layout
-from mcp_semantic.block_files import host_block
+from mcp_semantic.block_files import Remote, host_block
 from mcp_semantic.store import Agent, KVRecord, Store, Writer
 
 log = logging.getLogger(__name__)
@@ -498,8 +498,10 @@ class Caches:
         tier: Tier = "hot"
         if lacking:
             self.writer.wait()  # a block may be in a write not done yet
-            tier = "remote" if self.store.fetch_files([bid for bid, _ in lacking]) else "disk"  # read below as any local file
-            read = self.store.blocks.read_blocks([bid for bid, _ in lacking], self.storage, self.all_names, [need for _, need in lacking])
+            remote = self.store.remote_blocks([bid for bid, _ in lacking if not self.store.has_block(bid)])
+            tier = "remote" if remote else "disk"
+            read = self.store.blocks.read_blocks([bid for bid, _ in lacking], self.storage, self.all_names,
+                                                 [need for _, need in lacking], remote)
             for (bid, _), (block, problem) in zip(lacking, read):
                 if block is None:
                     self._missed(name, problem, warnings)
@@ -544,14 +546,14 @@ class Caches:
         parts: list[Any] = [self.pool.get(bid) for bid in ids]  # a Block, or a block file still to read
         missing = [i for i, (part, need) in enumerate(zip(parts, self._wanted(leaves)))
                    if part is None or not need <= set(part.arrays)]
-        fetched: dict[str, bytes] = {}
+        remote: dict[str, Remote] = {}
         if missing:
             self.writer.wait()  # a block may be in a write not done yet
-            # from the shared tier (Redis) into memory, read from there: their files are written
-            # when the agent is saved, not before the call (on this VM that doubled a remote load)
-            fetched = self.store.fetch([ids[i] for i in missing if not self.store.has_block(ids[i])])
+            # those not here are read from the shared tier (Redis) as files are; their files are
+            # written from the pool when the agent is saved, not before the call
+            remote = self.store.remote_blocks([ids[i] for i in missing if not self.store.has_block(ids[i])])
         failed = []
-        opened = self.store.blocks.open_blocks([ids[i] for i in missing], self.storage, self.all_names, fetched)
+        opened = self.store.blocks.open_blocks([ids[i] for i in missing], self.storage, self.all_names, remote)
         for i, part in zip(missing, opened):
             if isinstance(part, str):
                 self._missed(name, part, warnings)
@@ -580,7 +582,7 @@ class Caches:
                                     {i: row for row, i in enumerate(missing)})
         for problem in problems.values():
             self._missed(name, problem, warnings)
-        return ("remote" if fetched else "disk" if missing else "hot"), cache, failed
+        return ("remote" if remote else "disk" if missing else "hot"), cache, failed
 
     # reports
 

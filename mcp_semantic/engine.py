@@ -68,8 +68,9 @@ LIST_LIMIT, MAX_LIST_LIMIT = 100, 1000
 """list_agents' page: by default, and at most."""
 
 SAVE_AFTER_IDLE_S = 0.5
-"""Caches are saved once the engine has had no work for this long: a host's back-to-back
-calls are not slowed by the writer, and an agent in a quick exchange is written once."""
+"""Caches are saved, and blocks cut lazily copied out (Caches.settle), once the engine has had
+no work for this long: a host's back-to-back calls are not slowed by the writer or the copies,
+and an agent in a quick exchange is written once."""
 
 PAUSE_TARGET_S = 0.25
 """While other calls are generating, a prompt is read in chunks of about this much time, so
@@ -391,7 +392,10 @@ class Engine:
                 if busy:
                     item = self._queue.get_nowait()
                 else:
-                    item = self._queue.get(timeout=SAVE_AFTER_IDLE_S if self.caches.unsaved else None)
+                    # idle a while: caches saved and settled (the shared mode saves at each call's end,
+                    # yet blocks cut lazily hold its last working caches until settled: no spares)
+                    idle_work = self.caches.unsaved or self.caches.unsettled
+                    item = self._queue.get(timeout=SAVE_AFTER_IDLE_S if idle_work else None)
                 while True:  # take everything that has arrived
                     if item is None:
                         stopping = True

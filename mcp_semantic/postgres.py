@@ -24,6 +24,7 @@ from typing import Iterator
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from mcp_semantic.block_files import Remote
 from mcp_semantic.settings import masked
 from mcp_semantic.store import Agent, Store, StoreUnavailable, agent_row, check_name, kv_row
 
@@ -234,8 +235,5 @@ class PostgresStore(Store):
         with self._db() as db:
             return db.execute("SELECT count(DISTINCT block) FROM kv_blocks").fetchone()[0]
 
-    def fetch(self, bids: list[str]) -> dict[str, bytes]:
-        return self.remote.get(bids) if self.remote is not None else {}
-
-    def fetch_files(self, bids: list[str]) -> list[str]:
-        return self.remote.fetch(bids) if self.remote is not None else []
+    def remote_blocks(self, bids: list[str]) -> dict[str, Remote]:
+        return self.remote.heads(bids) if self.remote is not None else {}

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from mcp_semantic.block_files import BLOCK_ID_RE, BlockFiles, HostBlock
+from mcp_semantic.block_files import BLOCK_ID_RE, BlockFiles, HostBlock, Remote
 from mcp_semantic.block_pool import Storage
 
 log = logging.getLogger(__name__)
@@ -324,16 +324,11 @@ class Store:
         """Blocks the lists name."""
         raise NotImplementedError
 
-    shared = False  # whether blocks missing here may be in a tier other servers share (`fetch`)
+    shared = False  # whether blocks missing here may be in a tier other servers share (`remote_blocks`)
 
-    def fetch(self, bids: list[str]) -> dict[str, bytes]:
-        """The file bytes of those of `bids` the shared tier has (none here)."""
+    def remote_blocks(self, bids: list[str]) -> dict[str, Remote]:
+        """Those of `bids` the shared tier has, ready to open (BlockFiles.open_blocks); none here."""
         return {}
-
-    def fetch_files(self, bids: list[str]) -> list[str]:
-        """Bring those of `bids` the local files lack from the shared tier into them; returns those
-        it brought (none here)."""
-        return []
 
     # transcripts
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 import redis
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mcp_semantic.block_files import BlockFiles, host_block
 from mcp_semantic.block_pool import Storage, array_names, cut_blocks
@@ -16,6 +18,7 @@ from servers import free_port
 
 STORAGE = Storage("fp", "float32")
 LAYOUT = Layout.full_attention(2, 2, 4)
+NAMES = array_names(LAYOUT, STORAGE)
 
 
 def write_blocks(files: BlockFiles) -> list:
@@ -32,34 +35,37 @@ def write_blocks(files: BlockFiles) -> list:
     return blocks
 
 
-def test_blocks_go_through_redis_to_another_server_s_files(tmp_path: Path, redis_url: str) -> None:
-    """Server A puts its blocks; server B (files of its own) fetches them, reads them checked,
-    exactly; a block Redis lost is a miss, not an error; a block it holds damaged fails its check."""
+def test_blocks_go_through_redis_to_another_server(tmp_path: Path, redis_url: str) -> None:
+    """Server A puts its blocks; server B (files of its own) reads them from Redis, checked,
+    exactly, writing no file; a block Redis lost is a miss, not an error; one it holds damaged
+    fails its check and is deleted from Redis (so a save puts it anew: SET NX keeps a value)."""
     a, b = BlockFiles(tmp_path / "a"), BlockFiles(tmp_path / "b")
     blocks = write_blocks(a)
     ids = [blk.id for blk in blocks]
     ra, rb = RedisBlocks(redis_url, a), RedisBlocks(redis_url, b)
     assert ra.put(ids) == sum(a.size(i) for i in ids) and ra.put(ids) > 0
-    assert rb.fetch(ids) == ids and rb.fetch(ids) == []  # then local: nothing fetched again
-    for original, (block, problem) in zip(blocks, b.read_blocks(ids, STORAGE, array_names(LAYOUT, STORAGE))):
+    heads = rb.heads(ids + ["0" * 32])
+    assert set(heads) == set(ids) and all(heads[i].size == a.size(i) for i in ids)  # one Redis lacks is left out
+    for original, (block, problem) in zip(blocks, b.read_blocks(ids, STORAGE, NAMES, remote=heads)):
         assert problem is None and mx.array_equal(block.arrays["layers.1.values"], original.arrays["layers.1.values"]).item()
+    assert not list(b.dir.iterdir())  # files are written when an agent is saved, from the pool
 
-    c = BlockFiles(tmp_path / "c")
-    rc = RedisBlocks(redis_url, c)
     client = redis.Redis.from_url(redis_url)
     client.delete(PREFIX + ids[0])  # evicted by Redis (maxmemory) or lost
     data = bytearray(client.get(PREFIX + ids[1]))
     data[-1] ^= 1  # damaged in Redis
     client.set(PREFIX + ids[1], bytes(data))
-    assert rc.fetch(ids) == ids[1:]
-    (_, missing), (_, damaged) = c.read_blocks(ids[:2], STORAGE, array_names(LAYOUT, STORAGE))
-    assert "missing" in missing and "checksum" in damaged
+    heads = rb.heads(ids)
+    assert set(heads) == {ids[1]}
+    (_, missing), (_, damaged) = b.read_blocks(ids[:2], STORAGE, NAMES, remote=heads)
+    assert "missing" in missing and "checksum" in damaged and "shared tier" in damaged
+    assert client.exists(PREFIX + ids[1]) == 0
     ra.delete(ids)
     assert client.dbsize() == 0
     client.close()
-    for r in (ra, rb, rc):
+    for r in (ra, rb):
         r.close()
-    for f in (a, b, c):
+    for f in (a, b):
         f.close()
 
 
@@ -71,9 +77,47 @@ def test_an_unreachable_redis_is_a_clear_error_that_hides_the_password(tmp_path:
     files.close()
 
 
-def test_blocks_read_from_redis_s_bytes_in_memory_are_checked_as_files_are(tmp_path: Path, redis_url: str) -> None:
-    """A remote load reads the bytes Redis gave, without files: exact, and a damaged or
-    truncated one is a miss (checksum), never data in the cache."""
+def test_a_remote_read_goes_straight_into_its_targets_in_ranges(tmp_path: Path, redis_url: str, monkeypatch) -> None:
+    """Arrays read from Redis land in the caller's buffers, exact, by GETRANGEs of at most
+    RANGE_BYTES (here a few bytes, so ranges cut across arrays and buffers), a header longer than
+    HEAD_BYTES read by a second round trip; a block changed or gone between its header and its
+    data is a miss, never data in the cache."""
+    import numpy as np
+
+    from mcp_semantic import block_redis
+
+    monkeypatch.setattr(block_redis, "HEAD_BYTES", 16)
+    monkeypatch.setattr(block_redis, "RANGE_BYTES", 40)
+    a, b = BlockFiles(tmp_path / "a"), BlockFiles(tmp_path / "b")
+    blocks = write_blocks(a)
+    ids = [blk.id for blk in blocks]
+    ra, rb = RedisBlocks(redis_url, a), RedisBlocks(redis_url, b)
+    ra.put(ids)
+    files = b.open_blocks(ids, STORAGE, NAMES, rb.heads(ids))
+    assert all(f.source is rb for f in files)
+    targets = [[(n, [np.zeros(f.layout[n][1], np.float32)]) for n in f.layout] for f in files]
+    assert b.fill_blocks(files, targets) == [None, None]
+    for f, t, original in zip(files, targets, blocks):
+        for name, (buffer,) in t:
+            assert np.array_equal(buffer, np.array(original.arrays[name], copy=False)), name
+
+    client = redis.Redis.from_url(redis_url)
+    client.set(PREFIX + ids[0], client.get(PREFIX + ids[0])[:-8])  # shorter since its header was read
+    client.delete(PREFIX + ids[1])  # gone since
+    targets = [[(n, [np.zeros(f.layout[n][1], np.float32)]) for n in f.layout] for f in files]
+    problems = b.fill_blocks(files, targets)
+    assert all(p and "unreadable" in p for p in problems)
+    assert client.dbsize() == 0  # the short one deleted as damaged
+    client.close()
+    for r in (ra, rb):
+        r.close()
+    for f in (a, b):
+        f.close()
+
+
+def test_a_connection_lost_mid_read_is_a_miss_and_the_next_read_connects_anew(tmp_path: Path, redis_url: str) -> None:
+    """Redis closing the readers' connections: the reads then are misses or succeed on a new
+    connection, never wrong data, and the blocks stay in Redis; the next read is exact."""
     import numpy as np
 
     a, b = BlockFiles(tmp_path / "a"), BlockFiles(tmp_path / "b")
@@ -81,21 +125,40 @@ def test_blocks_read_from_redis_s_bytes_in_memory_are_checked_as_files_are(tmp_p
     ids = [blk.id for blk in blocks]
     ra, rb = RedisBlocks(redis_url, a), RedisBlocks(redis_url, b)
     ra.put(ids)
-    got = rb.get(ids + ["0" * 32])
-    assert set(got) == set(ids)  # one Redis lacks is left out
-    got[ids[1]] = got[ids[1]][:-1] + bytes([got[ids[1]][-1] ^ 1])
-    files = b.open_blocks(ids, STORAGE, array_names(LAYOUT, STORAGE), got)
-    assert not any(isinstance(f, str) for f in files) and not list(b.dir.glob("*.safetensors"))
-    name = "layers.0.keys"
-    targets = [[(n, [np.zeros(f.layout[n][1], np.float32)]) for n in f.layout] for f in files]
-    problems = b.fill_blocks(files, targets)
-    assert problems[0] is None and "checksum" in problems[1]
-    original = np.array(blocks[0].arrays[name], copy=False)
-    assert np.array_equal(dict(targets[0])[name][0], original)
-    short = {ids[0]: got[ids[0]][:-8]}
-    (opened,) = b.open_blocks(ids[:1], STORAGE, array_names(LAYOUT, STORAGE), short)
-    assert isinstance(opened, str) and "unreadable" in opened
+    files = b.open_blocks(ids, STORAGE, NAMES, rb.heads(ids))
+    fresh = lambda: [[(n, [np.zeros(f.layout[n][1], np.float32)]) for n in f.layout] for f in files]  # noqa: E731
+    assert b.fill_blocks(files, fresh()) == [None, None]  # the pool now holds connections
+    client = redis.Redis.from_url(redis_url)
+    client.client_kill_filter(_type="normal", skipme=True)
+    for _ in range(2):
+        targets = fresh()
+        for problem, t, original in zip(b.fill_blocks(files, targets), targets, blocks):
+            if problem is None:
+                assert all(np.array_equal(buf, np.array(original.arrays[n], copy=False)) for n, (buf,) in t)
+            else:
+                assert "unreadable" in problem
+    assert all(client.exists(PREFIX + i) for i in ids)
+    targets = fresh()
+    assert b.fill_blocks(files, targets) == [None, None]
+    client.close()
     for r in (ra, rb):
         r.close()
     for f in (a, b):
         f.close()
+
+
+@given(st.lists(st.integers(0, 50), max_size=8), st.integers(0, 1000), st.integers(1, 64))
+def test_ranges_cover_the_buffers_in_order_each_at_most_the_bound(sizes: list[int], offset: int, most: int) -> None:
+    from mcp_semantic.block_redis import _ranges
+
+    buffers = [bytearray(n) for n in sizes]
+    runs = _ranges(buffers, offset, most)
+    assert all(0 < sum(map(len, views)) <= most for _, views in runs)
+    sizes_of_runs = [sum(map(len, views)) for _, views in runs]
+    assert [at for at, _ in runs] == [offset + sum(sizes_of_runs[:i]) for i in range(len(runs))]
+    for i, (_, views) in enumerate(runs):
+        for v in views:
+            v[:] = bytes([i + 1]) * len(v)
+    flat = b"".join(buffers)
+    assert len(flat) == sum(sizes) and 0 not in flat
+    assert list(flat) == sorted(flat)  # each run is one stretch, in order

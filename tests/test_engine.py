@@ -574,6 +574,22 @@ async def test_hot_turns_write_on_in_the_last_cache_in_place(settings: Settings,
     await engine.aclose()
 
 
+@pytest.mark.parametrize("mode", ["embedded", "shared"])
+async def test_an_idle_engine_settles_its_caches(settings: Settings, mode: str, request) -> None:
+    """Once idle, the blocks a call cut as views of its working cache are copied out and the
+    kept cache goes (its memory then serves the next build as spares). In the shared mode each
+    call is saved at its end, so nothing was left to save: its caches were never settled."""
+    if mode == "shared":
+        settings = settings.model_copy(update={"store": request.getfixturevalue("postgres_url")})
+    engine = open_engine(settings)
+    await engine.ask(AskRequest("a", QUESTIONS[0], max_tokens=12))
+    assert engine.caches.working and engine.caches.unsettled
+    with anyio.fail_after(10):
+        while engine.caches.unsettled or engine.caches.working:
+            await anyio.sleep(0.05)
+    await engine.aclose()
+
+
 async def test_agents_are_read_when_named_and_idle_ones_let_go(settings: Settings, replay, monkeypatch) -> None:
     """A store of many agents: nothing of them is read at start; an agent's transcript and block
     list come from the store when a call names it, the least recently used idle ones go from

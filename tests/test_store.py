@@ -536,8 +536,9 @@ def test_gc_across_servers_waits_for_a_commit_in_flight(tmp_path: Path, postgres
     delete.join(10)
     assert b.kv_record("y") == record and a.kv_record("x") is None
     assert b.remote.missing(record.ids) == []  # still in Redis: y names them
-    assert set(c.fetch(record.blocks)) == set(record.blocks)
-    assert c.remote.fetch(record.blocks) == record.blocks and load(c, "y")[0].offset == 10
+    remote = c.remote_blocks(record.blocks)
+    assert set(remote) == set(record.blocks)
+    assert all(problem is None for _, problem in c.blocks.read_blocks(record.blocks, EXACT, names(EXACT, 2), remote=remote))
     b.delete_kv("y")
     assert set(b.remote.missing(record.ids)) == set(record.ids)  # no list names them: gone from Redis
     assert not any(b.blocks.path(bid).exists() for bid in record.ids)
