@@ -9,6 +9,10 @@ never a server's: their clocks may differ. Why PostgreSQL and not Redis (Redlock
 transcript a lease guards is committed there too, and a Redis that loses its data loses cached
 blocks, never a lock.
 
+A transcript is saved only while its server's lease holds (PostgresStore.save_agent checks it in
+the saving transaction): a server whose lease expired while it could not renew it never commits
+a turn over the next server's.
+
 A server counts its own holds of a lease (several calls naming the agent, and the agent's save
 after a call): the row goes when the last is released. A thread renews the leases held.
 """

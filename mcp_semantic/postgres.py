@@ -133,14 +133,25 @@ def _named(db: psycopg.Connection, bids: list[str]) -> set[str]:
     return {row[0] for row in db.execute("SELECT DISTINCT block FROM kv_blocks WHERE block = ANY(%s)", (bids,))}
 
 
+class LeaseLost(StoreUnavailable):
+    """A transcript save refused: this server's lease of the agent expired (PostgreSQL out of its
+    reach for longer than the lease lasts) and another server may serve the agent now."""
+
+
 class PostgresStore(Store):
     """Transcripts and block lists in PostgreSQL; block bytes in the local block files and, with
-    `remote`, in Redis behind them. The schema's ideas are store.db's (sqlite_store.py)."""
+    `remote`, in Redis behind them. The schema's ideas are store.db's (sqlite_store.py).
 
-    def __init__(self, root: Path, url: str, block_store: str | None = None):
+    With a `holder` (this server's name in the leases, leases.py), a transcript is saved only
+    while that lease of the agent holds, checked in the transaction that saves it, the lease row
+    locked until the commit: a server whose lease expired mid-call (it could not renew it) never
+    commits a turn over another server's."""
+
+    def __init__(self, root: Path, url: str, block_store: str | None = None, holder: str | None = None):
         from mcp_semantic.block_redis import RedisBlocks
 
         super().__init__(root)
+        self.holder = holder
         self.pool: ConnectionPool | None = None
         self.remote: RedisBlocks | None = None  # None: each server's blocks are its own
         try:
@@ -179,7 +190,13 @@ class PostgresStore(Store):
 
     def save_agent(self, agent: Agent) -> None:
         check_name(agent.name)
-        with self._db() as db:
+        with self._db() as db, db.transaction():
+            if self.holder is not None and not db.execute(
+                "SELECT 1 FROM leases WHERE agent = %s AND holder = %s AND expires_at > now() FOR UPDATE",
+                (agent.name, self.holder),
+            ).fetchone():
+                raise LeaseLost(f"this server's lease of agent {agent.name} expired (PostgreSQL was out of its reach) "
+                                "and another server may be serving it; nothing was saved, ask again")
             db.execute("""INSERT INTO agents VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO UPDATE SET
                           system = EXCLUDED.system, parent = EXCLUDED.parent, messages = EXCLUDED.messages,
                           tokens = EXCLUDED.tokens, created_at = EXCLUDED.created_at, last_used_at = EXCLUDED.last_used_at""",

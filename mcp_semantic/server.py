@@ -59,15 +59,15 @@ def load(settings: Settings) -> LoadedModel:
     return load_model(settings.model, settings.cache_dir)
 
 
-def open_store(settings: Settings) -> Store:
+def open_store(settings: Settings, holder: str | None = None) -> Store:
     """The embedded store (SQLite and block files in --cache-dir), or the shared one: PostgreSQL
-    (--store), with Redis behind the block files (--block-store). StoreUnavailable names an
-    unreachable one."""
+    (--store), with Redis behind the block files (--block-store), saving transcripts only under
+    `holder`'s leases. StoreUnavailable names an unreachable one."""
     if settings.store is None:
         return SQLiteStore(settings.cache_dir)
     from mcp_semantic.postgres import PostgresStore
 
-    return PostgresStore(settings.cache_dir, settings.store, settings.block_store)
+    return PostgresStore(settings.cache_dir, settings.store, settings.block_store, holder)
 
 
 def server_id(settings: Settings) -> str:
@@ -77,13 +77,14 @@ def server_id(settings: Settings) -> str:
 
 def open_engine(settings: Settings, lm: LoadedModel | None = None) -> Engine:
     lm = lm or load(settings)
-    store = open_store(settings)
+    holder = server_id(settings) if settings.store is not None else None
+    store = open_store(settings, holder)
     try:
         leases = None
-        if settings.store is not None:
+        if holder is not None:
             from mcp_semantic.leases import Leases
 
-            leases = Leases(store.pool, server_id(settings), ttl_s=settings.lease_ttl, wait_s=settings.lease_wait)
+            leases = Leases(store.pool, holder, ttl_s=settings.lease_ttl, wait_s=settings.lease_wait)
         return Engine(
             lm,
             store,

@@ -590,6 +590,37 @@ async def test_an_idle_engine_settles_its_caches(settings: Settings, mode: str, 
     await engine.aclose()
 
 
+async def test_a_turn_whose_lease_was_lost_is_refused_and_changes_nothing(settings: Settings, postgres_url: str,
+                                                                         replay) -> None:
+    """The shared mode: a call whose server lost the agent's lease before the call's end (it
+    expired and another server took it) is a tool error, its turn saved nowhere, the agent as
+    it was; once the lease is free again the agent goes on from its last saved turn, exactly."""
+    import psycopg
+
+    engine = open_engine(settings.model_copy(update={"store": postgres_url}))
+    first = await engine.ask(AskRequest("a", QUESTIONS[0], max_tokens=8))
+    save = engine.store.save_agent
+
+    def taken_meanwhile(agent) -> None:
+        with psycopg.connect(postgres_url, autocommit=True) as db:
+            db.execute("UPDATE leases SET holder = 'server-b' WHERE agent = %s", (agent.name,))
+        save(agent)
+
+    engine.store.save_agent = taken_meanwhile
+    with pytest.raises(RequestError, match="lease of agent a expired.*nothing was saved"):
+        await engine.ask(AskRequest("a", QUESTIONS[1], max_tokens=8))
+    engine.store.save_agent = save
+    assert len(engine.store.load_agent("a").messages) == 2
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        db.execute("DELETE FROM leases WHERE agent = 'a'")  # server B is done with it
+    again = await engine.ask(AskRequest("a", QUESTIONS[2], max_tokens=8))
+    messages = [{"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": first.reply},
+                {"role": "user", "content": QUESTIONS[2]}]
+    assert again.reply == replay(engine.lm, messages, 8)
+    assert len(engine.store.load_agent("a").messages) == 4
+    await engine.aclose()
+
+
 async def test_agents_are_read_when_named_and_idle_ones_let_go(settings: Settings, replay, monkeypatch) -> None:
     """A store of many agents: nothing of them is read at start; an agent's transcript and block
     list come from the store when a call names it, the least recently used idle ones go from

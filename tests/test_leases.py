@@ -75,3 +75,29 @@ def test_a_server_renews_the_leases_it_holds_by_itself(pool) -> None:
     a.release("x")
     assert b.take("x", wait_s=0)
     a.close()
+
+
+def test_a_server_whose_lease_expired_saves_no_turn_over_the_next_server_s(tmp_path, postgres_url: str) -> None:
+    """Fencing: A's lease of x expired (A could not renew it) and B took it: A's save of a turn
+    is refused, B's transcript stays; a save without the lease is refused too."""
+    from mcp_semantic.postgres import LeaseLost, PostgresStore
+    from mcp_semantic.store import Agent
+
+    turn = lambda text: Agent("x", messages=[{"role": "user", "content": text}])  # noqa: E731
+    store_a = PostgresStore(tmp_path / "a", postgres_url, holder="server-a")
+    store_b = PostgresStore(tmp_path / "b", postgres_url, holder="server-b")
+    a = Leases(store_a.pool, "server-a", ttl_s=0.5, renew=False)
+    b = Leases(store_b.pool, "server-b", renew=False)
+    with pytest.raises(LeaseLost, match="lease of agent x"):
+        store_a.save_agent(turn("never held"))
+    assert store_a.load_agent("x") is None
+    a.take("x")
+    store_a.save_agent(turn("A's turn"))
+    time.sleep(0.7)  # expired, not renewed
+    assert b.take("x", wait_s=0)
+    store_b.save_agent(turn("B's turn"))
+    with pytest.raises(LeaseLost, match="another server may be serving it; nothing was saved"):
+        store_a.save_agent(turn("A's late turn"))
+    assert store_a.load_agent("x").messages == [{"role": "user", "content": "B's turn"}]
+    for store in (store_a, store_b):
+        store.close()
