@@ -58,24 +58,30 @@ class RedisBlocks:
         self.client.close()
 
     def missing(self, bids: list[str]) -> list[str]:
-        """Of `bids`, those Redis lacks (one round trip)."""
+        """Of `bids`, those Redis lacks (one round trip); Unreachable where it cannot say."""
         if not bids:
             return []
-        with self.client.pipeline(transaction=False) as pipe:
-            for bid in bids:
-                pipe.exists(PREFIX + bid)
-            return [bid for bid, n in zip(bids, pipe.execute()) if not n]
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for bid in bids:
+                    pipe.exists(PREFIX + bid)
+                return [bid for bid, n in zip(bids, pipe.execute()) if not n]
+        except redis.RedisError as e:
+            raise Unreachable(f"Redis at {self.url} cannot be reached ({e})") from None
 
     def put(self, bids: list[str]) -> int:
         """Upload these blocks' local files where Redis lacks them (a block's bytes never change:
-        its id names its content); returns the bytes sent."""
+        its id names its content); returns the bytes sent. Unreachable where Redis is."""
         sent = 0
-        with self.client.pipeline(transaction=False) as pipe:
-            for bid in bids:
-                data = self.files.path(bid).read_bytes()
-                pipe.set(PREFIX + bid, data, nx=True)
-                sent += len(data)
-            pipe.execute()
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for bid in bids:
+                    data = self.files.path(bid).read_bytes()
+                    pipe.set(PREFIX + bid, data, nx=True)
+                    sent += len(data)
+                pipe.execute()
+        except redis.RedisError as e:
+            raise Unreachable(f"Redis at {self.url} cannot be reached ({e})") from None
         return sent
 
     def heads(self, bids: list[str]) -> dict[str, Remote]:

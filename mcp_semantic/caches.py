@@ -449,8 +449,9 @@ class Caches:
         return -(-n // step) * step
 
     def _choose(self, record: KVRecord | None, prompt: list[int], bad: set[str]) -> tuple[list[str], list[int], int]:
-        """The blocks to build from (the agent's own, or the prompt's full blocks that memory or
-        disk has), where they end, and how many tokens the cache holds; none from a `bad` block on."""
+        """The blocks to build from (the agent's own, or the prompt's full blocks that memory, disk
+        or the shared tier has), where they end, and how many tokens the cache holds; none from a
+        `bad` block on."""
         B = self.block_tokens
         limit = len(prompt) - 1
         best: tuple[list[str], list[int], int] = ([], [], 0)
@@ -464,9 +465,14 @@ class Caches:
                 best = (ids[: n // B] + [record.branch], ends[: n // B] + [n], n)
         if best[2] == limit:  # the agent's own blocks give all a cache can hold: no other can give more
             return best
-        shared = []
-        for bid in block_ids(prompt, self.storage.key, B):
-            if bid in bad or bid not in self.pool and not self.store.has_block(bid):
+        shared, chain = [], block_ids(prompt, self.storage.key, B)
+        for i, bid in enumerate(chain):
+            if bid in bad:
+                break
+            if bid not in self.pool and not self.store.has_block(bid):
+                if self.store.shared:  # the rest from the shared tier, as far as it has them (one round trip)
+                    found = self.store.in_shared_tier(chain[i:])
+                    shared += itertools.takewhile(lambda b: b in found and b not in bad, chain[i:])
                 break
             shared.append(bid)
         candidate = self._usable(shared, [(i + 1) * B for i in range(len(shared))], min(len(shared) * B, limit))

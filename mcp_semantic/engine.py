@@ -27,9 +27,8 @@ import threading
 import time
 import weakref
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
-from pathlib import Path
 from typing import Any, Awaitable, Callable, Literal
 
 import anyio
@@ -40,9 +39,9 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import common_prefix_len
 from mcp_semantic import attention
 from mcp_semantic.batch import DecodeBatch, Row, seeded_sampler
-from mcp_semantic.block_pool import BLOCK_TOKENS, Storage, kv_bits_supported
-from mcp_semantic.cache_kinds import Layout, probe, whole_of
-from mcp_semantic.caches import Caches, Checkpoints, Tier
+from mcp_semantic.block_pool import BLOCK_TOKENS, Storage
+from mcp_semantic.cache_kinds import whole_of
+from mcp_semantic.caches import Caches
 from mcp_semantic.calls import (
     AgentList,
     AskRequest,
@@ -54,10 +53,11 @@ from mcp_semantic.calls import (
     Timings,
     TokenCounts,
 )
+from mcp_semantic.jobs import Job, Running, post, wait_for_exit
 from mcp_semantic.leases import AgentBusy, Leases
 from mcp_semantic.agents import Agents, EvictLevel
-from mcp_semantic.models import LoadedModel
-from mcp_semantic.store import Agent, InvalidName, Store, StoreUnavailable, check_name
+from mcp_semantic.models import LoadedModel, check_model, detokenize
+from mcp_semantic.store import Agent, InvalidName, LeaseLost, Store, StoreUnavailable, check_name
 
 log = logging.getLogger(__name__)
 
@@ -85,60 +85,6 @@ _TAIL = 32
 # Internals
 
 
-@dataclass
-class _Job:
-    """A call waiting for the engine thread. `agents`: those it names (it runs after their
-    earlier calls); None: every agent. `req` is set for ask calls, `fn` for the others."""
-
-    token: Any
-    agents: frozenset[str] | None
-    fn: Callable[[], Any] | None = None
-    req: AskRequest | None = None
-    report: Callable[[float, float, str], None] | None = None
-    submitted: float = field(default_factory=time.perf_counter)
-    done: anyio.Event = field(default_factory=anyio.Event)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    result: Any = None
-    error: BaseException | None = None
-    fresh: frozenset[str] = frozenset()  # agents whose lease it took anew: another server may have served them
-
-
-@dataclass
-class _Running:
-    """An ask call the engine has started: reading its prompt (`pending`, into `cache`), then
-    decoding in the batch (`row`)."""
-
-    job: _Job
-    agent: Agent
-    messages: list[dict[str, str]]
-    prompt: list[int]
-    max_new: int
-    sampler: Callable[[mx.array], mx.array]
-    started: float
-    tier: Tier = "new"
-    reuse: int = 0
-    cache_load: float = 0.0
-    cache: list[Any] | None = None
-    checkpoints: Checkpoints = field(default_factory=dict)  # recurrent states at block ends (caches.py)
-    turn: int = 0  # with recurrent layers: where the prompt's generation prompt (the reply's turn) begins
-    kept: int = 0  # with recurrent layers: prompt tokens whose blocks are kept with their states already
-    pending: list[int] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    row: Row | None = None  # set once it decodes in the batch
-    generated: list[int] = field(default_factory=list)
-    first: float | None = None
-    last: float | None = None
-    longest_pause: float = 0.0
-
-
-def _post(token: Any, fn: Callable[..., Any], *args: Any) -> None:
-    """Run `fn(*args)` on the caller's event loop; a loop that has gone away is not an error."""
-    try:
-        anyio.from_thread.run_sync(fn, *args, token=token)
-    except (anyio.RunFinishedError, anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError, RuntimeError):
-        pass
-
-
 _open_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
@@ -148,33 +94,6 @@ def _close_open_engines() -> None:
     still run: its caches are saved, and its thread does not end during finalization (below)."""
     for engine in list(_open_engines):
         engine.close()
-
-
-def _wait_for_exit(native_id: int | None, timeout_s: float = 2.0) -> None:
-    """Wait until a thread has ended for the OS too, past its C++ thread-local destructors.
-
-    Why: MLX keeps a compile cache per thread (mlx-lm compiles its activations) whose destructor
-    takes the GIL, and Python's join returns before those destructors run; a process that
-    finalizes meanwhile aborts ("terminate called without an active exception"). Linux lists a
-    live thread under /proc; elsewhere a short sleep, which lets go of the GIL, has to do."""
-    task = Path(f"/proc/self/task/{native_id}")
-    if not task.parent.is_dir():
-        time.sleep(0.05)
-        return
-    deadline = time.monotonic() + timeout_s
-    while task.exists() and time.monotonic() < deadline:
-        time.sleep(0.002)
-
-
-def check_model(lm: LoadedModel, kv_bits: int | None) -> Layout:
-    """The model's cache layout (cache_kinds.probe: one token run through it, since model configs
-    name head_dim in too many ways); a cache kind we cannot keep (UnsupportedCache) or a
-    --kv-bits its heads cannot be quantized at (RequestError) is a clear error at start-up."""
-    layout = probe(lm.model)
-    for name, (shape, _) in layout.shapes.items():
-        if ".state." not in name and not kv_bits_supported(shape[-1], kv_bits):
-            raise RequestError(f"--kv-bits {kv_bits} needs a head dimension divisible by 32; this model's is {shape[-1]}")
-    return layout
 
 
 class Engine:
@@ -224,11 +143,11 @@ class Engine:
         self._batch = self._new_batch()
         attention.install(lm.model)  # on the CPU: prompts' softmax in numpy (attention.py says why)
         self._eos = set(lm.tokenizer.eos_token_ids)
-        self._running: list[_Running] = []  # started calls, in the order they started
+        self._running: list[Running] = []  # started calls, in the order they started
         self._s_per_token = 0.0  # the last prefill chunk's seconds per token
         self.peak_batch = 0  # the most calls that ran together
-        self._waiting: list[_Job] = []  # arrived, not started, in arrival order
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._waiting: list[Job] = []  # arrived, not started, in arrival order
+        self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="mcp-semantic-engine", daemon=True)
         self._thread.start()
         _open_engines.add(self)
@@ -246,7 +165,7 @@ class Engine:
 
     # The async side: called from the event loop
 
-    async def _submit(self, job: _Job) -> Any:
+    async def _submit(self, job: Job) -> Any:
         leased = await self._lease(job)
         try:
             self._queue.put(job)
@@ -262,7 +181,7 @@ class Engine:
             raise job.error
         return job.result
 
-    async def _lease(self, job: _Job) -> list[str]:
+    async def _lease(self, job: Job) -> list[str]:
         """In the shared mode, take the leases of the agents the call names, waiting (up to
         --lease-wait) while another server serves one; returns those taken. AgentBusy after the
         wait, and StoreUnavailable, change nothing."""
@@ -288,7 +207,7 @@ class Engine:
         return taken
 
     def _call(self, fn: Callable[[], Any], agents: frozenset[str] | None) -> Awaitable[Any]:
-        return self._submit(_Job(anyio.lowlevel.current_token(), agents, fn=fn))
+        return self._submit(Job(anyio.lowlevel.current_token(), agents, fn=fn))
 
     async def ask(self, req: AskRequest, on_progress: ProgressFn | None = None) -> AskResult:
         """Queue a call; refused at once, changing nothing, when --max-queue calls are waiting."""
@@ -315,11 +234,11 @@ class Engine:
     async def _ask_queued(self, req: AskRequest, on_progress: ProgressFn | None) -> AskResult:
         token = anyio.lowlevel.current_token()
         if on_progress is None:
-            return await self._submit(_Job(token, frozenset([req.agent]), req=req))
+            return await self._submit(Job(token, frozenset([req.agent]), req=req))
         send, receive = anyio.create_memory_object_stream[tuple[float, float, str]](64)
 
         def report(done: float, total: float, message: str) -> None:
-            _post(token, send.send_nowait, (done, total, message))
+            post(token, send.send_nowait, (done, total, message))
 
         async def forward() -> None:
             async with receive:
@@ -330,7 +249,7 @@ class Engine:
         async with anyio.create_task_group() as tg:
             tg.start_soon(forward)
             try:
-                result = await self._submit(_Job(token, frozenset([req.agent]), req=req, report=report))
+                result = await self._submit(Job(token, frozenset([req.agent]), req=req, report=report))
             except Exception as e:  # raised below, not wrapped in the task group's ExceptionGroup
                 error = e
             finally:
@@ -376,7 +295,7 @@ class Engine:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
-            _wait_for_exit(self._thread.native_id)
+            wait_for_exit(self._thread.native_id)
             if self.leases is not None:
                 self.leases.close()
             self.store.close()
@@ -422,7 +341,7 @@ class Engine:
         waiting = []
         for job in self._waiting:
             if job.cancelled.is_set():  # its caller has gone: nothing to do
-                _post(job.token, job.done.set)
+                post(job.token, job.done.set)
                 continue
             if job.agents is None:
                 ready = not everything and not waiting and not self._running
@@ -442,12 +361,12 @@ class Engine:
                     job.result = job.fn()
                 except BaseException as e:  # delivered to the caller, who re-raises it
                     job.error = e
-                _post(job.token, job.done.set)
+                post(job.token, job.done.set)
             elif self._admit(job):
                 blocked.add(job.req.agent)
         self._waiting = waiting
 
-    def _admit(self, job: _Job) -> bool:
+    def _admit(self, job: Job) -> bool:
         """Validate an ask call, find its cache and put it in the batch; False if refused."""
         started = time.perf_counter()
         req = job.req
@@ -477,7 +396,7 @@ class Engine:
                 )
         except BaseException as e:
             job.error = e
-            _post(job.token, job.done.set)
+            post(job.token, job.done.set)
             return False
         if req.temperature == 0:
             sampler = self._greedy
@@ -486,14 +405,14 @@ class Engine:
         else:
             sampler = make_sampler(temp=req.temperature, top_p=req.top_p if req.top_p < 1 else 0.0)
         max_new = min(req.max_tokens, limit - len(prompt))
-        r = _Running(job, agent, messages, prompt, max_new, sampler, started)
+        r = Running(job, agent, messages, prompt, max_new, sampler, started)
         if self.layout.recurrent:  # a checkpoint there is kept (Caches.remember)
             r.turn = common_prefix_len(prompt, self.lm.tokenizer.apply_chat_template(messages, add_generation_prompt=False))
         self._running.append(r)
         self.peak_batch = max(self.peak_batch, len(self._running))
         return True
 
-    def _find_cache(self, r: _Running) -> None:
+    def _find_cache(self, r: Running) -> None:
         """Just before a call reads its prompt: its cache, trimmed to what the prompt shares.
 
         Not at admission: calls read their prompts one after another, so a call that arrived with
@@ -533,14 +452,14 @@ class Engine:
                 log.exception("prefill failed for agent %s", reading.agent.name)
                 self._running.remove(reading)
                 reading.job.error = e
-                _post(reading.job.token, reading.job.done.set)
+                post(reading.job.token, reading.job.done.set)
         for r in list(self._running):
             if r.job.cancelled.is_set():
                 if r.row is not None:
                     self._batch.remove([r.row])
                 self._finish(r, "cancelled", None)
 
-    def _prefill_chunk(self, r: _Running, step: int, tail: int) -> None:
+    def _prefill_chunk(self, r: Running, step: int, tail: int) -> None:
         """Read up to `step` of the call's prompt tokens; with the last ones, sample its first token
         and move it to the batch.
 
@@ -585,7 +504,7 @@ class Engine:
         self._batch.add(r.row, r.cache)
         r.cache = None  # the batch holds it now
 
-    def _checkpoint(self, r: _Running, n: int) -> None:
+    def _checkpoint(self, r: Running, n: int) -> None:
         """With recurrent layers, keep their states when the cache holds `n` tokens, a block's end
         or where the turn begins."""
         if self.layout.recurrent and (n % self.caches.block_tokens == 0 or n == r.turn):
@@ -599,7 +518,7 @@ class Engine:
             for r in [r for r in self._running if r.row is not None]:
                 self._running.remove(r)
                 r.job.error = e
-                _post(r.job.token, r.job.done.set)
+                post(r.job.token, r.job.done.set)
             self._batch = self._new_batch()
             return
         now = time.perf_counter()
@@ -616,19 +535,21 @@ class Engine:
                 new = len(r.prompt) - r.reuse
                 r.job.report(new + len(r.generated), new + r.max_new, f"generated {len(r.generated)} tokens")
 
-    def _finish(self, r: _Running, finish: Finish, tokens: list[int] | None) -> None:
+    def _finish(self, r: Running, finish: Finish, tokens: list[int] | None) -> None:
         """A call is done: save its turn (not a cancelled one), keep its cache, answer it.
         `tokens`: those its cache (`r.cache`) holds."""
         self._running.remove(r)
 
         agent = r.agent
-        reply = self._text(r.generated)
+        reply = detokenize(self.lm.tokenizer, r.generated)
         if finish != "cancelled":
             turn = replace(agent, messages=r.messages + [{"role": "assistant", "content": reply}], tokens=tokens,
                            last_used_at=time.time())
             try:
                 self.store.save_agent(turn)  # the transcript is saved before the reply goes out
             except StoreUnavailable as e:  # the turn is lost, the agent stays as it was: said, not hidden
+                if isinstance(e, LeaseLost) and self.leases is not None:
+                    self.leases.mark_lost(agent.name)  # its next call takes the lease anew, reads the agent again
                 r.job.error = RequestError(f"agent {agent.name}: the reply could not be saved, so it is not "
                                            f"given ({e})")
                 finish = "cancelled"
@@ -645,7 +566,7 @@ class Engine:
         r.cache = r.row = None
         r.checkpoints = {}
         if r.job.error is not None:
-            _post(r.job.token, r.job.done.set)
+            post(r.job.token, r.job.done.set)
             return
         ended = time.perf_counter()
         first = r.first or ended
@@ -670,16 +591,7 @@ class Engine:
             decode_tokens_per_s=round((len(r.generated) - 1) / decode_s, 2) if len(r.generated) > 1 and decode_s > 0 else 0.0,
             warnings=r.warnings,
         )
-        _post(r.job.token, r.job.done.set)
-
-    def _text(self, tokens: list[int]) -> str:
-        """The reply's text as mlx-lm's own generate and server decode it (its streaming detokenizer)."""
-        detokenizer = self.lm.tokenizer.detokenizer
-        detokenizer.reset()
-        for token in tokens:
-            detokenizer.add_token(token)
-        detokenizer.finalize()
-        return detokenizer.text
+        post(r.job.token, r.job.done.set)
 
     def _busy(self) -> set[str]:
         """The agents of calls started or waiting: their transcripts stay in memory."""

@@ -52,6 +52,7 @@ class Leases:
         self.wait_s = wait_s
         self.poll_s = poll_s
         self.held: Counter[str] = Counter()  # agent -> this server's holds of its lease
+        self.lost: set[str] = set()  # held, but found taken by another server since: taken anew next
         self._lock = threading.Lock()
         self._stop = threading.Event()
         if renew:
@@ -63,9 +64,9 @@ class Leases:
     def take(self, agent: str, wait_s: float | None = None) -> bool:
         """Take the agent's lease (or hold ours once more), waiting up to `wait_s` for another
         server's to end or expire; AgentBusy after that. Returns whether it was taken anew (no
-        hold of ours before: another server may have served the agent since)."""
+        hold of ours before, or ours was lost: another server may have served the agent since)."""
         with self._lock:
-            if self.held[agent]:
+            if self.held[agent] and agent not in self.lost:
                 self.held[agent] += 1
                 return False
         wait_s = self.wait_s if wait_s is None else wait_s
@@ -77,8 +78,17 @@ class Leases:
                                 "nothing was changed, try again shortly")
             time.sleep(min(self.poll_s, left))
         with self._lock:
+            anew = not self.held[agent] or agent in self.lost
             self.held[agent] += 1
-            return self.held[agent] == 1
+            self.lost.discard(agent)
+            return anew
+
+    def mark_lost(self, agent: str) -> None:
+        """Our lease of the agent was found taken by another server (a renewal, or a save refused):
+        the next call takes it anew, and reads the agent again."""
+        with self._lock:
+            if self.held[agent]:
+                self.lost.add(agent)
 
     def _renew_held(self) -> None:
         while not self._stop.wait(self.ttl_s / 3) and not self.pool.closed:
@@ -86,6 +96,7 @@ class Leases:
                 agents = [a for a, n in self.held.items() if n > 0]
             try:
                 for lost in self.renew(agents):
+                    self.mark_lost(lost)
                     log.error("the lease of agent %s expired and another server took it: this server's "
                               "PostgreSQL was out of reach for over %g s", lost, self.ttl_s)
             except StoreUnavailable as e:
@@ -124,6 +135,7 @@ class Leases:
             if self.held[agent] > 0:
                 return
             del self.held[agent]
+            self.lost.discard(agent)
         try:
             with using(self.pool) as db:
                 db.execute("DELETE FROM leases WHERE agent = %s AND holder = %s", (agent, self.holder))

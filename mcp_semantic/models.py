@@ -33,6 +33,9 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from mcp_semantic.block_pool import kv_bits_supported
+from mcp_semantic.cache_kinds import Layout, probe
+from mcp_semantic.calls import RequestError
 from mcp_semantic.settings import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -550,3 +553,24 @@ def _gguf_tokenizer_config(meta: dict[str, Any], config: dict[str, Any]) -> dict
     if "tokenizer.chat_template" in meta:
         tokenizer_config["chat_template"] = meta["tokenizer.chat_template"]
     return tokenizer_config
+
+
+def check_model(lm: LoadedModel, kv_bits: int | None) -> Layout:
+    """The model's cache layout (cache_kinds.probe: one token run through it, since model configs
+    name head_dim in too many ways); a cache kind we cannot keep (UnsupportedCache) or a
+    --kv-bits its heads cannot be quantized at (RequestError) is a clear error at start-up."""
+    layout = probe(lm.model)
+    for name, (shape, _) in layout.shapes.items():
+        if ".state." not in name and not kv_bits_supported(shape[-1], kv_bits):
+            raise RequestError(f"--kv-bits {kv_bits} needs a head dimension divisible by 32; this model's is {shape[-1]}")
+    return layout
+
+
+def detokenize(tokenizer: TokenizerWrapper, tokens: list[int]) -> str:
+    """A reply's text as mlx-lm's own generate and server decode it (its streaming detokenizer)."""
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    for token in tokens:
+        detokenizer.add_token(token)
+    detokenizer.finalize()
+    return detokenizer.text

@@ -26,7 +26,7 @@ from psycopg_pool import ConnectionPool
 
 from mcp_semantic.block_files import Remote
 from mcp_semantic.settings import masked
-from mcp_semantic.store import Agent, Store, StoreUnavailable, agent_row, check_name, kv_row
+from mcp_semantic.store import Agent, LeaseLost, Store, StoreUnavailable, agent_row, check_name, kv_row
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +131,6 @@ def using(pool: ConnectionPool) -> Iterator[psycopg.Connection]:
 def _named(db: psycopg.Connection, bids: list[str]) -> set[str]:
     """Of `bids`, those some list names."""
     return {row[0] for row in db.execute("SELECT DISTINCT block FROM kv_blocks WHERE block = ANY(%s)", (bids,))}
-
-
-class LeaseLost(StoreUnavailable):
-    """A transcript save refused: this server's lease of the agent expired (PostgreSQL out of its
-    reach for longer than the lease lasts) and another server may serve the agent now."""
 
 
 class PostgresStore(Store):
@@ -254,3 +249,12 @@ class PostgresStore(Store):
 
     def remote_blocks(self, bids: list[str]) -> dict[str, Remote]:
         return self.remote.heads(bids) if self.remote is not None else {}
+
+    def in_shared_tier(self, bids: list[str]) -> set[str]:
+        if self.remote is None or not bids:
+            return set()
+        try:
+            return set(bids) - set(self.remote.missing(bids))
+        except StoreUnavailable as e:  # then none: the prompt is read
+            log.warning("%s", e)
+            return set()

@@ -28,9 +28,9 @@ from pydantic import BaseModel, Field
 from mcp_semantic import __version__
 from mcp_semantic.blas import blas_warning
 from mcp_semantic.cache_kinds import UnsupportedCache
-from mcp_semantic.models import LoadedModel
+from mcp_semantic.models import LoadedModel, check_model
 from mcp_semantic.calls import AgentList, AskRequest, AskResult, EvictResult, ForkResult, RequestError
-from mcp_semantic.engine import LIST_LIMIT, MAX_LIST_LIMIT, Engine, check_model
+from mcp_semantic.engine import LIST_LIMIT, MAX_LIST_LIMIT, Engine
 from mcp_semantic.settings import Settings
 from mcp_semantic.sqlite_store import SQLiteStore
 from mcp_semantic.store import NAME_RULE, CacheDirLocked, InvalidName, Store, StoreUnavailable, lock_cache_dir

@@ -54,6 +54,11 @@ class StoreUnavailable(RuntimeError):
     password masked) and says that the call changed nothing."""
 
 
+class LeaseLost(StoreUnavailable):
+    """A transcript save refused: this server's lease of the agent expired (PostgreSQL out of its
+    reach for longer than the lease lasts) and another server may serve the agent now."""
+
+
 def check_name(name: str) -> str:
     """Refuse any agent name that is not a plain file name: no path is built from anything else."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
@@ -329,6 +334,10 @@ class Store:
     def remote_blocks(self, bids: list[str]) -> dict[str, Remote]:
         """Those of `bids` the shared tier has, ready to open (BlockFiles.open_blocks); none here."""
         return {}
+
+    def in_shared_tier(self, bids: list[str]) -> set[str]:
+        """Those of `bids` the shared tier has (none here)."""
+        return set()
 
     # transcripts
 

@@ -111,7 +111,7 @@ class Redis:
     """A redis-server of its own, nothing saved to disk."""
 
     port: int
-    process: subprocess.Popen
+    process: subprocess.Popen | None
     dir: Path
 
     @property
@@ -123,19 +123,29 @@ class Redis:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
-        port, root = free_port(), Path(tempfile.mkdtemp(prefix="mcp-semantic-redis-"))
-        process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                                    "--dir", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(port, "redis-server", lambda: None if process.poll() is None else f"exit {process.returncode}")
-        return cls(port, process, root)
+        server = cls(free_port(), None, Path(tempfile.mkdtemp(prefix="mcp-semantic-redis-")))
+        server.run()
+        return server
 
-    def stop(self) -> None:
+    def run(self) -> None:
+        """Start the server on its port (again, after `halt`: empty, as nothing is saved)."""
+        binary = shutil.which("redis-server")
+        self.process = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                         "--appendonly", "no", "--dir", str(self.dir)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, "redis-server", lambda: None if self.process.poll() is None else f"exit {self.process.returncode}")
+
+    def halt(self) -> None:
+        """Stop the server (its data goes with it)."""
         self.process.terminate()
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+    def stop(self) -> None:
+        self.halt()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -80,8 +80,8 @@ def test_a_server_renews_the_leases_it_holds_by_itself(pool) -> None:
 def test_a_server_whose_lease_expired_saves_no_turn_over_the_next_server_s(tmp_path, postgres_url: str) -> None:
     """Fencing: A's lease of x expired (A could not renew it) and B took it: A's save of a turn
     is refused, B's transcript stays; a save without the lease is refused too."""
-    from mcp_semantic.postgres import LeaseLost, PostgresStore
-    from mcp_semantic.store import Agent
+    from mcp_semantic.postgres import PostgresStore
+    from mcp_semantic.store import Agent, LeaseLost
 
     turn = lambda text: Agent("x", messages=[{"role": "user", "content": text}])  # noqa: E731
     store_a = PostgresStore(tmp_path / "a", postgres_url, holder="server-a")
@@ -101,3 +101,21 @@ def test_a_server_whose_lease_expired_saves_no_turn_over_the_next_server_s(tmp_p
     assert store_a.load_agent("x").messages == [{"role": "user", "content": "B's turn"}]
     for store in (store_a, store_b):
         store.close()
+
+
+def test_a_lease_found_lost_while_held_is_taken_anew_by_the_next_call(pool) -> None:
+    """A hold of ours outlived the lease (a save still to let it go): once it is known lost, the
+    next take goes to the database and says the agent must be read again."""
+    a, b = Leases(pool, "server-a", ttl_s=0.5, renew=False), Leases(pool, "server-b", renew=False)
+    assert a.take("x") is True
+    time.sleep(0.7)  # expired, not renewed
+    assert b.take("x", wait_s=0) is True
+    assert a.take("x", wait_s=0) is False  # not known lost yet: our own count says held
+    a.mark_lost("x")
+    with pytest.raises(AgentBusy):
+        a.take("x", wait_s=0.2)  # B holds it: no longer ours to count
+    b.release("x")
+    assert a.take("x", wait_s=0) is True and a.holder_of("x") == "server-a"
+    for _ in range(3):
+        a.release("x")
+    assert a.holder_of("x") is None and not a.held and not a.lost

@@ -73,6 +73,22 @@ def test_an_agent_made_on_one_server_resumes_on_another_from_the_shared_blocks(
     assert ask(a, "x", "And the town?")["reply"] == replay(lm, transcript(postgres_url, tmp_path, "x").messages[:-1], 8)
 
 
+def test_a_new_agent_on_another_server_reads_a_shared_prefix_from_redis(
+        shared, lm, replay, postgres_url: str, tmp_path: Path) -> None:
+    """Blocks another server's agent saved are shared across servers: a new agent with the same
+    long system prompt on B reads them from Redis rather than prefilling them, exactly."""
+    system = "You are a guide to the old town. " + "The river, the mill and the bridge are its heart. " * 12
+    a, b = shared("a"), shared("b")
+    ask(a, "x", "Where should I start?", system=system)
+    a.call("evict_cache", {"agent": "x", "level": "memory"})
+    deadline = time.monotonic() + 30
+    while holder(postgres_url, "x") and time.monotonic() < deadline:  # A let x go: saved, its blocks in Redis
+        time.sleep(0.02)
+    out = ask(b, "y", "What is there to eat?", system=system)
+    assert out["tier"] == "remote" and out["tokens"]["cached"] >= 64 and not out["warnings"]
+    assert out["reply"] == replay(lm, transcript(postgres_url, tmp_path, "y").messages[:-1], 8)
+
+
 def test_calls_to_one_agent_on_two_servers_run_one_after_the_other(
         shared, lm, replay, postgres_url: str, tmp_path: Path) -> None:
     a, b = shared("a"), shared("b")
@@ -154,6 +170,37 @@ def test_postgresql_restarted_under_a_running_server(
     out = ask(a, "x", "And now?")  # connected again
     agent = transcript(postgres_url, tmp_path, "x")
     assert [m["content"] for m in agent.messages if m["role"] == "user"] == ["Hello there.", "And now?"]
+    assert out["reply"] == replay(lm, agent.messages[:-1], 8)
+
+
+def test_redis_restarted_under_running_servers(
+        shared, redis_server, lm, replay, postgres_url: str, tmp_path: Path) -> None:
+    """While Redis is down every agent still answers, exactly: a server's own files, else a
+    re-prefill (its saves fail, the old list stays); back up and empty, saves put the blocks
+    again and a resume on another server comes from Redis."""
+    a, b = shared("a"), shared("b")
+    ask(a, "x", "Tell me about the river and the mill by the old town.")
+    a.call("evict_cache", {"agent": "x", "level": "memory"})  # saved: its blocks in Redis
+    redis_server.halt()
+    try:
+        out = ask(b, "x", "And the bridge?")
+        assert out["tier"] == "new" and out["warnings"]
+        assert out["reply"] == replay(lm, transcript(postgres_url, tmp_path, "x").messages[:-1], 8)
+        out = ask(a, "x", "And the weir?")  # its own files, with B's turn prefilled
+        assert out["tokens"]["cached"] > 0
+        assert out["reply"] == replay(lm, transcript(postgres_url, tmp_path, "x").messages[:-1], 8)
+    finally:
+        redis_server.run()
+    ask(a, "x", "And the town?")
+    a.call("evict_cache", {"agent": "x", "level": "memory"})  # saved: its blocks in Redis again
+    out = ask(b, "x", "And the road?")
+    assert out["tier"] == "remote" and out["tokens"]["cached"] > 0
+    (warning,) = out["warnings"]  # its save while Redis was down, said once
+    assert "saving its KV cache failed (Redis at redis://127.0.0.1" in warning and "cannot be reached" in warning
+    agent = transcript(postgres_url, tmp_path, "x")
+    assert [m["content"] for m in agent.messages if m["role"] == "user"] == [
+        "Tell me about the river and the mill by the old town.", "And the bridge?", "And the weir?", "And the town?",
+        "And the road?"]
     assert out["reply"] == replay(lm, agent.messages[:-1], 8)
 
 
