@@ -22,7 +22,7 @@ import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.stdio import stdio_server
-from mcp_types import CallToolResult, TextContent
+from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
 from mcp_semantic import __version__
@@ -183,7 +183,10 @@ def create_server(settings: Settings, lm: LoadedModel | None = None) -> MCPServe
             log.exception("a tool call failed")
             raise ToolError("the call failed on an internal error; the server's log has the details") from None
 
-    @server.tool(title="Ask an agent")
+    # Hints for hosts (a host may skip a confirmation where it is safe): nothing here reaches
+    # outside this machine; only evict_cache deletes what is stored, and evicting again changes nothing more
+    @server.tool(title="Ask an agent", annotations=ToolAnnotations(
+        title="Ask an agent", read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False))
     async def ask_agent(
         agent: AgentName,
         message: Annotated[str, Field(description="the user message to send")],
@@ -207,24 +210,27 @@ def create_server(settings: Settings, lm: LoadedModel | None = None) -> MCPServe
             await ctx.warning(warning)
         return _result(result)
 
-    @server.tool(title="Fork an agent")
+    @server.tool(title="Fork an agent", annotations=ToolAnnotations(
+        title="Fork an agent", read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False))
     async def fork_agent(source: AgentName, agent: AgentName, ctx: Context) -> Annotated[CallToolResult, ForkResult]:
         """Create `agent` as a copy of `source`'s conversation, to explore an alternative. It shares
         the source's KV cache (nothing is copied), so its first call does not re-read the history."""
         return _result(await call(engine_of(ctx).fork(source, agent)))
 
-    @server.tool(title="List agents")
+    @server.tool(title="List agents", annotations=ToolAnnotations(
+        title="List agents", read_only_hint=True, open_world_hint=False))
     async def list_agents(
         ctx: Context,
         limit: Annotated[int, Field(ge=1, le=MAX_LIST_LIMIT, description="agents a page, by name")] = LIST_LIMIT,
         cursor: Annotated[str | None, Field(description="the next_cursor of the page before; omit for the first")] = None,
     ) -> Annotated[CallToolResult, AgentList]:
         """List the agents by name, a page at a time (`next_cursor` gets the next), with their size,
-        turns, where their cache is (hot: memory, disk, none) and the bytes they use and share,
-        and the memory budget, use and hit rate of the KV block pool."""
+        turns, where their cache is (hot: memory; disk; remote: only in the shared tier; none) and
+        the bytes they use and share, and the memory budget, use and hit rate of the KV block pool."""
         return _result(await call(engine_of(ctx).list_agents(limit, cursor)))
 
-    @server.tool(title="Evict caches")
+    @server.tool(title="Evict caches", annotations=ToolAnnotations(
+        title="Evict caches", read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False))
     async def evict_cache(
         ctx: Context,
         agent: Annotated[str | None, Field(pattern=NAME_RULE, description="one agent; omit for all")] = None,

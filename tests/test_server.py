@@ -47,6 +47,12 @@ async def test_tool_schemas(settings: Settings) -> None:
         "freed_disk_bytes",
     }
     assert tools["evict_cache"].input_schema["properties"]["level"]["enum"] == ["memory", "disk", "agent"]
+    hints = {name: t.annotations for name, t in tools.items()}  # hosts confirm only where it matters
+    assert hints["list_agents"].read_only_hint is True
+    assert hints["evict_cache"].destructive_hint is True and hints["evict_cache"].idempotent_hint is True
+    assert hints["fork_agent"].destructive_hint is False and hints["ask_agent"].destructive_hint is False
+    assert not any(h.read_only_hint for n, h in hints.items() if n != "list_agents")
+    assert all(h.open_world_hint is False and h.title == tools[n].title for n, h in hints.items())
 
 
 async def test_all_four_tools_and_restart(settings: Settings) -> None:

@@ -81,6 +81,8 @@ async def test_sse_sessions_share_one_engine(settings: Settings) -> None:
 
 def test_sigterm_on_stdio_saves_every_cache(settings: Settings, stdio_server) -> None:
     server = stdio_server(settings)
+    hints = {t["name"]: t["annotations"] for t in server.request("tools/list", {})["tools"]}  # as on the wire
+    assert hints["list_agents"]["readOnlyHint"] is True and hints["evict_cache"]["destructiveHint"] is True
     server.call("ask_agent", {"agent": "t", "message": "Hello.", "max_tokens": 4})
     server.proc.send_signal(signal.SIGTERM)  # before the idle save, stdin still open: the lifespan must save it
     server.proc.wait(timeout=30)
