@@ -533,7 +533,17 @@ class Engine:
                 self._finish(r, row.finish, row.tokens)
             elif r.job.report and len(r.generated) % 8 == 0:
                 new = len(r.prompt) - r.reuse
-                r.job.report(new + len(r.generated), new + r.max_new, f"generated {len(r.generated)} tokens")
+                r.job.report(new + len(r.generated), new + r.max_new, self._text_so_far(r))
+
+    def _text_so_far(self, r: Running) -> str:
+        """The reply as written so far, for progress messages (hosts show the answer growing):
+        its streaming detokenizer takes each token once."""
+        if r.detokenizer is None:
+            r.detokenizer = self.lm.tokenizer.detokenizer  # a copy of its own (mlx-lm)
+        for token in r.generated[r.detokenized:]:
+            r.detokenizer.add_token(token)
+        r.detokenized = len(r.generated)
+        return r.detokenizer.text
 
     def _finish(self, r: Running, finish: Finish, tokens: list[int] | None) -> None:
         """A call is done: save its turn (not a cancelled one), keep its cache, answer it.

@@ -65,6 +65,8 @@ class Running:
     first: float | None = None
     last: float | None = None
     longest_pause: float = 0.0
+    detokenizer: Any = None  # the reply's text so far, for progress messages (Engine._text_so_far)
+    detokenized: int = 0  # tokens of `generated` it has taken
 
 
 def post(token: Any, fn: Callable[..., Any], *args: Any) -> None:

@@ -75,6 +75,9 @@ async def test_all_four_tools_and_restart(settings: Settings) -> None:
         assert progress and "prefill" in progress[0][2]
         done = [p[0] for p in progress]
         assert done == sorted(done) and done[-1] <= progress[-1][1]
+        written = [m for _, _, m in progress if not m.startswith("prefill")]  # the reply as it grows
+        assert len(written) >= 2 and len(written[0]) < len(written[-1])
+        assert all(b.startswith(a) for a, b in zip(written, written[1:] + [first["reply"]])), written
 
         second = await call(client, "ask_agent", agent="helper", message="Tell me more.", max_tokens=12)
         assert second["tier"] == "hot" and second["tokens"]["cached"] >= first["tokens"]["context"]
