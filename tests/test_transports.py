@@ -24,12 +24,29 @@ from mcp_semantic.settings import Settings
 pytestmark = pytest.mark.anyio
 
 
+async def hints_and_growing_reply(client: Client, agent: str) -> dict:
+    """What issue 16 asks of the transports: the tools' hints, and progress messages that are
+    the reply as it is written. Returns the call's result."""
+    hints = {t.name: t.annotations for t in (await client.list_tools()).tools}
+    assert hints["list_agents"].read_only_hint and hints["evict_cache"].destructive_hint
+    written: list[str] = []
+
+    async def progress(done: float, total: float | None, message: str | None) -> None:
+        if message and not message.startswith("prefill"):
+            written.append(message)
+
+    result = await client.call_tool("ask_agent", {"agent": agent, "message": "Hi there.", "max_tokens": 20},
+                                    progress_callback=progress)
+    assert not result.is_error, result.content
+    reply = result.structured_content["reply"]
+    assert written and all(b.startswith(a) for a, b in zip(written, written[1:] + [reply])), (written, reply)
+    return result.structured_content
+
+
 async def test_stdio_subprocess_and_restart(settings: Settings) -> None:
     params = StdioServerParameters(command=sys.executable, args=serve_args(settings), env=dict(os.environ))
     async with Client(params) as client:
-        result = await client.call_tool("ask_agent", {"agent": "s", "message": "Hi there.", "max_tokens": 8})
-        assert not result.is_error, result.content
-        assert result.structured_content["tier"] == "new"
+        assert (await hints_and_growing_reply(client, "s"))["tier"] == "new"
     async with Client(params) as client:  # a second server process on the same cache dir
         result = await client.call_tool("ask_agent", {"agent": "s", "message": "Again.", "max_tokens": 8})
         assert result.structured_content["tier"] == "disk"
@@ -60,8 +77,7 @@ def http_server(settings: Settings, transport: str, *extra: str, env: dict[str, 
 async def test_streamable_http_on_loopback(settings: Settings, tmp_path: Path) -> None:
     with http_server(settings, "streamable-http") as port:
         async with Client(f"http://127.0.0.1:{port}/mcp") as client:
-            result = await client.call_tool("ask_agent", {"agent": "h", "message": "Hello.", "max_tokens": 8})
-            assert not result.is_error, result.content
+            await hints_and_growing_reply(client, "h")
             listed = await client.call_tool("list_agents", {})
             assert [a["name"] for a in listed.structured_content["agents"]] == ["h"]
     # a clean stop writes every cache
