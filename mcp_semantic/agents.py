@@ -11,6 +11,8 @@ from collections import OrderedDict
 from datetime import datetime
 from typing import Callable, Literal
 
+from mlx_lm.utils import common_prefix_len
+
 from mcp_semantic.caches import Caches
 from mcp_semantic.calls import AgentInfo, AgentList, EvictResult, ForkResult, MemoryInfo, RequestError
 from mcp_semantic.store import Agent, Store
@@ -79,19 +81,31 @@ class Agents:
         self.memory.pop(name, None)
         self.caches.refresh(name)
 
-    def fork(self, source: str, name: str) -> ForkResult:
+    def fork(self, source: str, name: str, at_turn: int | None = None,
+             render: Callable[[list[dict[str, str]]], list[int]] | None = None) -> ForkResult:
         """A fork copies the source's transcript and block list: it writes no KV, whatever the
-        source's length, and holds the same blocks in memory and on disk until it diverges."""
+        source's length, and holds the same blocks in memory and on disk until it diverges.
+        With `at_turn`, only the first `at_turn` turns (a user message and its reply each) and
+        the blocks of their tokens, which `render` (the chat template) gives: a host rewinds a
+        sub-agent that went astray, still without copying anything."""
         src = self.require(source)
+        if at_turn is not None and (type(at_turn) is not int or not 0 <= at_turn <= src.turns):
+            raise RequestError(f"at_turn {at_turn!r} is out of range: agent {source} has {src.turns} turns, "
+                               f"so fork at 0 to {src.turns} (or omit it for all); nothing was changed")
         if self.store.exists(name):
             raise RequestError(f"agent {name!r} already exists; fork onto a new name")
         self.check_room()
-        agent = Agent(name=name, system=src.system, parent=source, messages=[dict(m) for m in src.messages],
-                      tokens=list(src.tokens))
+        messages, tokens, cut = src.messages, src.tokens, at_turn is not None and at_turn < src.turns
+        if cut:
+            ends = [i + 1 for i, m in enumerate(src.messages) if m["role"] == "assistant"]
+            messages = src.messages[: ends[at_turn - 1]] if at_turn else [m for m in src.messages if m["role"] == "system"]
+            tokens = src.tokens[: common_prefix_len(src.tokens, render(messages))] if render and messages else []
+        agent = Agent(name=name, system=src.system, parent=source, messages=[dict(m) for m in messages],
+                      tokens=list(tokens))
         self.store.save_agent(agent)
         self.keep(agent)
-        self.caches.fork(source, name)
-        return ForkResult(agent=name, source=source, tokens=len(agent.tokens))
+        self.caches.fork(source, name, agent.tokens if cut else None)
+        return ForkResult(agent=name, source=source, tokens=len(agent.tokens), turns=agent.turns)
 
     def list(self, limit: int, cursor: str | None, memory: MemoryInfo) -> AgentList:
         """A page of at most `limit` agents by name after `cursor`; none of them is kept (a

@@ -319,12 +319,18 @@ class Caches:
         if record is not None:
             self.pool.hold(record.ids, [])
 
-    def fork(self, source: str, target: str) -> None:
-        """`target` holds the source's blocks: nothing is copied, nothing is written but its list."""
+    def fork(self, source: str, target: str, tokens: list[int] | None = None) -> None:
+        """`target` holds the source's blocks (with `tokens`, a fork at an earlier turn, the whole
+        blocks of those): nothing is copied, nothing is written but its list."""
         record = self.record(source)
         if record is None:
             return
         self._drop_kept(source)  # its blocks are the fork's too: the source's next call builds its own cache
+        n = len(record.tokens) if tokens is None else common_prefix_len(record.tokens, tokens)
+        if n < len(record.tokens):  # whole blocks only: a recurrent state is its block's end's
+            branch = record.branch if record.branch and record.branch_tokens <= n else None
+            record = KVRecord(record.blocks[: n // self.block_tokens], record.tokens[:n], branch,
+                              record.branch_tokens if branch else 0)
         self.records[target] = KVRecord(list(record.blocks), list(record.tokens), record.branch, record.branch_tokens)
         self.problems.pop(target, None)
         self.pool.hold([], record.ids)

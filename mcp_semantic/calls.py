@@ -66,6 +66,7 @@ class ForkResult(_Result):
     agent: str
     source: str
     tokens: int
+    turns: int
 
 
 class AgentInfo(_Result):

@@ -258,10 +258,12 @@ class Engine:
             raise error
         return result
 
-    async def fork(self, source: str, agent: str) -> ForkResult:
+    async def fork(self, source: str, agent: str, at_turn: int | None = None) -> ForkResult:
+        """`agent` as a copy of `source`'s conversation: all of it, or its first `at_turn` turns."""
         check_name(source)
         check_name(agent)
-        return await self._call(lambda: self.agents.fork(source, agent), frozenset([source, agent]))
+        render = lambda messages: list(self.lm.tokenizer.apply_chat_template(messages, add_generation_prompt=False))  # noqa: E731
+        return await self._call(lambda: self.agents.fork(source, agent, at_turn, render), frozenset([source, agent]))
 
     async def list_agents(self, limit: int = LIST_LIMIT, cursor: str | None = None) -> AgentList:
         """A page of at most `limit` agents by name, after the agent named `cursor` (the last
@@ -533,17 +535,7 @@ class Engine:
                 self._finish(r, row.finish, row.tokens)
             elif r.job.report and len(r.generated) % 8 == 0:
                 new = len(r.prompt) - r.reuse
-                r.job.report(new + len(r.generated), new + r.max_new, self._text_so_far(r))
-
-    def _text_so_far(self, r: Running) -> str:
-        """The reply as written so far, for progress messages (hosts show the answer growing):
-        its streaming detokenizer takes each token once."""
-        if r.detokenizer is None:
-            r.detokenizer = self.lm.tokenizer.detokenizer  # a copy of its own (mlx-lm)
-        for token in r.generated[r.detokenized:]:
-            r.detokenizer.add_token(token)
-        r.detokenized = len(r.generated)
-        return r.detokenizer.text
+                r.job.report(new + len(r.generated), new + r.max_new, r.text_so_far(self.lm.tokenizer))
 
     def _finish(self, r: Running, finish: Finish, tokens: list[int] | None) -> None:
         """A call is done: save its turn (not a cancelled one), keep its cache, answer it.

@@ -65,8 +65,18 @@ class Running:
     first: float | None = None
     last: float | None = None
     longest_pause: float = 0.0
-    detokenizer: Any = None  # the reply's text so far, for progress messages (Engine._text_so_far)
+    detokenizer: Any = None  # the reply's text so far, for progress messages (text_so_far)
     detokenized: int = 0  # tokens of `generated` it has taken
+
+    def text_so_far(self, tokenizer: Any) -> str:
+        """The reply as written so far, for progress messages (hosts show the answer growing):
+        a streaming detokenizer of its own (mlx-lm's `detokenizer` is a copy) takes each token once."""
+        if self.detokenizer is None:
+            self.detokenizer = tokenizer.detokenizer
+        for token in self.generated[self.detokenized:]:
+            self.detokenizer.add_token(token)
+        self.detokenized = len(self.generated)
+        return self.detokenizer.text
 
 
 def post(token: Any, fn: Callable[..., Any], *args: Any) -> None:

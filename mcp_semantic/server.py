@@ -119,7 +119,7 @@ def _summary(result: BaseModel) -> str:
         )
         return f"{head}\n{result.reply}"
     if isinstance(result, ForkResult):
-        return f"forked {result.source} into {result.agent} ({result.tokens} tokens shared)"
+        return f"forked {result.source} into {result.agent} ({result.turns} turns, {result.tokens} tokens shared)"
     if isinstance(result, AgentList):
         rows = [f"{a.name}: {a.turns} turns, {a.tokens} tokens, tier {a.tier}" for a in result.agents]
         if result.next_cursor:
@@ -212,10 +212,17 @@ def create_server(settings: Settings, lm: LoadedModel | None = None) -> MCPServe
 
     @server.tool(title="Fork an agent", annotations=ToolAnnotations(
         title="Fork an agent", read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False))
-    async def fork_agent(source: AgentName, agent: AgentName, ctx: Context) -> Annotated[CallToolResult, ForkResult]:
-        """Create `agent` as a copy of `source`'s conversation, to explore an alternative. It shares
-        the source's KV cache (nothing is copied), so its first call does not re-read the history."""
-        return _result(await call(engine_of(ctx).fork(source, agent)))
+    async def fork_agent(
+        source: AgentName,
+        agent: AgentName,
+        ctx: Context,
+        at_turn: Annotated[int | None, Field(ge=0, description="keep only the source's first N turns (a user "
+                                             "message and its reply each); omit for all")] = None,
+    ) -> Annotated[CallToolResult, ForkResult]:
+        """Create `agent` as a copy of `source`'s conversation, to explore an alternative, or of its
+        first `at_turn` turns, to rewind it. It shares the source's KV cache (nothing is copied),
+        so its first call does not re-read the history."""
+        return _result(await call(engine_of(ctx).fork(source, agent, at_turn)))
 
     @server.tool(title="List agents", annotations=ToolAnnotations(
         title="List agents", read_only_hint=True, open_world_hint=False))

@@ -621,6 +621,41 @@ async def test_a_turn_whose_lease_was_lost_is_refused_and_changes_nothing(settin
     await engine.aclose()
 
 
+async def test_a_fork_at_a_turn_rewinds_exactly_and_refuses_turns_out_of_range(settings: Settings, replay) -> None:
+    """fork_agent(at_turn=N): the first N turns, their blocks shared (nothing copied), exact
+    against a replay, after a restart too; a turn out of range changes nothing."""
+    system = [{"role": "system", "content": "You are terse."}]
+    engine = open_engine(settings)
+    replies = [(await engine.ask(AskRequest("a", q, system="You are terse.", max_tokens=12))).reply for q in QUESTIONS]
+    history = system + [m for q, r in zip(QUESTIONS, replies) for m in ({"role": "user", "content": q},
+                                                                         {"role": "assistant", "content": r})]
+    for bad in (4, -1, True, 1.5):
+        with pytest.raises(RequestError, match=r"out of range: agent a has 3 turns, so fork at 0 to 3"):
+            await engine.fork("a", "b", at_turn=bad)
+    assert not engine.store.exists("b")
+    one = await engine.fork("a", "one", at_turn=1)
+    assert one.turns == 1 and 0 < one.tokens < len(engine.store.load_agent("a").tokens)
+    assert engine.store.load_agent("one").messages == history[:3]
+    listed = {info.name: info for info in (await engine.list_agents()).agents}
+    assert 0 < listed["one"].blocks < listed["a"].blocks  # only the blocks of its turn
+    asked = await engine.ask(AskRequest("one", "And then?", max_tokens=12))
+    assert asked.tokens.cached >= one.tokens - 16 and not asked.warnings
+    assert asked.reply == replay(engine.lm, history[:3] + [{"role": "user", "content": "And then?"}], 12)
+    zero = await engine.fork("a", "zero", at_turn=0)
+    assert zero.turns == 0 and engine.store.load_agent("zero").messages == system
+    again = await engine.ask(AskRequest("zero", "Hello?", max_tokens=12))
+    assert again.reply == replay(engine.lm, system + [{"role": "user", "content": "Hello?"}], 12)
+    assert engine.store.load_agent("a").messages == history  # the source as it was
+    await engine.aclose()
+    engine = open_engine(settings)  # a restart: the fork's own list is on disk
+    later = await engine.ask(AskRequest("one", "Why?", max_tokens=12))
+    assert later.tier == "disk" and later.tokens.cached > one.tokens
+    messages = history[:3] + [{"role": "user", "content": "And then?"}, {"role": "assistant", "content": asked.reply},
+                              {"role": "user", "content": "Why?"}]
+    assert later.reply == replay(engine.lm, messages, 12)
+    await engine.aclose()
+
+
 async def test_agents_are_read_when_named_and_idle_ones_let_go(settings: Settings, replay, monkeypatch) -> None:
     """A store of many agents: nothing of them is read at start; an agent's transcript and block
     list come from the store when a call names it, the least recently used idle ones go from

@@ -111,6 +111,12 @@ async def test_every_tier_equals_plain_mlx_lm(family: str, family_dirs, tmp_path
     f = a.fork("f")
     forked = await f.ask("Tell it to a child.")
     assert forked.tier == "hot" and forked.tokens.cached >= again.tokens.context - 16
+    rewound = await engine.fork("a", "r", at_turn=2)  # the first two turns, their whole blocks shared
+    assert rewound.turns == 2 and 0 < rewound.tokens < again.tokens.context
+    r = a.fork("r")
+    r.messages = r.messages[:5]  # the system prompt and two turns
+    branch = await r.ask("Who built the mill?")
+    assert branch.tokens.cached >= rewound.tokens - 2 * 16 and not branch.warnings, branch.tokens
 
     evicted = await engine.evict("a", "disk")
     assert evicted.freed_disk_bytes >= 0

@@ -82,7 +82,7 @@ async def test_all_four_tools_and_restart(settings: Settings) -> None:
         second = await call(client, "ask_agent", agent="helper", message="Tell me more.", max_tokens=12)
         assert second["tier"] == "hot" and second["tokens"]["cached"] >= first["tokens"]["context"]
         fork = await call(client, "fork_agent", source="helper", agent="helper.2")
-        assert fork == {"agent": "helper.2", "source": "helper", "tokens": fork["tokens"]} and fork["tokens"] > 0
+        assert fork == {"agent": "helper.2", "source": "helper", "tokens": fork["tokens"], "turns": 2} and fork["tokens"] > 0
         listed = await call(client, "list_agents")
         names = {a["name"]: a for a in listed["agents"]}
         assert names["helper"]["tier"] == "hot" and names["helper"]["turns"] == 2
@@ -120,6 +120,14 @@ async def test_errors_a_user_can_act_on(settings: Settings) -> None:
         text = await error_of(client, "evict_cache", level="everything")
         assert "level" in text
         assert (await call(client, "list_agents"))["agents"] == []
+        await call(client, "ask_agent", agent="a", message="Hello.", max_tokens=4)
+        text = await error_of(client, "fork_agent", source="a", agent="b", at_turn=2)
+        assert "at_turn 2 is out of range: agent a has 1 turns, so fork at 0 to 1" in text
+        text = await error_of(client, "fork_agent", source="a", agent="b", at_turn=-1)
+        assert "at_turn" in text
+        assert [a["name"] for a in (await call(client, "list_agents"))["agents"]] == ["a"]  # nothing was made
+        rewound = await call(client, "fork_agent", source="a", agent="b", at_turn=0)
+        assert rewound["turns"] == 0 and rewound["source"] == "a"
 
 
 async def test_corrupt_cache_is_reported_to_the_host_as_a_warning(settings: Settings) -> None:
