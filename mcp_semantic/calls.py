@@ -56,6 +56,8 @@ class AskResult(_Result):
     """Where the agent's cache came from: all in memory (hot), partly read from disk (disk),
     partly brought from the servers' shared block store (remote: Redis, then disk), or nothing
     reusable (new)."""
+    turns: int
+    """The agent's turns with this one (1: the call made the agent)."""
     tokens: TokenCounts
     timings_ms: Timings
     decode_tokens_per_s: float

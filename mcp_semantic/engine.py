@@ -53,7 +53,7 @@ from mcp_semantic.calls import (
     Timings,
     TokenCounts,
 )
-from mcp_semantic.jobs import Job, Running, post, wait_for_exit
+from mcp_semantic.jobs import Job, ProgressFn, Running, forwarding_progress, post, wait_for_exit
 from mcp_semantic.leases import AgentBusy, Leases
 from mcp_semantic.agents import Agents, EvictLevel
 from mcp_semantic.models import LoadedModel, check_model, detokenize
@@ -61,7 +61,6 @@ from mcp_semantic.store import Agent, InvalidName, LeaseLost, Store, StoreUnavai
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[float, float, str], Awaitable[None]]
 Finish = Literal["stop", "length", "cancelled"]
 
 LIST_LIMIT, MAX_LIST_LIMIT = 100, 1000
@@ -235,28 +234,8 @@ class Engine:
         token = anyio.lowlevel.current_token()
         if on_progress is None:
             return await self._submit(Job(token, frozenset([req.agent]), req=req))
-        send, receive = anyio.create_memory_object_stream[tuple[float, float, str]](64)
-
-        def report(done: float, total: float, message: str) -> None:
-            post(token, send.send_nowait, (done, total, message))
-
-        async def forward() -> None:
-            async with receive:
-                async for item in receive:
-                    await on_progress(*item)
-
-        error: Exception | None = None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(forward)
-            try:
-                result = await self._submit(Job(token, frozenset([req.agent]), req=req, report=report))
-            except Exception as e:  # raised below, not wrapped in the task group's ExceptionGroup
-                error = e
-            finally:
-                send.close()
-        if error is not None:
-            raise error
-        return result
+        return await forwarding_progress(lambda report: self._submit(Job(token, frozenset([req.agent]), req=req,
+                                                                         report=report)), on_progress)
 
     async def fork(self, source: str, agent: str, at_turn: int | None = None) -> ForkResult:
         """`agent` as a copy of `source`'s conversation: all of it, or its first `at_turn` turns."""
@@ -264,6 +243,17 @@ class Engine:
         check_name(agent)
         render = lambda messages: list(self.lm.tokenizer.apply_chat_template(messages, add_generation_prompt=False))  # noqa: E731
         return await self._call(lambda: self.agents.fork(source, agent, at_turn, render), frozenset([source, agent]))
+
+    async def transcript(self, name: str) -> Agent:
+        """The agent's conversation as committed (read from the store: no lease, no engine thread)."""
+        check_name(name)
+        if (agent := await anyio.to_thread.run_sync(self.store.load_agent, name)) is None:
+            raise RequestError(f"unknown agent {name!r}")
+        return agent
+
+    async def names(self, limit: int) -> list[str]:
+        """The first `limit` agents' names, in order."""
+        return await anyio.to_thread.run_sync(partial(self.store.names, limit=limit))
 
     async def list_agents(self, limit: int = LIST_LIMIT, cursor: str | None = None) -> AgentList:
         """A page of at most `limit` agents by name, after the agent named `cursor` (the last
@@ -579,6 +569,7 @@ class Engine:
             reply=reply,
             finish_reason=finish,
             tier=r.tier,
+            turns=agent.turns,
             tokens=TokenCounts(
                 context=len(r.prompt), cached=r.reuse, prefilled=len(r.prompt) - r.reuse, generated=len(r.generated)
             ),

@@ -1,7 +1,7 @@
 """A call as the engine holds it: queued for the engine thread (`Job`), then an ask call
 started there (`Running`: reading its prompt, then decoding in the batch); and `post`, which
 hands results back to the caller's event loop from the engine thread; `wait_for_exit`, for the
-engine thread's end."""
+engine thread's end; `forwarding_progress`, which brings a call's progress reports from there."""
 
 from __future__ import annotations
 
@@ -9,16 +9,19 @@ import threading
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import mlx.core as mx
 
 from mcp_semantic.batch import Row
 from mcp_semantic.caches import Checkpoints, Tier
 from mcp_semantic.calls import AskRequest
 from mcp_semantic.store import Agent
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -85,6 +88,37 @@ def post(token: Any, fn: Callable[..., Any], *args: Any) -> None:
         anyio.from_thread.run_sync(fn, *args, token=token)
     except (anyio.RunFinishedError, anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError, RuntimeError):
         pass
+
+
+ProgressFn = Callable[[float, float, str], Awaitable[None]]
+
+
+async def forwarding_progress(run: Callable[[Callable[[float, float, str], None]], Awaitable[T]], on_progress: ProgressFn) -> T:
+    """`run(report)`, each report(done, total, message) it makes on the engine thread passed on to
+    `on_progress` on this event loop, in order."""
+    token = anyio.lowlevel.current_token()
+    send, receive = anyio.create_memory_object_stream[tuple[float, float, str]](64)
+
+    def report(done: float, total: float, message: str) -> None:
+        post(token, send.send_nowait, (done, total, message))
+
+    async def forward() -> None:
+        async with receive:
+            async for item in receive:
+                await on_progress(*item)
+
+    error: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(forward)
+        try:
+            result = await run(report)
+        except Exception as e:  # raised below, not wrapped in the task group's ExceptionGroup
+            error = e
+        finally:
+            send.close()
+    if error is not None:
+        raise error
+    return result
 
 
 def wait_for_exit(native_id: int | None, timeout_s: float = 2.0) -> None:

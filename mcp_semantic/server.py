@@ -16,13 +16,17 @@ import stat
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import partial
 from typing import Annotated, Any, AsyncIterator, Literal
 
 import anyio
+from mcp.server.lowlevel.server import NotificationOptions
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.server.stdio import stdio_server
-from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from mcp_types import CallToolResult, Resource, TextContent, ToolAnnotations
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, Field
 
 from mcp_semantic import __version__
@@ -33,7 +37,7 @@ from mcp_semantic.calls import AgentList, AskRequest, AskResult, EvictResult, Fo
 from mcp_semantic.engine import LIST_LIMIT, MAX_LIST_LIMIT, Engine
 from mcp_semantic.settings import Settings
 from mcp_semantic.sqlite_store import SQLiteStore
-from mcp_semantic.store import NAME_RULE, CacheDirLocked, InvalidName, Store, StoreUnavailable, lock_cache_dir
+from mcp_semantic.store import NAME_RULE, Agent, CacheDirLocked, InvalidName, Store, StoreUnavailable, lock_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +146,42 @@ def _result(result: BaseModel) -> CallToolResult:
     )
 
 
+RESOURCE_LIST_LIMIT = 1000
+"""Agents `resources/list` names (the first by name); any agent is read by its URI."""
+
+
+class _Server(MCPServer):
+    """MCPServer whose resource list also names the agents (`agent://<name>`), from the store:
+    the SDK's list holds resources added up front, and agents come and go."""
+
+    def __init__(self, shared: _Shared, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.shared = shared
+
+    async def list_resources(self) -> list[Resource]:
+        listed = await super().list_resources()
+        if self.shared.engine is None:
+            return listed
+        names = await self.shared.engine.names(RESOURCE_LIST_LIMIT)
+        return listed + [Resource(uri=f"agent://{n}", name=n, title=f"Agent {n}", mime_type="text/markdown",
+                                  description=f"the conversation of agent {n}") for n in names]
+
+
+def transcript_text(agent: Agent) -> str:
+    """An agent's conversation as Markdown, for hosts that show or attach it."""
+    parts = [f"# Agent {agent.name}" + (f" (forked from {agent.parent})" if agent.parent else "")]
+    parts += [f"**{m['role']}**: {m['content']}" for m in agent.messages]
+    return "\n\n".join(parts) + "\n"
+
+
+def transcript_json(agent: Agent) -> str:
+    """An agent's conversation as JSON: its messages as the model saw them, and who it is."""
+    when = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat()  # noqa: E731
+    return json.dumps({"name": agent.name, "parent": agent.parent, "system": agent.system, "turns": agent.turns,
+                       "messages": agent.messages, "created_at": when(agent.created_at),
+                       "last_used_at": when(agent.last_used_at)}, ensure_ascii=False)
+
+
 def create_server(settings: Settings, lm: LoadedModel | None = None) -> MCPServer:
     """The MCP server; it loads the model on its first connection unless given `lm`."""
     shared = _Shared()
@@ -164,7 +204,12 @@ def create_server(settings: Settings, lm: LoadedModel | None = None) -> MCPServe
                         engine, shared.engine = shared.engine, None
                         await engine.aclose()
 
-    server = MCPServer("mcp-semantic", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan)
+    server = _Server(shared, name="mcp-semantic", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan)
+    # Say that the resource list changes (agents come and go) on the wires before 2026-07-28 too:
+    # the SDK takes that from options its transports build with defaults (its own TODO says so)
+    lowlevel = server._lowlevel_server
+    lowlevel.create_initialization_options = partial(type(lowlevel).create_initialization_options, lowlevel,
+                                                     NotificationOptions(resources_changed=True))
 
     def engine_of(ctx: Context) -> Engine:
         engine = ctx.request_context.lifespan_context.engine
@@ -208,6 +253,8 @@ def create_server(settings: Settings, lm: LoadedModel | None = None) -> MCPServe
         for warning in result.warnings:
             log.warning(warning)
             await ctx.warning(warning)
+        if result.turns == 1 and result.finish_reason != "cancelled":
+            await agents_changed(ctx)  # a new agent
         return _result(result)
 
     @server.tool(title="Fork an agent", annotations=ToolAnnotations(
@@ -222,7 +269,9 @@ def create_server(settings: Settings, lm: LoadedModel | None = None) -> MCPServe
         """Create `agent` as a copy of `source`'s conversation, to explore an alternative, or of its
         first `at_turn` turns, to rewind it. It shares the source's KV cache (nothing is copied),
         so its first call does not re-read the history."""
-        return _result(await call(engine_of(ctx).fork(source, agent, at_turn)))
+        result = await call(engine_of(ctx).fork(source, agent, at_turn))
+        await agents_changed(ctx)
+        return _result(result)
 
     @server.tool(title="List agents", annotations=ToolAnnotations(
         title="List agents", read_only_hint=True, open_world_hint=False))
@@ -248,9 +297,40 @@ def create_server(settings: Settings, lm: LoadedModel | None = None) -> MCPServe
         ] = "memory",
     ) -> Annotated[CallToolResult, EvictResult]:
         """Free an agent's (or every agent's) cache from memory, from disk, or forget the agent."""
-        return _result(await call(engine_of(ctx).evict(agent, level)))
+        result = await call(engine_of(ctx).evict(agent, level))
+        if level == "agent" and result.evicted:
+            await agents_changed(ctx)
+        return _result(result)
+
+    # Agents as resources: hosts show them in their pickers and attach a conversation to a prompt
+
+    async def read_agent(ctx: Context, name: str) -> Agent:
+        try:
+            return await engine_of(ctx).transcript(name)
+        except (ToolError, RequestError, InvalidName, StoreUnavailable) as e:
+            raise ResourceError(str(e)) from None
+
+    @server.resource("agent://{name}", name="agent", title="An agent's conversation", mime_type="text/markdown",
+                     description="The conversation of the agent `name` so far, as Markdown")
+    async def agent_text(name: str, ctx: Context) -> str:
+        return transcript_text(await read_agent(ctx, name))
+
+    @server.resource("agent://{name}/transcript.json", name="agent-json", title="An agent's conversation (JSON)",
+                     mime_type="application/json",
+                     description="The conversation of the agent `name`: its messages, system prompt, parent and times")
+    async def agent_json(name: str, ctx: Context) -> str:
+        return transcript_json(await read_agent(ctx, name))
 
     return server
+
+
+async def agents_changed(ctx: Context) -> None:
+    """Agents were made or forgotten: hosts refresh their resource lists (on the 2026 wire every
+    client listening through subscriptions/listen; on earlier ones the session that called)."""
+    await ctx.notify_resources_changed()
+    session = ctx.request_context.session
+    if session.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+        await session.send_resource_list_changed()
 
 
 async def _serve_stdio(server: MCPServer) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import pytest
 from mcp import Client
 
@@ -291,3 +292,47 @@ async def test_stdin_lines_read_a_pipe_line_by_line_and_leave_files_to_the_sdk(t
     path.write_text("{}\n")
     with open(path) as f:
         assert StdinLines.of(f.fileno()) is None
+
+
+async def test_agents_are_resources_and_hosts_hear_when_they_come_and_go(settings: Settings) -> None:
+    """Each agent's conversation is a resource (`agent://<name>`, Markdown, and JSON), listed;
+    a made, forked or forgotten agent changes the list, said on both wires: to a listening
+    client (subscriptions/listen, 2026-07-28) and to the calling session on earlier ones."""
+    import json
+
+    import mcp_types
+
+    server = create_server(settings)
+    changed: list[str] = []
+
+    async def on_message(message) -> None:
+        if isinstance(message, mcp_types.ResourceListChangedNotification):
+            changed.append("legacy")
+
+    async with Client(server, mode="legacy", message_handler=on_message) as old:
+        assert old.server_capabilities.resources.list_changed is True
+        asked = await call(old, "ask_agent", agent="a", message="Hello.", system="Be brief.", max_tokens=6)
+        assert asked["turns"] == 1 and changed == ["legacy"]
+        await call(old, "ask_agent", agent="a", message="More.", max_tokens=6)  # no new agent: nothing said
+        assert changed == ["legacy"]
+        templates = {t.uri_template for t in (await old.list_resource_templates()).resource_templates}
+        assert templates == {"agent://{name}", "agent://{name}/transcript.json"}
+        listed = (await old.list_resources()).resources
+        assert [(str(r.uri), r.mime_type) for r in listed] == [("agent://a", "text/markdown")]
+        text = (await old.read_resource("agent://a")).contents[0].text
+        assert text.startswith("# Agent a") and "**system**: Be brief." in text and "**user**: More." in text
+        data = json.loads((await old.read_resource("agent://a/transcript.json")).contents[0].text)
+        assert data["turns"] == 2 and data["system"] == "Be brief." and data["messages"][-2]["content"] == "More."
+        with pytest.raises(Exception, match="unknown agent 'nobody'"):
+            await old.read_resource("agent://nobody")
+
+    async with Client(server) as new:
+        assert new.protocol_version == "2026-07-28"
+        async with new.listen(resources_list_changed=True) as events:
+            await call(new, "fork_agent", source="a", agent="b", at_turn=1)
+            with anyio.fail_after(10):
+                await events.__anext__()
+            await call(new, "evict_cache", agent="b", level="agent")
+            with anyio.fail_after(10):
+                await events.__anext__()
+        assert [str(r.uri) for r in (await new.list_resources()).resources] == ["agent://a"]

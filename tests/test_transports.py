@@ -25,8 +25,8 @@ pytestmark = pytest.mark.anyio
 
 
 async def hints_and_growing_reply(client: Client, agent: str) -> dict:
-    """What issue 16 asks of the transports: the tools' hints, and progress messages that are
-    the reply as it is written. Returns the call's result."""
+    """What issue 16 asks of the transports: the tools' hints, progress messages that are the
+    reply as it is written, and the agent as a resource. Returns the call's result."""
     hints = {t.name: t.annotations for t in (await client.list_tools()).tools}
     assert hints["list_agents"].read_only_hint and hints["evict_cache"].destructive_hint
     written: list[str] = []
@@ -40,6 +40,9 @@ async def hints_and_growing_reply(client: Client, agent: str) -> dict:
     assert not result.is_error, result.content
     reply = result.structured_content["reply"]
     assert written and all(b.startswith(a) for a, b in zip(written, written[1:] + [reply])), (written, reply)
+    assert f"agent://{agent}" in [str(r.uri) for r in (await client.list_resources()).resources]
+    text = (await client.read_resource(f"agent://{agent}")).contents[0].text
+    assert "**user**: Hi there." in text and text.rstrip().endswith(reply.rstrip())
     return result.structured_content
 
 
