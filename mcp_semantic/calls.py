@@ -51,6 +51,8 @@ class Timings(_Result):
 class AskResult(_Result):
     agent: str
     reply: str
+    reasoning: str | None = None
+    """A thinking model's reasoning before its reply (None for a model that does not think)."""
     finish_reason: Literal["stop", "length", "cancelled"]
     tier: Tier
     """Where the agent's cache came from: all in memory (hot), partly read from disk (disk),
@@ -138,3 +140,4 @@ class AskRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    think: bool | None = None  # thinking models: reason first or not; None: the template's default

@@ -56,7 +56,7 @@ from mcp_semantic.calls import (
 from mcp_semantic.jobs import Job, ProgressFn, Running, forwarding_progress, post, wait_for_exit
 from mcp_semantic.leases import AgentBusy, Leases
 from mcp_semantic.agents import Agents, EvictLevel
-from mcp_semantic.models import LoadedModel, check_model, detokenize
+from mcp_semantic.models import LoadedModel, check_model, detokenize, split_reasoning, thinking_opened, thinking_switch
 from mcp_semantic.store import Agent, InvalidName, LeaseLost, Store, StoreUnavailable, check_name
 
 log = logging.getLogger(__name__)
@@ -217,6 +217,9 @@ class Engine:
                     f"the {what} is {len(text.encode()):,} bytes, over --max-message-bytes "
                     f"({self.max_message_bytes:,}); nothing was changed"
                 )
+        if req.think is not None and thinking_switch(self.lm.tokenizer) is None:
+            raise RequestError(f"`think` needs a model whose chat template can switch thinking on and off; "
+                               f"{self.lm.name}'s cannot: omit it; nothing was changed")
         with self._asks_lock:
             if self._asks >= self.max_queue:
                 raise RequestError(
@@ -379,7 +382,8 @@ class Engine:
                     "or fork or create another agent for a new one"
                 )
             messages = agent.messages + [{"role": "user", "content": req.message}]
-            prompt = list(self.lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            think = {} if req.think is None else {"enable_thinking": req.think}  # mlx-lm names it as the template does
+            prompt = list(self.lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **think))
             limit = self.lm.context_length
             if len(prompt) >= limit:
                 raise RequestError(
@@ -397,7 +401,7 @@ class Engine:
         else:
             sampler = make_sampler(temp=req.temperature, top_p=req.top_p if req.top_p < 1 else 0.0)
         max_new = min(req.max_tokens, limit - len(prompt))
-        r = Running(job, agent, messages, prompt, max_new, sampler, started)
+        r = Running(job, agent, messages, prompt, max_new, sampler, started, opened=thinking_opened(self.lm.tokenizer, prompt))
         if self.layout.recurrent:  # a checkpoint there is kept (Caches.remember)
             r.turn = common_prefix_len(prompt, self.lm.tokenizer.apply_chat_template(messages, add_generation_prompt=False))
         self._running.append(r)
@@ -533,9 +537,11 @@ class Engine:
         self._running.remove(r)
 
         agent = r.agent
-        reply = detokenize(self.lm.tokenizer, r.generated)
+        text = detokenize(self.lm.tokenizer, r.generated)  # kept whole: the template decides what the next prompt shows
+        tok = self.lm.tokenizer
+        reply, reasoning = split_reasoning(text, tok.think_start, tok.think_end, r.opened)
         if finish != "cancelled":
-            turn = replace(agent, messages=r.messages + [{"role": "assistant", "content": reply}], tokens=tokens,
+            turn = replace(agent, messages=r.messages + [{"role": "assistant", "content": text}], tokens=tokens,
                            last_used_at=time.time())
             try:
                 self.store.save_agent(turn)  # the transcript is saved before the reply goes out
@@ -567,6 +573,7 @@ class Engine:
         r.job.result = AskResult(
             agent=agent.name,
             reply=reply,
+            reasoning=reasoning,
             finish_reason=finish,
             tier=r.tier,
             turns=agent.turns,

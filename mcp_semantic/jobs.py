@@ -68,6 +68,7 @@ class Running:
     first: float | None = None
     last: float | None = None
     longest_pause: float = 0.0
+    opened: bool = False  # its prompt ends inside a thinking block (models.thinking_opened)
     detokenizer: Any = None  # the reply's text so far, for progress messages (text_so_far)
     detokenized: int = 0  # tokens of `generated` it has taken
 

@@ -574,3 +574,34 @@ def detokenize(tokenizer: TokenizerWrapper, tokens: list[int]) -> str:
         detokenizer.add_token(token)
     detokenizer.finalize()
     return detokenizer.text
+
+
+def thinking_switch(tokenizer: TokenizerWrapper) -> str | None:
+    """The chat template's switch for thinking (`enable_thinking` as Qwen3's, or the name mlx-lm
+    found for it), where the template reads it; None where it has none."""
+    name = getattr(tokenizer, "_thinking_kwarg", "enable_thinking")  # mlx-lm's guess; not public
+    template = getattr(tokenizer, "chat_template", None)
+    return name if isinstance(template, str) and re.search(rf"\b{re.escape(name)}\b", template) else None
+
+
+def thinking_opened(tokenizer: TokenizerWrapper, prompt: list[int]) -> bool:
+    """Whether the prompt ends inside a thinking block (its generation prompt opened one)."""
+    if not tokenizer.has_thinking:
+        return False
+    tail = max(0, len(prompt) - 32)  # the generation prompt's few tokens
+    return tokenizer.rfind_think_start(prompt, start=tail) > tokenizer.rfind_think_end(prompt, start=tail)
+
+
+def split_reasoning(text: str, start: str | None, end: str | None, opened: bool) -> tuple[str, str | None]:
+    """A thinking model's reply as (answer, reasoning): the reasoning is what comes before the
+    thinking block's `end`, from its `start` where the model wrote it or from the reply's start
+    where the prompt `opened` the block; a reply cut off inside the block is all reasoning. A
+    model without thinking (`start` None), or a reply with no block, is all answer."""
+    if start is None or end is None:
+        return text, None
+    if text.lstrip().startswith(start):
+        text, opened = text.lstrip()[len(start):], True
+    if not opened:
+        return text, None
+    reasoning, closed, answer = text.partition(end)
+    return (answer.lstrip(), reasoning.strip()) if closed else ("", reasoning.strip())

@@ -243,12 +243,14 @@ def create_server(settings: Settings, lm: LoadedModel | None = None) -> MCPServe
         temperature: Annotated[float, Field(ge=0, le=10, description="0 is greedy and exact")] = 0.0,
         top_p: Annotated[float, Field(gt=0, le=1)] = 1.0,
         seed: Annotated[int | None, Field(description="random seed for sampling")] = None,
+        think: Annotated[bool | None, Field(description="thinking models: reason before answering (true) or not "
+                                            "(false), where the chat template has the switch; omit for its default")] = None,
     ) -> Annotated[CallToolResult, AskResult]:
         """Send a message to a named local agent and get its reply. The agent is created on first
         use and remembers the whole conversation, also across server restarts; its KV cache is
         reused, so only the new message is read."""
         engine = engine_of(ctx)
-        req = AskRequest(agent, message, system, max_tokens, temperature, top_p, seed)
+        req = AskRequest(agent, message, system, max_tokens, temperature, top_p, seed, think)
         result: AskResult = await call(engine.ask(req, on_progress=ctx.report_progress))
         for warning in result.warnings:
             log.warning(warning)

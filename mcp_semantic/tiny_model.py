@@ -23,6 +23,7 @@ from tokenizers.trainers import BpeTrainer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 """ids 0, 1, 2, as in SmolLM2."""
+THINK_TOKENS = ["<think>", "</think>"]
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -226,6 +227,7 @@ def make_tiny_model(
     sliding_window: int | None = None,
     chat_template: str = CHAT_TEMPLATE,
     config_overrides: dict[str, Any] | None = None,
+    thinking: bool = False,
 ) -> Path:
     """Write a random float32 model of `model_type` with a trained BPE tokenizer to `out_dir`; return it.
 
@@ -233,6 +235,8 @@ def make_tiny_model(
     `vocab_size` is filled with `<|reserved_N|>` special tokens. `num_layers` defaults to the
     fewest that have every kind of layer of the family (2 for llama). `sliding_window` is the
     window (or llama4's attention chunk) of the families that have one: 24 tokens (32) unless given.
+    `thinking` gives the tokenizer `<think>` and `</think>` (in place of two reserved tokens), as a
+    reasoning model's has.
     `config_overrides` are merged into the config last; sizes derived from others (head_dim,
     layer patterns...) follow the overridden sizes. For llama4 and qwen3_5 they apply to `text_config`.
     """
@@ -240,7 +244,7 @@ def make_tiny_model(
         model_type=model_type, num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads,
         num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, vocab_size=vocab_size,
         max_position_embeddings=max_position_embeddings, seed=seed, sliding_window=sliding_window,
-        config_overrides=config_overrides,
+        config_overrides=config_overrides, thinking=thinking,
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -280,6 +284,7 @@ def build_tiny_model(
     seed: int = 0,
     sliding_window: int | None = None,
     config_overrides: dict[str, Any] | None = None,
+    thinking: bool = False,
 ) -> tuple[nn.Module, dict[str, Any], Tokenizer]:
     """What `make_tiny_model` writes, in memory: the model (as mlx-lm loads it), its config and tokenizer."""
     if model_type not in FAMILIES:
@@ -289,7 +294,11 @@ def build_tiny_model(
     tokenizer = _train_tokenizer(vocab_size)
     speakable = [_plain_text(tokenizer, i) for i in range(tokenizer.get_vocab_size())]
     calibration = tokenizer.encode(CORPUS).ids[:128]
-    tokenizer.add_special_tokens([f"<|reserved_{i}|>" for i in range(vocab_size - len(speakable))])
+    reserved = [f"<|reserved_{i}|>" for i in range(vocab_size - len(speakable))]
+    if thinking:  # as Qwen3's: added tokens, not special ones (a reply's text keeps them)
+        tokenizer.add_tokens(THINK_TOKENS)
+        reserved = reserved[len(THINK_TOKENS):]
+    tokenizer.add_special_tokens(reserved)
 
     overrides = dict(config_overrides or {})
     config = {

@@ -656,6 +656,53 @@ async def test_a_fork_at_a_turn_rewinds_exactly_and_refuses_turns_out_of_range(s
     await engine.aclose()
 
 
+async def test_a_thinking_model_s_reasoning_comes_apart_from_its_reply(tmp_path, settings: Settings, replay) -> None:
+    """A model with `<think>` tokens and a template that can switch thinking (as Qwen3's): the
+    reasoning goes to `reasoning`, the answer to `reply`, the transcript keeps the text whole
+    (the template shows later prompts what it wants of it), `think=False` closes the block in
+    the prompt; the turns after still answer exactly. `think` on a model without the switch is
+    refused, changing nothing."""
+    import mlx.core as mx
+
+    from mcp_semantic.tiny_model import THINKING_CHAT_TEMPLATE, make_tiny_model
+
+    opened = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}"
+    assert opened in THINKING_CHAT_TEMPLATE
+    switch = THINKING_CHAT_TEMPLATE.replace(opened, (
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}"
+        "{% if enable_thinking is defined and enable_thinking is false %}{{ '\\n</think>\\n\\n' }}{% endif %}{% endif %}"))
+    model = make_tiny_model(tmp_path / "thinker", chat_template=switch, thinking=True)
+    engine = open_engine(settings.model_copy(update={"model": str(model), "cache_dir": tmp_path / "c"}))
+    tok = engine.lm.tokenizer
+    assert tok.has_thinking
+
+    def scripted(text: str):  # the model "writes" `text`, then ends its turn
+        tokens = iter(tok.encode(text, add_special_tokens=False) + [tok.eos_token_id])
+        return lambda logprobs: mx.array([next(tokens)] * logprobs.shape[0], dtype=mx.uint32)
+
+    greedy = engine._greedy
+    engine._greedy = scripted("First the river.</think>\n\nThe mill.")
+    thought = await engine.ask(AskRequest("a", "Where is it?", max_tokens=40))
+    assert (thought.reasoning, thought.reply) == ("First the river.", "The mill.")
+    assert engine.store.load_agent("a").messages[-1]["content"] == "First the river.</think>\n\nThe mill."
+    engine._greedy = scripted("The weir.")
+    quick = await engine.ask(AskRequest("a", "And then?", max_tokens=40, think=False))
+    assert (quick.reasoning, quick.reply) == (None, "The weir.")
+    engine._greedy = greedy
+    later = await engine.ask(AskRequest("a", "Go on.", max_tokens=12))  # the tiny model itself: it never closes the block
+    messages = engine.store.load_agent("a").messages
+    assert later.tokens.cached > 0 and later.finish_reason == "length"
+    assert messages[-1]["content"] == replay(engine.lm, messages[:-1], 12)  # exact, the history as the template shows it
+    assert (later.reasoning, later.reply) == (messages[-1]["content"].strip(), "")  # cut off while thinking
+    await engine.aclose()
+
+    plain = open_engine(settings)
+    with pytest.raises(RequestError, match="`think` needs a model whose chat template can switch thinking"):
+        await plain.ask(AskRequest("b", "Hello?", think=True))
+    assert not plain.store.exists("b")
+    await plain.aclose()
+
+
 async def test_agents_are_read_when_named_and_idle_ones_let_go(settings: Settings, replay, monkeypatch) -> None:
     """A store of many agents: nothing of them is read at start; an agent's transcript and block
     list come from the store when a call names it, the least recently used idle ones go from

@@ -383,3 +383,16 @@ def test_hub_id_from_offline_cache(offline_hub, tmp_path):
 def test_hub_id_missing_offline(offline_hub, tmp_path):
     with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
         load_model("no-such-org/no-such-model", tmp_path)
+
+
+@pytest.mark.parametrize("text, opened, expected", [
+    ("Plan.</think>\n\nAnswer.", True, ("Answer.", "Plan.")),  # the prompt opened the block
+    ("<think>\nPlan.</think>\n\nAnswer.", False, ("Answer.", "Plan.")),  # the model opened it
+    ("Still planning", True, ("", "Still planning")),  # cut off inside the block
+    ("Answer at once.", False, ("Answer at once.", None)),  # no block
+])
+def test_a_thinking_model_s_reply_splits_into_answer_and_reasoning(text: str, opened: bool, expected) -> None:
+    from mcp_semantic.models import split_reasoning
+
+    assert split_reasoning(text, "<think>", "</think>", opened) == expected
+    assert split_reasoning(text, None, None, opened) == (text, None)  # a model that does not think

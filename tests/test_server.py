@@ -35,6 +35,7 @@ async def test_tool_schemas(settings: Settings) -> None:
     assert ask.input_schema["required"] == ["agent", "message"]
     assert ask.input_schema["properties"]["agent"]["pattern"].startswith("^[A-Za-z0-9]")
     assert ask.input_schema["properties"]["max_tokens"]["maximum"] == settings.max_tokens_limit
+    assert "think" in ask.input_schema["properties"] and "reasoning" in ask.output_schema["properties"]
     out = ask.output_schema
     assert {"agent", "reply", "finish_reason", "tier", "tokens", "timings_ms", "decode_tokens_per_s"} <= set(
         out["properties"]
