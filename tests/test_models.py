@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from mcp_semantic import models
-from mcp_semantic.models import DEFAULT_MODEL, LoadedModel, ModelError, import_gguf, load_model, model_fingerprint
+from mcp_semantic.gguf import import_gguf
+from mcp_semantic.models import DEFAULT_MODEL, LoadedModel, ModelError, load_model, model_fingerprint
 from mcp_semantic.tiny_model import make_tiny_model
 
 import mlx.core as mx  # after mcp_semantic: OpenBLAS goes first
