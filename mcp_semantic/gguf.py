@@ -17,18 +17,34 @@ import mlx.core as mx
 import mlx_lm
 import mlx_lm.utils
 import numpy as np
-from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from mcp_semantic.models import DEFAULT_CONTEXT_LENGTH, ModelError, is_gguf
 
 log = logging.getLogger(__name__)
 
+LOADABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q6_K", "Q4_K", "Q2_K")
+"""GGUF tensor types MLX's loader reads (measured with MLX 0.30, a tensor of each type written by
+llama.cpp's `gguf` package): Q8_0, Q4_0 and Q4_1 stay quantized (MLX's own affine format, groups
+of 32), BF16 and the K-quants here come back as float16. So a Q4_K_M file (Q4_K and Q6_K) loads,
+Q5_K_M or Q3_K_M does not. MLX refuses Q5_0, Q5_1, Q3_K, Q5_K and the IQ types, and drops some
+others without a word (TQ1_0, TQ2_0, MXFP4): why the types are checked here first."""
+
 IMPORT_FORMAT = 1
 """Bump when the importer writes something different, so older imports are rebuilt."""
 _IMPORT_MARKER = "gguf_import.json"
 
-# llama.cpp tensor names -> mlx-lm llama names; the suffix (.weight, .scales, .biases, .bias) is kept.
+# GGUF architecture -> (mlx-lm model type, its class in config.json). Their tensors are llama's,
+# with Qwen2's Q/K/V biases and Qwen3's Q/K norms; llama.cpp permutes Q and K rows for its
+# interleaved rope only for "llama" (Llama, SmolLM, Mistral), not for the Qwens (NeoX rope).
+ARCHITECTURES = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+}
+
+# llama.cpp tensor names -> mlx-lm names; the suffix (.weight, .scales, .biases, .bias) is kept.
 _GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _GGUF_BLOCK = {
     "attn_q": "self_attn.q_proj",
@@ -40,6 +56,8 @@ _GGUF_BLOCK = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
 
 # tokenizer.ggml.pre -> how the text is split before BPE, as llama.cpp splits it. Only splits
@@ -53,6 +71,17 @@ _PRE_TOKENIZERS = {
         ]
     ),
     "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    # Qwen2's and Qwen3's tokenizer.json split (llama.cpp runs a rewrite of the same regex)
+    "qwen2": lambda: pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(
+                Regex(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                      r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
+                behavior="isolated",
+            ),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    ),
 }
 
 _MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
@@ -84,7 +113,7 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
         try:
             mlx_lm.utils.load_model(tmp, lazy=True, strict=True)
         except (OSError, ValueError) as e:
-            raise ModelError(f"{gguf_path} does not convert to an mlx-lm llama model: {e}") from e
+            raise ModelError(f"{gguf_path} does not convert to an mlx-lm model: {e}") from e
         (tmp / _IMPORT_MARKER).write_text(json.dumps(marker, indent=2))
         _replace_dir(tmp, out_dir, marker)
     finally:
@@ -117,7 +146,22 @@ def _replace_dir(new: Path, out_dir: Path, marker: dict) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_tensor_types(gguf_path: Path) -> None:
+    """A file holding tensors of a type MLX cannot load is a ModelError naming the types."""
+    from gguf import GGUFReader
+
+    try:
+        types = Counter(t.tensor_type.name for t in GGUFReader(gguf_path).tensors)
+    except (ValueError, OSError, KeyError) as e:  # a damaged header; KeyError: a type this reader lacks
+        raise ModelError(f"{gguf_path} has a GGUF header that cannot be read ({type(e).__name__}: {e})") from None
+    if bad := {k: n for k, n in types.items() if k not in LOADABLE}:
+        listed = ", ".join(f"{k} ({n} tensors)" for k, n in sorted(bad.items()))
+        raise ModelError(f"{gguf_path} holds tensors of types MLX cannot load: {listed}. It loads "
+                         f"{', '.join(LOADABLE)}: pick a file of one of those (e.g. Q4_K_M, Q4_0 or Q8_0).")
+
+
 def _write_mlx_lm_dir(gguf_path: Path, out: Path) -> None:
+    check_tensor_types(gguf_path)
     try:
         tensors, meta = mx.load(str(gguf_path), return_metadata=True)
     except (RuntimeError, ValueError) as e:
@@ -125,14 +169,14 @@ def _write_mlx_lm_dir(gguf_path: Path, out: Path) -> None:
     meta = {k: (v.item() if isinstance(v, mx.array) and v.ndim == 0 else v) for k, v in meta.items()}
 
     arch = meta.get("general.architecture")
-    if arch != "llama":
+    if arch not in ARCHITECTURES:
         raise ModelError(
-            f"{gguf_path} holds a {arch!r} model; the GGUF importer handles only the 'llama' "
-            "architecture (Llama, SmolLM, Mistral, ...). For other models give an mlx-lm "
-            "directory or a Hugging Face repo id (e.g. from mlx-community)."
+            f"{gguf_path} holds a {arch!r} model; the GGUF importer handles the architectures "
+            f"{', '.join(ARCHITECTURES)} (Llama, SmolLM, Qwen2, Qwen3, ...). For other models give an "
+            "mlx-lm directory or a Hugging Face repo id (e.g. from mlx-community)."
         )
     weights = {_mlx_name(k, gguf_path): v for k, v in tensors.items()}
-    config = _gguf_config(meta, weights, gguf_path)
+    config = _gguf_config(meta, weights, gguf_path, arch)
     tokenizer = _gguf_tokenizer(meta, gguf_path)
 
     mlx_lm.utils.save_config(config, out / "config.json")
@@ -151,39 +195,39 @@ def _mlx_name(gguf_name: str, gguf_path: Path) -> str:
         return f"model.layers.{parts[1]}.{_GGUF_BLOCK[parts[2]]}.{suffix}"
     hint = " (llama-3.1-style rope scaling)" if base == "rope_freqs" else ""
     raise ModelError(
-        f"{gguf_path} has tensor {gguf_name!r}{hint}, which mlx-lm's llama has no place for; "
+        f"{gguf_path} has tensor {gguf_name!r}{hint}, which the imported model has no place for; "
         "load this model from its Hugging Face repo id instead."
     )
 
 
-def _gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], gguf_path: Path) -> dict[str, Any]:
+def _gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], gguf_path: Path, arch: str) -> dict[str, Any]:
     def get(key: str, default: Any = None) -> Any:
-        value = meta.get(f"llama.{key}", default)
+        value = meta.get(f"{arch}.{key}", default)
         if value is None:
-            raise ModelError(f"{gguf_path} lacks metadata 'llama.{key}'; the file looks incomplete.")
+            raise ModelError(f"{gguf_path} lacks metadata '{arch}.{key}'; the file looks incomplete.")
         return value
 
     hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
     config: dict[str, Any] = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": ARCHITECTURES[arch][0],
+        "architectures": [ARCHITECTURES[arch][1]],
         "hidden_size": hidden,
         "num_hidden_layers": int(get("block_count")),
         "intermediate_size": int(get("feed_forward_length")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(get("attention.head_count_kv", heads)),
         "rms_norm_eps": _float32(get("attention.layer_norm_rms_epsilon")),
-        "vocab_size": int(meta.get("llama.vocab_size") or weights["model.embed_tokens.weight"].shape[0]),
+        "vocab_size": int(meta.get(f"{arch}.vocab_size") or weights["model.embed_tokens.weight"].shape[0]),
         "rope_theta": _float32(get("rope.freq_base", 10000.0)),
-        # llama.cpp stores Q and K rows permuted for its interleaved ("traditional") rope.
-        "rope_traditional": True,
+        # llama.cpp stores a llama's Q and K rows permuted for its interleaved ("traditional") rope
+        "rope_traditional": arch == "llama",
         "tie_word_embeddings": "lm_head.weight" not in weights,
         "max_position_embeddings": int(get("context_length", DEFAULT_CONTEXT_LENGTH)),
     }
-    head_dim = meta.get("llama.attention.key_length") or meta.get("llama.rope.dimension_count")
-    if head_dim and int(head_dim) != hidden // heads:
-        config["head_dim"] = int(head_dim)
-    scaling = meta.get("llama.rope.scaling.type", "none")
+    head_dim = meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
+    if head_dim and int(head_dim) != hidden // heads or arch == "qwen3":  # Qwen3's config always names it
+        config["head_dim"] = int(head_dim or hidden // heads)
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling == "linear":
         config["rope_scaling"] = {"type": "linear", "factor": float(get("rope.scaling.factor"))}
     elif scaling != "none":

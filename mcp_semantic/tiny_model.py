@@ -147,6 +147,7 @@ def _mamba_heads(c: dict) -> int:
 FAMILIES: dict[str, Callable[[dict, int | None], dict]] = {
     # model_type -> (config so far: sizes as given or overridden, sliding_window) -> the fields it adds
     "llama": lambda c, w: {},
+    "qwen2": lambda c, w: {"architectures": ["Qwen2ForCausalLM"]},  # llama's layers, Q/K/V with biases
     "qwen3": lambda c, w: {"architectures": ["Qwen3ForCausalLM"], "head_dim": _hd(c)},
     "gemma3_text": lambda c, w: {  # 5 sliding-window layers to 1 global, as Gemma 3
         "architectures": ["Gemma3ForCausalLM"], "head_dim": _hd(c), "query_pre_attn_scalar": _hd(c),

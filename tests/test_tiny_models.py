@@ -16,6 +16,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 CACHES = {
     "llama": ["KVCache"] * 2,
+    "qwen2": ["KVCache"] * 2,
     "qwen3": ["KVCache"] * 2,
     "gemma3_text": ["RotatingKVCache(24)"] * 5 + ["KVCache"],
     "gpt_oss": ["RotatingKVCache(24)", "KVCache"],
