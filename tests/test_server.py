@@ -337,3 +337,20 @@ async def test_agents_are_resources_and_hosts_hear_when_they_come_and_go(setting
             with anyio.fail_after(10):
                 await events.__anext__()
         assert [str(r.uri) for r in (await new.list_resources()).resources] == ["agent://a"]
+
+
+def test_the_embedded_mode_needs_none_of_the_shared_mode_s_packages() -> None:
+    """A plain install (no `shared` extra: no psycopg, no redis) imports and builds the server:
+    the shared mode's modules load only when --store is given."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for m in ('psycopg', 'psycopg_pool', 'redis', 'hiredis'): sys.modules[m] = None  # not installed\n"
+            "from mcp_semantic import cli\n"
+            "from mcp_semantic.server import create_server\n"
+            "from mcp_semantic.settings import Settings\n"
+            "create_server(Settings())\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
