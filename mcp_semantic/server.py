@@ -27,6 +27,8 @@ from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.server.stdio import stdio_server
 from mcp_types import CallToolResult, Resource, TextContent, ToolAnnotations
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from mcp.shared.exceptions import MCPError
+from mcp_types import INTERNAL_ERROR
 from pydantic import BaseModel, Field
 
 from mcp_semantic import __version__
@@ -162,7 +164,10 @@ class _Server(MCPServer):
         listed = await super().list_resources()
         if self.shared.engine is None:
             return listed
-        names = await self.shared.engine.names(RESOURCE_LIST_LIMIT)
+        try:
+            names = await self.shared.engine.names(RESOURCE_LIST_LIMIT)
+        except StoreUnavailable as e:  # the shared store out of reach: said, as the tools say it
+            raise MCPError(code=INTERNAL_ERROR, message=str(e)) from None
         return listed + [Resource(uri=f"agent://{n}", name=n, title=f"Agent {n}", mime_type="text/markdown",
                                   description=f"the conversation of agent {n}") for n in names]
 
@@ -328,11 +333,15 @@ def create_server(settings: Settings, lm: LoadedModel | None = None) -> MCPServe
 
 async def agents_changed(ctx: Context) -> None:
     """Agents were made or forgotten: hosts refresh their resource lists (on the 2026 wire every
-    client listening through subscriptions/listen; on earlier ones the session that called)."""
-    await ctx.notify_resources_changed()
-    session = ctx.request_context.session
-    if session.protocol_version not in MODERN_PROTOCOL_VERSIONS:
-        await session.send_resource_list_changed()
+    client listening through subscriptions/listen; on earlier ones the session that called).
+    Best effort: the call's work is done, and a host gone meanwhile is no error of the call's."""
+    try:
+        await ctx.notify_resources_changed()
+        session = ctx.request_context.session
+        if session.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            await session.send_resource_list_changed()
+    except Exception as e:  # noqa: BLE001
+        log.info("could not tell the host that the agents changed: %s", e)
 
 
 async def _serve_stdio(server: MCPServer) -> None:

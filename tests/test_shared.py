@@ -165,6 +165,8 @@ def test_postgresql_restarted_under_a_running_server(
     try:
         error = a.error("ask_agent", {"agent": "x", "message": "Are you there?", "max_tokens": 8})
         assert "PostgreSQL at postgresql://postgres@127.0.0.1" in error and "nothing was changed" in error
+        listed = a.request("resources/list", {})  # the agents as resources: the same clear error
+        assert "PostgreSQL at postgresql://postgres@127.0.0.1" in listed["message"], listed
     finally:
         postgres_server.run()
     out = ask(a, "x", "And now?")  # connected again
