@@ -49,7 +49,12 @@ class Leases:
         self.poll_s = poll_s
         self.held: Counter[str] = Counter()  # agent -> this server's holds of its lease
         self.lost: set[str] = set()  # held, but found taken by another server since: taken anew next
+        # a take and a release of ours in the database never cross: a release that finds a take of
+        # ours under way leaves the row to it, and a take waits for a release's delete to end
+        self._taking: Counter[str] = Counter()
+        self._releasing: set[str] = set()
         self._lock = threading.Lock()
+        self._released = threading.Condition(self._lock)
         self._stop = threading.Event()
         if renew:
             threading.Thread(target=self._renew_held, name="mcp-semantic-leases", daemon=True).start()
@@ -65,15 +70,24 @@ class Leases:
             if self.held[agent] and agent not in self.lost:
                 self.held[agent] += 1
                 return False
-        wait_s = self.wait_s if wait_s is None else wait_s
-        deadline = time.monotonic() + wait_s
-        while not self._try(agent):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AgentBusy(f"agent {agent} is busy on another server (still after {wait_s:g} s); "
-                                "nothing was changed, try again shortly")
-            time.sleep(min(self.poll_s, left))
+            while agent in self._releasing:
+                self._released.wait()
+            self._taking[agent] += 1
+        try:
+            wait_s = self.wait_s if wait_s is None else wait_s
+            deadline = time.monotonic() + wait_s
+            while not self._try(agent):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AgentBusy(f"agent {agent} is busy on another server (still after {wait_s:g} s); "
+                                    "nothing was changed, try again shortly")
+                time.sleep(min(self.poll_s, left))
+        except BaseException:
+            with self._lock:
+                self._taking -= Counter([agent])
+            raise
         with self._lock:
+            self._taking -= Counter([agent])
             anew = not self.held[agent] or agent in self.lost
             self.held[agent] += 1
             self.lost.discard(agent)
@@ -132,11 +146,18 @@ class Leases:
                 return
             del self.held[agent]
             self.lost.discard(agent)
+            if self._taking[agent]:  # a take of ours is taking it again: the row is that one's
+                return
+            self._releasing.add(agent)
         try:
             with using(self.pool) as db:
                 db.execute("DELETE FROM leases WHERE agent = %s AND holder = %s", (agent, self.holder))
         except StoreUnavailable as e:
             log.warning("could not release the lease of agent %s (it expires in %g s): %s", agent, self.ttl_s, e)
+        finally:
+            with self._lock:
+                self._releasing.discard(agent)
+                self._released.notify_all()
 
     def holder_of(self, agent: str) -> str | None:
         """The server holding a lease of the agent that has not expired; None if none does."""

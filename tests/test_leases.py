@@ -119,3 +119,36 @@ def test_a_lease_found_lost_while_held_is_taken_anew_by_the_next_call(pool) -> N
     for _ in range(3):
         a.release("x")
     assert a.holder_of("x") is None and not a.held and not a.lost
+
+
+def test_a_release_never_deletes_the_row_of_a_take_under_way(pool) -> None:
+    """A lease of ours found lost is taken anew while the old hold's release is still to come
+    (it follows the call's save): that release must leave the new row alone."""
+    import threading
+
+    a, b = Leases(pool, "server-a", ttl_s=0.5, renew=False), Leases(pool, "server-b", renew=False)
+    assert a.take("x")
+    time.sleep(0.7)
+    assert b.take("x", wait_s=0)
+    a.mark_lost("x")
+    b.release("x")
+    taken, go_on = threading.Event(), threading.Event()
+    try_once = a._try
+
+    def slow_try(agent: str) -> bool:  # the row is ours in the database; the take has not counted it yet
+        got = try_once(agent)
+        taken.set()
+        go_on.wait(10)
+        return got
+
+    a._try = slow_try
+    anew: list[bool] = []
+    again = threading.Thread(target=lambda: anew.append(a.take("x", wait_s=0)))
+    again.start()
+    assert taken.wait(10)
+    a.release("x")  # the old hold's release, after the call's save
+    go_on.set()
+    again.join(10)
+    assert anew == [True] and a.holder_of("x") == "server-a" and a.held["x"] == 1
+    a.release("x")
+    assert a.holder_of("x") is None

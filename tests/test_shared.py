@@ -169,7 +169,15 @@ def test_postgresql_restarted_under_a_running_server(
         assert "PostgreSQL at postgresql://postgres@127.0.0.1" in listed["message"], listed
     finally:
         postgres_server.run()
-    out = ask(a, "x", "And now?")  # connected again
+    deadline = time.monotonic() + 60
+    while True:  # connected again once the pool's reconnection comes round (it backs off while it is down)
+        result = a.request("tools/call", {"name": "ask_agent", "arguments": {"agent": "x", "message": "And now?",
+                                                                             "max_tokens": 8}})
+        if not result["isError"]:
+            out = result["structuredContent"]
+            break
+        assert "PostgreSQL at" in result["content"][0]["text"] and time.monotonic() < deadline, result
+        time.sleep(0.5)
     agent = transcript(postgres_url, tmp_path, "x")
     assert [m["content"] for m in agent.messages if m["role"] == "user"] == ["Hello there.", "And now?"]
     assert out["reply"] == replay(lm, agent.messages[:-1], 8)
