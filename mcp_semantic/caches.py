@@ -510,7 +510,7 @@ class Caches:
         tier: Tier = "hot"
         if lacking:
             self.writer.wait()  # a block may be in a write not done yet
-            remote = self.store.remote_blocks([bid for bid, _ in lacking if not self.store.has_block(bid)])
+            remote = self.store.remote_blocks([bid for bid, _ in lacking])
             tier = "remote" if remote else "disk"
             read = self.store.blocks.read_blocks([bid for bid, _ in lacking], self.storage, self.all_names,
                                                  [need for _, need in lacking], remote)
@@ -563,7 +563,7 @@ class Caches:
             self.writer.wait()  # a block may be in a write not done yet
             # those not here are read from the shared tier (Redis) as files are; their files are
             # written from the pool when the agent is saved, not before the call
-            remote = self.store.remote_blocks([ids[i] for i in missing if not self.store.has_block(ids[i])])
+            remote = self.store.remote_blocks([ids[i] for i in missing])
         failed = []
         opened = self.store.blocks.open_blocks([ids[i] for i in missing], self.storage, self.all_names, remote)
         for i, part in zip(missing, opened):

@@ -248,7 +248,7 @@ class PostgresStore(Store):
             return db.execute("SELECT count(DISTINCT block) FROM kv_blocks").fetchone()[0]
 
     def remote_blocks(self, bids: list[str]) -> dict[str, Remote]:
-        return self.remote.heads(bids) if self.remote is not None else {}
+        return self.remote.heads([bid for bid in bids if not self.has_block(bid)]) if self.remote is not None else {}
 
     def in_shared_tier(self, bids: list[str]) -> set[str]:
         if self.remote is None or not bids:

@@ -42,7 +42,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MCP_SEMANTIC_", extra="forbid")
 
-    model: str = Field(DEFAULT_MODEL, description="default name, mlx-lm directory, Hugging Face repo id, .gguf path, ollama:<name> or lmstudio:<name>")
+    model: str = Field(DEFAULT_MODEL, description="default name, mlx-lm directory, Hugging Face repo id, .gguf path, "
+                       "ollama:<name> or lmstudio:<name>")
     transport: Transport = Field("stdio", description="MCP transport")
     host: str = Field("127.0.0.1", description="address to bind for sse and streamable-http")
     auth_token: SecretStr | None = Field(

@@ -337,7 +337,8 @@ class Store:
     shared = False  # whether blocks missing here may be in a tier other servers share (`remote_blocks`)
 
     def remote_blocks(self, bids: list[str]) -> dict[str, Remote]:
-        """Those of `bids` the shared tier has, ready to open (BlockFiles.open_blocks); none here."""
+        """Those of `bids` that no local file holds and the shared tier has, ready to open
+        (BlockFiles.open_blocks); none here."""
         return {}
 
     def in_shared_tier(self, bids: list[str]) -> set[str]:
