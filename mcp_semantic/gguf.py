@@ -1,15 +1,18 @@
 """GGUF files into mlx-lm directories: tensors renamed, config and tokenizer (with its chat
-template) rebuilt from the file's metadata, written once per file under the cache dir.
+template) rebuilt from the file's metadata, written once per file under the cache dir. The
+tokenizer is gguf_tokenizer.py's.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +20,9 @@ import mlx.core as mx
 import mlx_lm
 import mlx_lm.utils
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
-from tokenizers.models import BPE
+from mlx_lm.models.rope_utils import initialize_rope
 
+from mcp_semantic.gguf_tokenizer import build_tokenizer, read_vocab, special_ids, tokenizer_config
 from mcp_semantic.models import DEFAULT_CONTEXT_LENGTH, ModelError, is_gguf
 
 log = logging.getLogger(__name__)
@@ -31,22 +34,28 @@ of 32), BF16 and the K-quants here come back as float16. So a Q4_K_M file (Q4_K 
 Q5_K_M or Q3_K_M does not. MLX refuses Q5_0, Q5_1, Q3_K, Q5_K and the IQ types, and drops some
 others without a word (TQ1_0, TQ2_0, MXFP4): why the types are checked here first."""
 
-IMPORT_FORMAT = 1
+IMPORT_FORMAT = 2
 """Bump when the importer writes something different, so older imports are rebuilt."""
 _IMPORT_MARKER = "gguf_import.json"
 
-# GGUF architecture -> (mlx-lm model type, its class in config.json). Their tensors are llama's,
-# with Qwen2's Q/K/V biases and Qwen3's Q/K norms; llama.cpp permutes Q and K rows for its
-# interleaved rope only for "llama" (Llama, SmolLM, Mistral), not for the Qwens (NeoX rope).
-ARCHITECTURES = {
-    "llama": ("llama", "LlamaForCausalLM"),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
-}
 
-# llama.cpp tensor names -> mlx-lm names; the suffix (.weight, .scales, .biases, .bias) is kept.
-_GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_GGUF_BLOCK = {
+@dataclass(frozen=True)
+class Family:
+    """How llama.cpp writes one GGUF architecture, and the mlx-lm model it becomes."""
+
+    model_type: str
+    architecture: str
+    block: dict[str, str]
+    """llama.cpp's tensor names in a block -> mlx-lm's, after `model.layers.N.`"""
+    interleaved_rope: bool = False
+    """llama.cpp's convert script permutes Q and K rows for its interleaved rope (llama only)."""
+    norm_shift: float = 0.0
+    """What the convert script adds to every norm weight (Gemma's norms scale by 1 + weight)."""
+    rope_tensors: tuple[str, ...] = ()
+    """Tensors of rope frequencies rather than weights: read into the config."""
+
+
+_LLAMA_BLOCK = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
@@ -60,35 +69,35 @@ _GGUF_BLOCK = {
     "attn_k_norm": "self_attn.k_norm",
 }
 
-# tokenizer.ggml.pre -> how the text is split before BPE, as llama.cpp splits it. Only splits
-# we are sure of are here: a wrong one would quietly give worse answers. (A file without the
-# key is an old conversion that llama.cpp itself warns about.)
-_PRE_TOKENIZERS = {
-    "smollm": lambda: pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
+FAMILIES = {
+    # Llama, SmolLM, Mistral; llama.cpp's rope_freqs is Llama 3.1's rope scaling
+    "llama": Family("llama", "LlamaForCausalLM", _LLAMA_BLOCK, interleaved_rope=True, rope_tensors=("rope_freqs",)),
+    "qwen2": Family("qwen2", "Qwen2ForCausalLM", _LLAMA_BLOCK),  # with Q/K/V biases
+    "qwen3": Family("qwen3", "Qwen3ForCausalLM", _LLAMA_BLOCK),  # with Q/K norms
+    "gemma3": Family(
+        "gemma3_text", "Gemma3ForCausalLM",
+        {**_LLAMA_BLOCK, "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+         "post_ffw_norm": "post_feedforward_layernorm"},
+        norm_shift=1.0,
     ),
-    "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    # Qwen2's and Qwen3's tokenizer.json split (llama.cpp runs a rewrite of the same regex)
-    "qwen2": lambda: pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(
-                Regex(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                      r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
-                behavior="isolated",
-            ),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
+    # Q, K and V in one tensor, gate and up in another (ffn_up), as in mlx-lm's phi3; Phi-3's
+    # long-context rope factors come as two tensors
+    "phi3": Family(
+        "phi3", "Phi3ForCausalLM",
+        {"attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj", "ffn_up": "mlp.gate_up_proj",
+         "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
+        rope_tensors=("rope_factors_long", "rope_factors_short"),
     ),
 }
+"""The GGUF architectures the importer reads (`general.architecture`)."""
+
+_GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 _MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 
 
 def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Convert a llama-family GGUF file into an mlx-lm directory at `out_dir`; return `out_dir`.
+    """Convert a GGUF file of one of `FAMILIES` into an mlx-lm directory at `out_dir`; return `out_dir`.
 
     Quantized tensors that MLX reads natively (Q4_0, Q4_1, Q8_0) stay quantized; MLX hands
     others back dequantized and they are stored as such. Idempotent: a complete import of
@@ -169,48 +178,74 @@ def _write_mlx_lm_dir(gguf_path: Path, out: Path) -> None:
     meta = {k: (v.item() if isinstance(v, mx.array) and v.ndim == 0 else v) for k, v in meta.items()}
 
     arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES:
+    if arch not in FAMILIES:
         raise ModelError(
             f"{gguf_path} holds a {arch!r} model; the GGUF importer handles the architectures "
-            f"{', '.join(ARCHITECTURES)} (Llama, SmolLM, Qwen2, Qwen3, ...). For other models give an "
-            "mlx-lm directory or a Hugging Face repo id (e.g. from mlx-community)."
+            f"{', '.join(FAMILIES)} (Llama, SmolLM, Mistral, Qwen2, Qwen3, Gemma 3, Phi-3, ...). For other models "
+            "give an mlx-lm directory or a Hugging Face repo id (e.g. from mlx-community)."
         )
-    weights = {_mlx_name(k, gguf_path): v for k, v in tensors.items()}
-    config = _gguf_config(meta, weights, gguf_path, arch)
-    tokenizer = _gguf_tokenizer(meta, gguf_path)
+    family = FAMILIES[arch]
+    rope = {name: np.array(tensors.pop(f"{name}.weight").astype(mx.float32))
+            for name in family.rope_tensors if f"{name}.weight" in tensors}
+    weights = {_mlx_name(k, family, gguf_path): v for k, v in tensors.items()}
+    if "model.embed_tokens.weight" not in weights:
+        raise ModelError(f"{gguf_path} has no token embeddings (token_embd.weight); the file looks incomplete.")
+    if family.norm_shift:
+        _unshift_norms(weights, family.norm_shift, gguf_path)
+    vocab = read_vocab(meta, gguf_path)
+    config = _gguf_config(meta, weights, rope, gguf_path, arch)
+    config.update(special_ids(meta, vocab))
+    tokenizer = build_tokenizer(meta, vocab, gguf_path)
 
     mlx_lm.utils.save_config(config, out / "config.json")
     _save_weights(weights, out)
     tokenizer.save(str(out / "tokenizer.json"))
     with open(out / "tokenizer_config.json", "w") as f:
-        json.dump(_gguf_tokenizer_config(meta, config), f, indent=2)
+        json.dump(tokenizer_config(meta, vocab, config), f, indent=2)
 
 
-def _mlx_name(gguf_name: str, gguf_path: Path) -> str:
+def _mlx_name(gguf_name: str, family: Family, gguf_path: Path) -> str:
+    """llama.cpp's tensor name -> mlx-lm's; the suffix (.weight, .scales, .biases, .bias) is kept."""
     base, _, suffix = gguf_name.rpartition(".")
     parts = base.split(".")
     if base in _GGUF_TOP:
         return f"{_GGUF_TOP[base]}.{suffix}"
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _GGUF_BLOCK:
-        return f"model.layers.{parts[1]}.{_GGUF_BLOCK[parts[2]]}.{suffix}"
-    hint = " (llama-3.1-style rope scaling)" if base == "rope_freqs" else ""
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in family.block:
+        return f"model.layers.{parts[1]}.{family.block[parts[2]]}.{suffix}"
     raise ModelError(
-        f"{gguf_path} has tensor {gguf_name!r}{hint}, which the imported model has no place for; "
+        f"{gguf_path} has tensor {gguf_name!r}, which the imported {family.model_type} model has no place for; "
         "load this model from its Hugging Face repo id instead."
     )
 
 
-def _gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], gguf_path: Path, arch: str) -> dict[str, Any]:
+def _unshift_norms(weights: dict[str, mx.array], shift: float, gguf_path: Path) -> None:
+    """Take back what llama.cpp's convert script added to every norm weight.
+
+    Gemma's RMSNorm scales by 1 + weight and llama.cpp's by the weight, so convert_hf_to_gguf.py
+    adds 1 to each weight whose name ends in "norm.weight"; mlx-lm's Gemma norms add the 1 themselves.
+    """
+    for name, w in weights.items():
+        if not name.endswith("norm.weight"):
+            continue
+        if f"{name.removesuffix('.weight')}.scales" in weights:
+            raise ModelError(f"{gguf_path} has the norm {name!r} quantized; llama.cpp never writes one so.")
+        weights[name] = (w.astype(mx.float32) - shift).astype(w.dtype)
+
+
+def _gguf_config(
+    meta: dict[str, Any], weights: dict[str, mx.array], rope: dict[str, np.ndarray], gguf_path: Path, arch: str
+) -> dict[str, Any]:
     def get(key: str, default: Any = None) -> Any:
         value = meta.get(f"{arch}.{key}", default)
         if value is None:
             raise ModelError(f"{gguf_path} lacks metadata '{arch}.{key}'; the file looks incomplete.")
         return value
 
+    family = FAMILIES[arch]
     hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
     config: dict[str, Any] = {
-        "model_type": ARCHITECTURES[arch][0],
-        "architectures": [ARCHITECTURES[arch][1]],
+        "model_type": family.model_type,
+        "architectures": [family.architecture],
         "hidden_size": hidden,
         "num_hidden_layers": int(get("block_count")),
         "intermediate_size": int(get("feed_forward_length")),
@@ -220,25 +255,26 @@ def _gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], gguf_path: 
         "vocab_size": int(meta.get(f"{arch}.vocab_size") or weights["model.embed_tokens.weight"].shape[0]),
         "rope_theta": _float32(get("rope.freq_base", 10000.0)),
         # llama.cpp stores a llama's Q and K rows permuted for its interleaved ("traditional") rope
-        "rope_traditional": arch == "llama",
+        "rope_traditional": family.interleaved_rope,
         "tie_word_embeddings": "lm_head.weight" not in weights,
         "max_position_embeddings": int(get("context_length", DEFAULT_CONTEXT_LENGTH)),
     }
-    head_dim = meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
-    if head_dim and int(head_dim) != hidden // heads or arch == "qwen3":  # Qwen3's config always names it
-        config["head_dim"] = int(head_dim or hidden // heads)
-    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    if scaling == "linear":
-        config["rope_scaling"] = {"type": "linear", "factor": float(get("rope.scaling.factor"))}
-    elif scaling != "none":
-        raise ModelError(f"{gguf_path} uses rope scaling {scaling!r}, which the GGUF importer does not handle.")
+    head_dim = meta.get(f"{arch}.attention.key_length")
+    if head_dim is None and arch != "phi3":  # Phi-3's rope dimension count is its rotary part only
+        head_dim = meta.get(f"{arch}.rope.dimension_count")
+    head_dim = int(head_dim or hidden // heads)
+    if head_dim != hidden // heads or arch in ("qwen3", "gemma3"):  # their configs always name it
+        config["head_dim"] = head_dim
+    rope_dims = int(meta.get(f"{arch}.rope.dimension_count") or head_dim)
+    if arch == "phi3":
+        config.update(_phi3_config(meta, rope_dims, head_dim, config, gguf_path))
+    if arch == "gemma3":
+        config.update(_gemma3_config(meta, config, gguf_path))
+    config.update(_rope_scaling(meta, rope, rope_dims, config, gguf_path, arch))
     if any(k.endswith(".bias") for k in weights if ".self_attn." in k):
         config["attention_bias"] = True
     if any(k.endswith(".bias") for k in weights if ".mlp." in k):
         config["mlp_bias"] = True
-    for key in ("bos_token_id", "eos_token_id"):
-        if f"tokenizer.ggml.{key}" in meta:
-            config[key] = int(meta[f"tokenizer.ggml.{key}"])
 
     quantized = [k.removesuffix(".scales") for k in weights if k.endswith(".scales")]
     if quantized:
@@ -249,6 +285,128 @@ def _gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], gguf_path: 
         bits = Counter(weights[f"{k}.weight"].shape[-1] // weights[f"{k}.scales"].shape[-1] for k in quantized)
         config["quantization"] = {"group_size": 32, "bits": int(bits.most_common(1)[0][0])}
     return config
+
+
+def _gemma3_config(meta: dict[str, Any], config: dict[str, Any], gguf_path: Path) -> dict[str, Any]:
+    """Gemma 3 as llama.cpp runs it (llama-model.cpp, which the file does not spell out): with a
+    sliding window, five local layers to each global one, the local ones' rope unscaled with base
+    10000; queries scaled by 1/sqrt(head_dim), the 27B's (62 layers) by 1/sqrt(hidden / heads)."""
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if meta.get(f"gemma3.{key}"):
+            raise ModelError(f"{gguf_path} has gemma3.{key}, which mlx-lm's gemma3_text does not apply.")
+    window = int(meta.get("gemma3.attention.sliding_window") or 0)
+    per_head = config["hidden_size"] // config["num_attention_heads"]
+    return {
+        "sliding_window": window or config["max_position_embeddings"],
+        "sliding_window_pattern": 6 if window else 1,  # 1: every layer global
+        "rope_local_base_freq": _float32(meta.get("gemma3.rope.freq_base_swa", 10000.0)),
+        "query_pre_attn_scalar": per_head if config["num_hidden_layers"] == 62 else config["head_dim"],
+    }
+
+
+def _phi3_config(meta: dict[str, Any], rope_dims: int, head_dim: int, config: dict[str, Any],
+                 gguf_path: Path) -> dict[str, Any]:
+    if head_dim != config["hidden_size"] // config["num_attention_heads"]:
+        raise ModelError(f"{gguf_path}: a phi3 head of {head_dim} is not hidden size / heads, as mlx-lm's phi3 needs.")
+    extra: dict[str, Any] = {}
+    if rope_dims != head_dim:  # Phi-4-mini rotates part of each head
+        extra["partial_rotary_factor"] = rope_dims / head_dim
+        if int(head_dim * extra["partial_rotary_factor"]) != rope_dims:
+            raise ModelError(f"{gguf_path}: mlx-lm's phi3 cannot rotate {rope_dims} of a head's {head_dim} dimensions.")
+    if "phi3.rope.scaling.original_context_length" in meta:
+        extra["original_max_position_embeddings"] = int(meta["phi3.rope.scaling.original_context_length"])
+    return extra
+
+
+def _rope_scaling(meta: dict[str, Any], rope: dict[str, np.ndarray], rope_dims: int, config: dict[str, Any],
+                  gguf_path: Path, arch: str) -> dict[str, Any]:
+    """mlx-lm's rope_scaling from the file's rope metadata and rope tensors, or a ModelError."""
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    if kind not in (None, "none", "linear"):
+        raise ModelError(f"{gguf_path} uses rope scaling {kind!r}, which the GGUF importer does not handle.")
+    # llama.cpp scales linearly by a factor the file gives without a type
+    linear = kind == "linear" or (kind is None and factor not in (None, 0.0, 1.0))
+    if linear and rope:
+        raise ModelError(f"{gguf_path} has both linear rope scaling and {', '.join(rope)}, "
+                         "which mlx-lm cannot combine.")
+    if "rope_freqs" in rope:
+        original = int(meta.get(f"{arch}.rope.scaling.original_context_length", 8192))  # the convert script's default
+        scaling = _llama3_rope(rope["rope_freqs"], config["rope_theta"], rope_dims, original, gguf_path)
+        return {"rope_scaling": scaling} if scaling else {}
+    if rope:
+        return _phi3_longrope(meta, rope, rope_dims, config, gguf_path)
+    if linear:
+        if factor is None:
+            raise ModelError(f"{gguf_path} lacks metadata '{arch}.rope.scaling.factor'; the file looks incomplete.")
+        return {"rope_scaling": {"type": "linear", "factor": float(factor)}}
+    return {}
+
+
+def _llama3_rope(factors: np.ndarray, base: float, dims: int, original: int, gguf_path: Path) -> dict[str, Any] | None:
+    """Llama 3.1's rope scaling from llama.cpp's rope_freqs tensor, checked against it.
+
+    llama.cpp's convert script turns the config's factor, low_freq_factor, high_freq_factor and
+    original_max_position_embeddings into one divisor per rope frequency and keeps none of the
+    numbers; mlx-lm wants the numbers. High frequencies keep a divisor of 1, low ones `factor`;
+    between, 1 / divisor moves from 1 to 1 / factor linearly in 1 / wavelength, a line that gives
+    the low and high frequency factors back. Then mlx-lm's own rope must give every divisor again.
+    """
+    name = f"{gguf_path}'s rope_freqs"
+    if factors.shape != (dims // 2,) or not np.all(np.isfinite(factors)) or factors.min() <= 0:
+        raise ModelError(f"{name} (shape {factors.shape}) is not {dims // 2} positive rope frequency divisors.")
+    if np.all(factors == 1.0):
+        return None  # no scaling at all
+    factor = float(factors.max())
+    if factor <= 1.0:
+        raise ModelError(f"{name} is not Llama 3's rope scaling, which divides low frequencies by a factor over 1.")
+    wavelength = 2 * np.pi * base ** (np.arange(0, dims, 2) / dims)
+    # 1 where a frequency is kept, 0 where it is divided by factor, in between (Llama 3's "smooth")
+    smooth = (1 / factors - 1 / factor) / (1 - 1 / factor)
+    band = (smooth > 1e-3) & (smooth < 1 - 1e-3)
+    if band.sum() < 2:
+        raise ModelError(f"{name} has {band.sum()} frequencies between the kept and the scaled ones: too few to tell "
+                         "Llama 3's rope scaling from it; load this model from its Hugging Face repo id instead.")
+    # smooth = (original / wavelength - low) / (high - low)
+    slope, intercept = np.polyfit(1 / wavelength[band], smooth[band], 1)
+    low = -intercept * original / slope
+    scaling = {
+        "rope_type": "llama3",
+        "factor": _float32(factor),
+        "low_freq_factor": float(f"{low:.6g}"),
+        "high_freq_factor": float(f"{low + original / slope:.6g}"),
+        "original_max_position_embeddings": original,
+    }
+    periods = base ** (np.arange(0, dims, 2) / dims)  # what mlx's rope divides positions by
+    got = np.array(initialize_rope(dims, base, False, scaling, original)._freqs)
+    if not np.allclose(got, periods * factors, rtol=1e-4, atol=0):
+        raise ModelError(f"{name} is not Llama 3's rope scaling (the closest, {scaling}, gives other frequencies); "
+                         "load this model from its Hugging Face repo id instead.")
+    return scaling
+
+
+def _phi3_longrope(meta: dict[str, Any], rope: dict[str, np.ndarray], rope_dims: int, config: dict[str, Any],
+                   gguf_path: Path) -> dict[str, Any]:
+    """Phi-3's long-context rope ("longrope"): per-frequency factors for long and short contexts.
+
+    mlx-lm always uses the long ones (as with the Hugging Face model), where llama.cpp picks by the
+    context it runs with; both scale queries and keys by the same attention factor, checked here.
+    """
+    long, short = rope.get("rope_factors_long"), rope.get("rope_factors_short")
+    original = meta.get("phi3.rope.scaling.original_context_length")
+    if long is None or short is None or original is None:
+        raise ModelError(f"{gguf_path} has Phi-3 rope factors without both long and short ones and "
+                         "phi3.rope.scaling.original_context_length; the file looks incomplete.")
+    if long.shape != (rope_dims // 2,) or short.shape != (rope_dims // 2,):
+        raise ModelError(f"{gguf_path}: Phi-3 rope factors of {long.shape} and {short.shape}, "
+                         f"for {rope_dims // 2} frequencies.")
+    scale = config["max_position_embeddings"] / int(original)
+    expected = math.sqrt(1 + math.log(scale) / math.log(int(original))) if scale > 1 else 1.0
+    attn_factor = meta.get("phi3.rope.scaling.attn_factor")
+    if attn_factor is not None and not math.isclose(float(attn_factor), expected, rel_tol=1e-5):
+        raise ModelError(f"{gguf_path} scales Phi-3's attention by {attn_factor}, mlx-lm would by {expected}.")
+    return {"rope_scaling": {"type": "longrope", "long_factor": [_float32(v) for v in long],
+                             "short_factor": [_float32(v) for v in short]}}
 
 
 def _float32(value: float) -> float:
@@ -275,66 +433,3 @@ def _save_weights(weights: dict[str, mx.array], out: Path) -> None:
     }
     with open(out / "model.safetensors.index.json", "w") as f:
         json.dump(index, f, indent=4)
-
-
-def _gguf_tokenizer(meta: dict[str, Any], gguf_path: Path) -> Tokenizer:
-    """Rebuild the byte-level BPE tokenizer a GGUF file describes, with `tokenizers`.
-
-    Not transformers' GGUF converter: it is private API that changes between releases,
-    needs torch to read the file, and does not split digits singly as SmolLM does.
-    """
-    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
-    if kind != "gpt2" or pre not in _PRE_TOKENIZERS or "tokenizer.ggml.merges" not in meta:
-        raise ModelError(
-            f"{gguf_path} has a tokenizer the GGUF importer does not handle (model {kind!r}, "
-            f"pre-tokenizer {pre!r}; handled: byte-level BPE with pre-tokenizer "
-            f"{', '.join(sorted(_PRE_TOKENIZERS))}). Load this model from its Hugging Face repo id instead."
-        )
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    tokenizer = Tokenizer(BPE({t: i for i, t in enumerate(tokens)}, merges))
-    tokenizer.pre_tokenizer = _PRE_TOKENIZERS[pre]()
-    tokenizer.decoder = decoders.ByteLevel()
-    post = [processors.ByteLevel(trim_offsets=False)]
-    bos_id = meta.get("tokenizer.ggml.bos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token") and bos_id is not None:
-        bos = tokens[int(bos_id)]
-        post.append(
-            processors.TemplateProcessing(
-                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, int(bos_id))]
-            )
-        )
-    tokenizer.post_processor = post[0] if len(post) == 1 else processors.Sequence(post)
-
-    # Token type 3 (control) are special tokens, 4 (user-defined) tokens matched whole.
-    types = meta["tokenizer.ggml.token_type"].tolist() if "tokenizer.ggml.token_type" in meta else []
-    typed = list(zip(tokens, types))
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in typed if k == 3])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in typed if k == 4])
-    if tokenizer.get_vocab_size() != len(tokens):
-        raise ModelError(
-            f"{gguf_path}: the rebuilt tokenizer has {tokenizer.get_vocab_size()} tokens, the file {len(tokens)}."
-        )
-    return tokenizer
-
-
-def _gguf_tokenizer_config(meta: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    tokens = meta["tokenizer.ggml.tokens"]
-
-    def token(key: str) -> str | None:
-        token_id = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[int(token_id)] if token_id is not None else None
-
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": token("bos_token_id"),
-        "eos_token": token("eos_token_id"),
-        "pad_token": token("padding_token_id"),
-        "unk_token": token("unknown_token_id"),
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": config["max_position_embeddings"],
-    }
-    if "tokenizer.chat_template" in meta:
-        tokenizer_config["chat_template"] = meta["tokenizer.chat_template"]
-    return tokenizer_config

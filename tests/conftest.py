@@ -26,6 +26,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny model, loaded."""
+    from mcp_semantic.models import load_model
+
+    return load_model(str(tiny_model_dir), tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def sentencepiece():
+    """A SentencePiece BPE model trained on a small corpus (tests/gguf_files.py)."""
+    from gguf_files import train_sentencepiece
+
+    return train_sentencepiece()
+
+
 @pytest.fixture
 def settings(tmp_path: Path, tiny_model_dir: Path) -> Settings:
     # blocks of 16 tokens: the tiny model's short conversations span many blocks

