@@ -45,8 +45,7 @@ import orjson
 import xxhash
 
 from mcp_semantic import cuda
-from mcp_semantic.block_pool import Block, Storage, block_id
-from mcp_semantic.cache_build import host_view
+from mcp_semantic.block_pool import Block, Storage, block_id, host_view
 
 log = logging.getLogger(__name__)
 
@@ -248,17 +247,31 @@ def _read_into(p: BlockFile, fd: int | None, buffers: list[Any], offset: int, n:
 Target = memoryview | tuple[int, int]  # host memory, or (address, bytes) on a CUDA GPU (cuda.py)
 
 
-def _fill(p: BlockFile, targets: list[tuple[str, list[Any]]] | Target) -> None:
+@dataclass
+class Sink:
+    """Arrays of a block file that go where they are needed through a function, not as they are
+    (quantized K/V dequantized into a working cache): `units`, each (begin, end) in the file's
+    data region and its arrays, in file order, are read a few at a time (about 1 MB) into this
+    reading thread's scratch memory, checksummed there while it is in the CPU's cache, then
+    handed on by one `write(scratch, base, first, last)`: units first to last (exclusive), the
+    scratch holding the data region from byte `base` on (a multiple of 8: arrays keep their
+    alignment). One call per read, not per array: Python's work per array was most of a load."""
+
+    units: list[tuple[int, int, list[str]]]
+    write: Callable[[np.ndarray, int, int, int], None]
+
+
+def _fill(p: BlockFile, targets: list[tuple[str, list[Any]] | Sink] | Target) -> None:
     """Read the named arrays into their targets, checksummed: each a list of contiguous buffers
     (bytes, in file order, as many as the array holds: a buffer of its own, or a working cache's
-    heads); or, given one target, the file's whole data region into it (_fill_whole). No MLX
-    call: this runs on the reading threads."""
+    heads), or a Sink; or, given one target, the file's whole data region into it (_fill_whole).
+    No MLX call: this runs on the reading threads."""
     with open(p.path, "rb", buffering=0) if p.source is None else contextlib.nullcontext() as f:
         if not isinstance(targets, list):
             _fill_whole(p, f, targets)
             return
         group: list[tuple[str, list[Any]]] = []
-        for name, into in sorted(targets, key=lambda t: p.layout[t[0]][2]):
+        for name, into in sorted((t for t in targets if not isinstance(t, Sink)), key=lambda t: p.layout[t[0]][2]):
             begin = p.layout[name][2]
             if group and (begin - p.layout[group[0][0]][2] >= _GROUP_BYTES or p.layout[group[-1][0]][3] != begin
                           or sum(len(bufs) for _, bufs in group) + len(into) > _GROUP_BUFFERS):
@@ -267,6 +280,9 @@ def _fill(p: BlockFile, targets: list[tuple[str, list[Any]]] | Target) -> None:
             group.append((name, into))
         if group:
             _fill_group(p, f and f.fileno(), group)
+        for sink in targets:
+            if isinstance(sink, Sink):
+                _fill_sink(p, f and f.fileno(), sink)
 
 
 # What one call reads: arrays one after another, about 1 MB, few calls (an array is a call's
@@ -286,6 +302,39 @@ def _fill_group(p: BlockFile, fd: int | None, group: list[tuple[str, list[Any]]]
             checksum.update(b)
         if checksum.hexdigest() != p.checksums[name]:
             raise Unusable(f"fails its checksum ({name}): its data was damaged on disk")
+
+
+def _fill_sink(p: BlockFile, fd: int | None, sink: Sink) -> None:
+    """The sink's units, about 1 MB at a time, read by one call each into this thread's scratch
+    memory, checksummed there, and handed to the sink."""
+    units, first = sink.units, 0
+    while first < len(units):
+        base, last = units[first][0] // 8 * 8, first + 1
+        while last < len(units) and units[last][1] - base <= _GROUP_BYTES:
+            last += 1
+        end = units[last - 1][1]
+        scratch = _scratch(end - base)
+        _read_into(p, fd, [memoryview(scratch)[: end - base]], p.start + base, end - base)
+        view = memoryview(scratch)
+        for _, _, names in units[first:last]:
+            for name in names:
+                _, _, begin, stop = p.layout[name]
+                if xxhash.xxh3_64_hexdigest(view[begin - base : stop - base]) != p.checksums[name]:
+                    raise Unusable(f"fails its checksum ({name}): its data was damaged on disk")
+        sink.write(scratch, base, first, last)
+        first = last
+
+
+_local = threading.local()
+
+
+def _scratch(n: int) -> np.ndarray:
+    """This reading thread's scratch memory, at least `n` bytes (a multiple of 8 long, so that it
+    views as any dtype), reused from file to file: a group of arrays, about 1 MB, stays in the
+    CPU's cache from its read to its sink."""
+    if getattr(_local, "scratch", None) is None or len(_local.scratch) < n:
+        _local.scratch = np.empty(-(-n // 8) * 8, np.uint8)
+    return _local.scratch
 
 
 def _preadv(fd: int, buffers: list[Any], offset: int, n: int) -> None:

@@ -141,6 +141,11 @@ class Block:
         return sum(a.nbytes for a in self.arrays.values())
 
 
+def host_view(a: mx.array) -> np.ndarray:
+    """numpy's view of an evaluated CPU array's memory (bfloat16, which numpy lacks, as uint16)."""
+    return np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a, copy=False)
+
+
 def block_names(layout: Layout, storage: Storage | None = None) -> dict[str, list[str]]:
     """Per leaf, the names of the arrays a whole block holds for it (stored by `storage`, or as the
     model computes them)."""

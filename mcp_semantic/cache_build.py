@@ -1,11 +1,11 @@
 """The working cache an agent's call runs in, built from its blocks (block_pool.py): on a GPU by
 MLX (`reconstruct`: a few strided operations per layer), on the host by numpy straight into the
 cache's memory (`read_into_cache`: block files read into it, quantized blocks dequantized into
-it), with the arrays of working caches gone reused (`Spares`).
+it by dequantize.py), with the arrays of working caches gone reused (`Spares`).
 
-Why numpy on the host: its copies and conversions let go of the GIL, so they run on every core
-beside the reading threads, and a strided copy into the cache's memory runs about twice as fast
-as MLX's on this CPU; MLX's own arrays would be filled with zeros first.
+Why numpy on the host: its copies (and dequantize.py's kernels) let go of the GIL, so they run on
+every core beside the reading threads, and a strided copy into the cache's memory runs about
+twice as fast as MLX's on this CPU; MLX's own arrays would be filled with zeros first.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import ArraysCache, KVCache
 
-from mcp_semantic.block_pool import Block, Storage, block_names
+from mcp_semantic.block_pool import Block, Storage, block_names, host_view
+from mcp_semantic.block_files import Sink
 from mcp_semantic.cache_kinds import ChunkCache, Layout, Leaf, WindowCache, span_start
+from mcp_semantic.dequantize import copy_into, dequantize_into, dequantize_rows, outputs, row, widen_rows
 
 def reconstruct(layout: Layout, storage: Storage, parts: list[Any], reuse: int, size: int, block_tokens: int,
                 buffer: mx.array | None = None, rows: dict[int, int] | None = None) -> list[Any]:
@@ -115,24 +117,17 @@ def _working(leaf: Leaf, keys: mx.array, values: mx.array, offset: int, first: i
     return cls(leaf.size, keys, values, offset, first)
 
 
-def host_view(a: mx.array) -> np.ndarray:
-    """numpy's view of an evaluated CPU array's memory (bfloat16, which numpy lacks, as uint16)."""
-    return np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a, copy=False)
-
-
 def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[list[Leaf]], reuse: int, size: int,
-                    block_tokens: int, storage: Storage, buffer: np.ndarray | None = None,
-                    rows: dict[int, int] | None = None, spares: Spares | None = None) -> tuple[list[Any], dict[int, str]]:
+                    block_tokens: int, storage: Storage, spares: Spares | None = None) -> tuple[list[Any], dict[int, str]]:
     """A working cache of `reuse` tokens with room up to `size`, built on the host (CPU) from
     `parts`, one after another, each giving its `wanted` leaves: blocks (copied in by numpy, about
-    twice as fast as MLX's strided copy here, and dequantized by numpy: `dequantize_into`; their
-    arrays MLX's or numpy's) and
-    block files from `Store.open_blocks`, stored as computed (their arrays read straight in by
-    `store.blocks.fill_blocks`, checksummed), or read already into one `buffer` (numpy's view of
-    `Store.read_into_one`'s; part i in row `rows[i]`: quantized or float16 files, converted from
-    there a run of files at a time, `_from_buffer`). Its K/V arrays are `spares`' where it has
-    them. Returns the cache and, by the token where it begins, why each file that failed could
-    not be used."""
+    twice as fast as MLX's strided copy here, and dequantized by `dequantize_into`; their arrays
+    MLX's or numpy's) and block files from `Store.open_blocks`, read by
+    `store.blocks.fill_blocks` and checksummed: arrays stored as computed straight into the
+    cache, quantized or float16 ones a few at a time into the reading thread's scratch memory
+    and converted from there into the cache (`_Converted`: no buffer of the whole files, and
+    each byte read from memory once). Its K/V arrays are `spares`' where it has them. Returns the
+    cache and, by the token where it begins, why each file that failed could not be used."""
     mx.eval([a for part in parts if isinstance(part, Block) for a in part.arrays.values() if isinstance(a, mx.array)])  # cut lazily
     firsts = {leaf.name: span_start(leaf, reuse, block_tokens) for leaf in layout.leaves}
     names = block_names(layout)  # the arrays as the model computes them
@@ -152,6 +147,7 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
     if spares is not None:
         spares.keep([a for k, a in buffers.items() if ".state." not in k])
     views = {k: host_view(a) for k, a in buffers.items()}
+    converted = _Converted(views, storage.kv_bits)
     fits: set[tuple[str, tuple[int, ...], int]] = set()
     head_views: dict[str, list[np.ndarray]] = {}
 
@@ -168,45 +164,48 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
             head_views[name] = [views[name][0, h] for h in range(views[name].shape[1])]
         return [head[at : at + shape[2]] for head in head_views[name]]
 
-    files, targets, dequantize, copies = [], [], [], []
-    in_buffer: dict[str, list[tuple[int, int]]] = {}  # per array, the files in `buffer` that give it: (part, token)
-    def file_targets(start: int, leaves: list[Leaf], part: Any) -> list[tuple[str, list[np.ndarray]]]:
+    files, targets, quantized, copies = [], [], [], []
+
+    def file_targets(start: int, leaves: list[Leaf], part: Any) -> list[tuple[str, list[np.ndarray]] | Sink]:
         """A block file's arrays and where they go: made on the reading thread that reads the file."""
-        heads = []
+        heads: list[tuple[str, list[np.ndarray]] | Sink] = []
+        convert: list[tuple[str, int]] = []  # K/V stored quantized or as float16, and the token where each goes
         for leaf in leaves:
+            at = start - firsts[leaf.name]
             for name in names[leaf.name]:
-                if name not in part.layout:
+                if name in part.layout and part.layout[name][0] == buffers[name].dtype:  # stored as computed
+                    dtype, shape, _, _ = part.layout[name]
+                    heads.append((name, runs(name, at, shape, dtype.size, leaf.attention)))
+                elif leaf.attention and (name in part.layout or name + ".weight" in part.layout):
+                    convert.append((name, at))
+                else:
                     raise ValueError(f"block file {part.path.name} lacks {name}")
-                dtype, shape, _, _ = part.layout[name]
-                heads.append((name, runs(name, start - firsts[leaf.name], shape, dtype.size, leaf.attention)))
+        if convert:
+            heads.append(converted.sink(part, convert))
         return heads
 
-    for i, (start, part, leaves) in enumerate(zip(starts(parts), parts, wanted)):
-        if not isinstance(part, Block) and not (rows is not None and i in rows):
+    for start, part, leaves in zip(starts(parts), parts, wanted):
+        if not isinstance(part, Block):
             files.append((start, part))
             targets.append(partial(file_targets, start, leaves))
             continue
         for leaf in leaves:
             at = start - firsts[leaf.name]
             for name in names[leaf.name]:
-                if rows is not None and i in rows:
-                    in_buffer.setdefault(name, []).append((i, at))
-                elif isinstance(part, Block) and name + ".weight" in part.arrays:
+                if name + ".weight" in part.arrays:
                     w, scales, biases = (host_view(part.arrays[f"{name}.{k}"]) for k in ("weight", "scales", "biases"))
                     shape = w.shape[:-1] + (w.shape[-1] * 32 // storage.kv_bits,)
-                    dequantize.append((_region(views, name, at, shape, views[name].itemsize, True), w, scales, biases))
-                elif isinstance(part, Block):
+                    quantized.append((_region(views, name, at, shape, views[name].itemsize, True), w, scales, biases))
+                else:
                     if name not in part.arrays:
                         raise ValueError(f"block {part.id} lacks {name}")
                     data = host_view(part.arrays[name])
-                    itemsize = views[name].itemsize if data.dtype == np.float16 else data.itemsize  # numpy converts float16
+                    itemsize = views[name].itemsize if data.dtype == np.float16 else data.itemsize  # copy_into widens float16
                     copies.append((_region(views, name, at, data.shape, itemsize, leaf.attention), data))
     # numpy lets go of the GIL in its loops: the copies (a conversion at --kv-bits 16) and the
     # dequantization run on every core, a share each
     jobs = [partial(copy_into, region, data) for region, data in copies]
-    jobs += [partial(dequantize_into, *job, storage.kv_bits) for job in dequantize]
-    for name, found in in_buffer.items():
-        jobs += _from_buffer(views, name, found, parts, buffer, rows, storage.kv_bits)
+    jobs += [partial(dequantize_into, *job, storage.kv_bits) for job in quantized]
     n = os.cpu_count() or 1
     list(_host_threads().map(lambda share: [job() for job in share], [jobs[i::n] for i in range(n)]))
     problems = store.blocks.fill_blocks([f for _, f in files], targets) if files else []
@@ -220,6 +219,91 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
         else:
             out.append(_working(leaf, buffers[f"{leaf.name}.keys"], buffers[f"{leaf.name}.values"], reuse, firsts[leaf.name]))
     return layout.nest(out), failed
+
+
+class _Converted:
+    """The Sinks (block_files) that convert block files' K/V stored quantized (--kv-bits 8, 4) or
+    as float16 (16) into a float32 working cache (`views`, numpy's views of its arrays), with
+    dequantize.py's row kernels: a call per megabyte read. The blocks of a load share their
+    layout (block_files checks a header like the last one by one comparison), so what each array
+    needs, its shapes checked against the cache, is worked out once per layout (a plan); a
+    file's sink is then its tokens' places."""
+
+    def __init__(self, views: dict[str, np.ndarray], kv_bits: int | None):
+        self.views = views
+        self.kv_bits = kv_bits
+        self.index = {name: i for i, name in enumerate(views)}
+        self.outs = outputs([v.reshape(-1) for v in views.values()]) if kv_bits else None
+        self.plans: dict[tuple, tuple[list[int], list[tuple[int, int, list[str]]], np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def sink(self, part: Any, convert: list[tuple[str, int]]) -> Sink:
+        """A sink for the file `part`: each of `convert` (name, token where it goes) into the cache."""
+        key = (id(part.layout), tuple(name for name, _ in convert))  # the parts outlive the load: ids stay theirs
+        if key not in self.plans:
+            self.plans[key] = self._plan(part.layout, [name for name, _ in convert])
+        order, units, template, widths, room = self.plans[key]
+        ats = np.array([convert[i][1] for i in order], np.int64)
+        if not ((0 <= ats) & (ats <= room)).all():
+            k = int(np.argmax((ats < 0) | (ats > room)))
+            raise ValueError(f"a block's {convert[order[k]][0]} does not fit its cache from token {ats[k]}")
+        places = ats * widths
+        bits = self.kv_bits
+
+        def write(scratch: np.ndarray, base: int, first: int, last: int) -> None:
+            rows = template[first:last].copy()
+            rows[:, 1] += places[first:last]
+            if bits in (8, 4):
+                rows[:, 6] -= base  # q in bytes, scales and biases in float32s
+                rows[:, [11, 16]] -= base // 4
+                dequantize_rows(self.outs, rows, scratch, bits)
+            else:
+                rows[:, 6] -= base // 2  # float16s
+                widen_rows(self.outs, rows, scratch)
+        return Sink(units, write)
+
+    def _plan(self, layout: dict[str, tuple[mx.Dtype, list[int], int, int]], names: list[str]) -> tuple:
+        """For a layout: the names' order in the file, their units (block_files.Sink), a row
+        each (dequantize.row: places in the file's data region, the output's from its token 0),
+        each output's elements a token, and the room each leaves in the cache for its first token."""
+        found = []
+        for name in names:
+            arrays = [f"{name}.{k}" for k in ("weight", "scales", "biases")] if name + ".weight" in layout else [name]
+            x, tokens = self._row(name, [(a, *layout[a]) for a in arrays])
+            found.append(((min(layout[a][2] for a in arrays), max(layout[a][3] for a in arrays), arrays), x,
+                          self.views[name].shape[3], self.views[name].shape[2] - tokens))
+        order = sorted(range(len(names)), key=lambda i: found[i][0][0])
+        return (order, [found[i][0] for i in order], np.stack([found[i][1] for i in order]),
+                np.array([found[i][2] for i in order], np.int64), np.array([found[i][3] for i in order], np.int64))
+
+    def _row(self, name: str, stored: list[tuple[str, mx.Dtype, list[int], int, int]]) -> tuple[np.ndarray, int]:
+        """The row of the array `name` from its stored arrays (name, dtype, shape, begin, end), and
+        its tokens: checked against the cache, or a ValueError saying why it does not fit."""
+        target, bits = self.views[name], self.kv_bits
+        _, dtype, shape, begin, _ = stored[0]
+        _, heads, tokens, last = shape if len(shape) == 4 else (0, 0, 0, 0)
+        if len(stored) == 3:  # .weight (uint32 words of `bits` each), .scales, .biases (float32, a group each)
+            dim, groups = (last * 32 // bits if bits in (8, 4) else 0), stored[1][2][-1]
+            fits = (dtype == mx.uint32 and all(d == mx.float32 and s == [1, heads, tokens, groups] for _, d, s, *_ in stored[1:])
+                    and groups > 0 and dim % groups == 0)
+        else:
+            dim, groups, fits = last, 1, dtype == mx.float16 and bits == 16
+        if not fits or target.dtype != np.float32:
+            raise ValueError(f"a block's {name} stored as {[(str(d), s) for _, d, s, *_ in stored]} does not fit a cache of "
+                             f"{target.shape} {target.dtype}")
+        _region(self.views, name, 0, (1, heads, tokens, dim), target.itemsize, True)  # raises where it does not fit
+        out = (0, _steps(target.shape))
+        if len(stored) == 3:
+            group_steps = _steps((1, heads, tokens, groups))
+            operands = [out, (begin, _steps((1, heads, tokens, dim * bits // 8))), (stored[1][3] // 4, group_steps),
+                        (stored[2][3] // 4, group_steps)]
+        else:
+            operands = [out, (begin // 2, _steps((1, heads, tokens, dim)))]
+        return row(self.index[name], operands, [1, heads, tokens, dim, groups]), tokens
+
+
+def _steps(shape: tuple[int, ...]) -> np.ndarray:
+    """A contiguous array's strides, in elements."""
+    return np.array([math.prod(shape[k + 1 :]) for k in range(len(shape))], np.int64)
 
 
 class Spares:
@@ -284,115 +368,9 @@ class Spares:
 def _continues(parts: list[Any], rows: dict[int, int], i: int, j: int, name: str) -> bool:
     """Whether part j, a file read into one buffer, continues a run of files through part i: the
     next part, in the next row, with its array `name` at the same place and of the same shape. A
-    run is then one strided view of the buffer (reconstruct, _from_buffer)."""
+    run is then one strided view of the buffer (reconstruct)."""
     return (j == i + 1 and j in rows and rows[j] == rows[i] + 1
             and parts[j].layout[name][1:3] == parts[i].layout[name][1:3])
-
-
-def _from_buffer(views: dict[str, np.ndarray], name: str, found: list[tuple[int, int]], parts: list[Any],
-                 buffer: np.ndarray, rows: dict[int, int], kv_bits: int | None) -> list[Any]:
-    """Jobs that put the array `name` of the files `found` (part, token where it goes), read into
-    `buffer`, into the working cache (`views`), converting or dequantizing it: one per run of
-    files alike (the array at the same place in rows one after another, tokens one after
-    another), as a strided view of the buffer (a job per block and array, 1,680 for 7K tokens of
-    the default model, was most of a quantized load), cut so that each writes about 1 MB."""
-    jobs: list[Any] = []
-    quantized = name + ".weight" in parts[found[0][0]].layout
-    first = name + ".weight" if quantized else name
-    run: list[tuple[int, int]] = []
-    for k, item in enumerate(found):
-        run.append(item)
-        if k + 1 < len(found) and ".state." not in name and _continues(parts, rows, item[0], found[k + 1][0], first):
-            continue
-        (i, at), n = run[0], len(run)
-        arrays = {}
-        for sfx in (".weight", ".scales", ".biases") if quantized else ("",):
-            dtype, shape, begin, end = parts[i].layout[name + sfx]
-            stacked = buffer[rows[i] : rows[i] + n, begin:end].view(_np_dtype(dtype)).reshape(n, *shape)
-            # K/V (n, 1, heads, tokens, dim) as (heads, n, tokens, dim); a state as it is
-            arrays[sfx] = stacked[:, 0].transpose(1, 0, 2, 3) if ".state." not in name else stacked[0]
-        target = views[name]
-        if ".state." in name:
-            if arrays[""].shape != target.shape or arrays[""].dtype.itemsize != target.dtype.itemsize:
-                raise ValueError(f"a block's {name} of shape {arrays[''].shape} does not fit a cache of {target.shape}")
-            jobs.append(partial(np.copyto, target, arrays[""]))
-            run = []
-            continue
-        lead = arrays[".weight" if quantized else ""]
-        heads, tokens = lead.shape[0], lead.shape[2]
-        dim = lead.shape[3] * 32 // kv_bits if quantized else lead.shape[3]
-        # a view: the token axis split in two
-        out = _region(views, name, at, (1, heads, n * tokens, dim), target.itemsize, True)[0].reshape(heads, n, tokens, dim)
-        step = max(1, (1 << 20) // (heads * tokens * dim * target.itemsize))
-        for s in range(0, n, step):
-            part = {sfx: a[:, s : s + step] for sfx, a in arrays.items()}
-            if quantized:
-                jobs.append(partial(dequantize_into, out[:, s : s + step], part[".weight"], part[".scales"], part[".biases"], kv_bits))
-            else:
-                jobs.append(partial(copy_into, out[:, s : s + step], part[""]))
-        run = []
-    return jobs
-
-
-def copy_into(out: np.ndarray, data: np.ndarray) -> None:
-    """np.copyto(out, data), float16 to float32 by bits at about 3x numpy's cast here.
-
-    numpy's float16 cast runs one element at a time (2.8 GB/s on this CPU; MLX's, 3.8): at
-    --kv-bits 16 it was most of a resume's load. The bits of a float16 shifted into a float32's
-    place are the value times 2^-112, exactly, so a multiply by 2^112 gives it (subnormals
-    included: their float32 is normal); infinities and NaNs then get the float32's top exponent,
-    their payload kept (as numpy keeps it). Where denormals are flushed to zero on this thread
-    (a library built with -ffast-math), the multiply would zero the subnormals: numpy's cast then."""
-    if data.dtype != np.float16 or out.dtype != np.float32 or np.float32(1e-45) * np.float32(2) == 0:
-        np.copyto(out, data)
-        return
-    bits, raw = data.view(np.uint16), out.view(np.uint32)
-    (magnitude,), (special,) = _scratch(data.shape, np.uint32), _scratch(data.shape, np.bool_, slot=1)
-    np.bitwise_and(bits, 0x7FFF, out=magnitude)
-    np.left_shift(magnitude, 13, out=magnitude)
-    np.multiply(magnitude.view(np.float32), np.float32(2.0**112), out=out)
-    np.greater_equal(magnitude, 0x7C00 << 13, out=special)  # infinities and NaNs
-    np.bitwise_or(raw, 0x7F800000, out=raw, where=special)
-    np.bitwise_and(bits, 0x8000, out=magnitude)  # the sign
-    np.left_shift(magnitude, 16, out=magnitude)
-    np.bitwise_or(raw, magnitude, out=raw)
-
-
-def _scratch(shape: tuple[int, ...], dtype: Any, count: int = 1, slot: int = 0) -> list[np.ndarray]:
-    """`count` arrays of `shape` in this thread's scratch memory `slot`, reused from call to call:
-    fresh memory costs page faults (on this VM more than the work done in it)."""
-    n = math.prod(shape) * np.dtype(dtype).itemsize
-    buffers = _local.__dict__.setdefault("scratch", {})
-    if slot not in buffers or len(buffers[slot]) < n * count:
-        buffers[slot] = np.empty(n * count, np.uint8)
-    return [buffers[slot][i * n : (i + 1) * n].view(dtype).reshape(shape) for i in range(count)]
-
-
-def _np_dtype(dtype: mx.Dtype) -> np.dtype:
-    """numpy's dtype for an MLX one (bfloat16, which numpy lacks, as uint16)."""
-    return np.dtype("uint16" if dtype == mx.bfloat16 else str(dtype).rsplit(".", 1)[1])
-
-
-def dequantize_into(out: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int) -> None:
-    """MLX's affine dequantization (`mx.dequantize`: each group of the last axis is q * scale +
-    bias, q packed `bits` to a uint32 from the low bits up) on the host, into `out`.
-
-    Why not mx.dequantize on the CPU: it runs element by element there; a 4K-token agent stored at
-    --kv-bits 8 loaded in 465 ms against 114 ms lossless (issue 14). numpy's vectorized byte
-    unpacking and multiply-add run at memory speed."""
-    packed = w.view(np.uint8)  # little-endian: the elements in order, a byte each (8 bits) or two (4)
-    if bits == 8:
-        q = packed
-    else:  # byte 0xab as the uint16 0x0a0b, whose bytes are b, a: 1.5x the speed of two strided writes
-        wide, shifted = _scratch(packed.shape, np.uint16, 2)
-        np.copyto(wide, packed)
-        np.left_shift(wide, 4, out=shifted)
-        np.bitwise_or(wide, shifted, out=wide)
-        np.bitwise_and(wide, 0x0F0F, out=wide)
-        q = wide.view(np.uint8)
-    grouped = out.reshape(out.shape[:-1] + (scales.shape[-1], -1))  # a view: the last axis is contiguous
-    np.multiply(q.reshape(grouped.shape), scales[..., None], out=grouped)
-    grouped += biases[..., None]
 
 
 _local = threading.local()

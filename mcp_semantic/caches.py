@@ -41,7 +41,6 @@ from functools import partial
 from typing import Any, Callable, Literal
 
 import mlx.core as mx
-import numpy as np
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import common_prefix_len
 
@@ -57,7 +56,7 @@ from mcp_semantic.block_pool import (
     wanted_leaves,
 )
 from mcp_semantic.cache_build import Spares, read_into_cache, reconstruct, starts
-from mcp_semantic import cuda
+from mcp_semantic import cuda, dequantize
 from mcp_semantic.cache_kinds import Layout
 from mcp_semantic.block_files import Remote, host_block
 from mcp_semantic.store import Agent, KVRecord, Store, Writer
@@ -66,6 +65,7 @@ log = logging.getLogger(__name__)
 
 Tier = Literal["new", "hot", "disk", "remote"]
 SETTLE_GROUP = 2  # blocks copied at a time when idle: 2 of the default model's are 24 MB
+FILL_GROUP = 8  # blocks read at a time when idle (Caches.fill): 8 of the default model's at --kv-bits 8 are 26 MB
 KEPT_COPY_TOKENS = 512  # of blocks not on disk yet, at most what a next call copies out to go on in place (_take_kept)
 Checkpoints = dict[int, list[list[Any]]]  # token count -> the recurrent leaves' states then (Layout.states)
 
@@ -96,12 +96,17 @@ class Caches:
         self.problems: dict[str, str] = {}  # agents read without a usable saved cache, and why
         self.unsaved: set[str] = set()
         self.unsettled: list[str] = []  # blocks cut lazily, not copied yet: see settle
-        self.loaded: dict[str, tuple[list[Any], mx.array]] = {}  # by agent: files its call read into one buffer
+        # by agent: blocks its call read from their files converted into its working cache (--kv-bits on
+        # the CPU), whose bytes the pool lacks: `fill` reads them into it when idle (`unread`)
+        self.converted: dict[str, list[str]] = {}
+        self.unread: list[str] = []
         self.working: dict[str, Kept] = {}  # by agent: its last call's working cache, for its next call (_take_kept)
         self.spares = Spares()  # the arrays of working caches gone, for the next (on the CPU)
         # on the CPU, blocks are copied into the working cache by numpy (_build, _build_straight): those stored as
         # computed straight from their files, quantized ones dequantized (a float32 model's, as the CPU runs)
         self.on_host = mx.default_device() == mx.cpu and (storage.kv_bits is None or storage.dtype == "float32")
+        if self.on_host and storage.kv_bits:
+            dequantize._kernels()  # compiled now (or loaded from numba's cache), not on a resume's way
         self.gather = cuda.available()  # on CUDA, blocks read from disk go to one GPU buffer (_build_straight)
         self.writer = Writer()
         # MLX keeps freed buffers for reuse up to its cache limit: a call's working cache and blocks
@@ -229,13 +234,14 @@ class Caches:
         its last, partial block is the record's branch. `whole`: the cache's arrays whole, when
         the call ran alone: kept for the agent's next call when its blocks are views of them."""
         self._drop_kept(name)
-        if name in self.loaded:  # blocks the call read from disk, quantized: into the pool as they are
-            for block in self.store.blocks.blocks_in_one(*self.loaded.pop(name)):
-                self.pool.add(block)
         if self.layout.recurrent:
             checkpoints = {**checkpoints, len(tokens): self.layout.states(cache)}
         viewed: list[str] = []
-        ids = self._cut(cache, tokens, checkpoints, viewed)
+        # blocks the call read converted are not cut from the cache (quantized anew, they would
+        # differ from their files): the pool reads them when idle (fill)
+        converted = self.converted.pop(name, [])
+        ids = self._cut(cache, tokens, checkpoints, viewed, converted)
+        self.unread.extend(converted)
         if whole is not None and 2 * len(viewed) > len(ids):  # its memory is mostly the pool's views' (counted)
             self.working[name] = Kept(whole, list(tokens), viewed)
         record = KVRecord(ids, tokens[: len(ids) * self.block_tokens])
@@ -249,13 +255,15 @@ class Caches:
         self.problems.pop(name, None)
         self.unsaved.add(name)
 
-    def _cut(self, cache: list[Any], tokens: list[int], checkpoints: Checkpoints, viewed: list[str] | None = None) -> list[str]:
-        """Put the blocks of `tokens` the pool lacks into it, cut from `cache` lazily (views of it
-        until `settle` copies them out, not in a decode step's time); returns the ids of the blocks
-        there are, which stop before a block that neither memory nor disk has whole. The ids of
-        those added as views of `cache` go into `viewed`."""
+    def _cut(self, cache: list[Any], tokens: list[int], checkpoints: Checkpoints, viewed: list[str] | None = None,
+             stored: list[str] = ()) -> list[str]:
+        """Put the blocks of `tokens` the pool lacks into it (but those `stored`, whose files hold
+        them), cut from `cache` lazily (views of it until `settle` copies them out, not in a decode
+        step's time); returns the ids of the blocks there are, which stop before a block that
+        neither memory nor disk has whole. The ids of those added as views of `cache` go into
+        `viewed`."""
         ids = chain_ids(tokens, self.storage.key, self.block_tokens)
-        skip = [b for b in ids if b in self.pool]
+        skip = [b for b in ids if b in self.pool or b in stored]
         # Views when the new blocks are most of the cache (a first turn, or a turn after a restart
         # read straight into its cache): building from them is the one copy. A turn's few new
         # blocks are copied instead, so the cache they came from goes at once and the next
@@ -302,6 +310,17 @@ class Caches:
             if not any((block := self.pool.peek(bid)) is not None and block.views for bid in kept.views):
                 del self.working[name]
         self.spares.trim()
+
+    def fill(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """Read into the pool the blocks calls read converted into their working caches (`unread`:
+        their files again, from the page cache; a few at a time until `stop()`): the engine calls
+        this once a call ends and nothing else runs, so that the agent's next call is hot."""
+        while self.unread and not stop():
+            group, self.unread = self.unread[:FILL_GROUP], self.unread[FILL_GROUP:]
+            # those some agent still holds, not whole in the pool (a call may have read only some arrays)
+            held = [bid for bid in group if self.pool.refs[bid] > 0 and not ((b := self.pool.peek(bid)) and self.whole(b))]
+            self._read_into_pool(None, held, [self.all_names] * len(held), [])
+            self.enforce_budget()
 
     def share_prompt(self, cache: list[Any], prompt: list[int], checkpoints: Checkpoints) -> None:
         """Once a prompt is read, its full blocks go into the pool (held by no agent yet, so the
@@ -356,7 +375,7 @@ class Caches:
         if failed:
             warnings.append(f"agent {agent.name}: saving its KV cache failed ({failed}); it is saved again after this call")
         record = self.record(agent.name)
-        self.loaded.pop(agent.name, None)  # of a call that ended without its cache remembered
+        self.unread.extend(self.converted.pop(agent.name, []))  # of a call that ended without its cache remembered
         taken = self._take_kept(agent.name, record, prompt, room)
         tier, cache, reuse = taken or self._find(agent.name, record, prompt, room, warnings)
         if agent.tokens and record is None:
@@ -493,7 +512,11 @@ class Caches:
         k = bisect.bisect_left(ends, n) + 1 if n > 0 else 0
         return ids[:k], ends[:k], n
 
-    def _missed(self, name: str, problem: str, warnings: list[str]) -> None:
+    def _missed(self, name: str | None, problem: str, warnings: list[str]) -> None:
+        """Say why a block cannot be used: to the agent `name` whose call needed it, else in the log."""
+        if name is None:
+            log.warning("%s", problem)
+            return
         log.warning("agent %s: %s", name, problem)
         warnings.append(f"agent {name}: {problem}; re-prefilling from there")
 
@@ -501,7 +524,7 @@ class Caches:
         """The arrays each block must give, from the leaves it must give (wanted_leaves)."""
         return [{n for leaf in part for n in self.names[leaf.name]} for part in leaves]
 
-    def _read_into_pool(self, name: str, ids: list[str], wanted: list[set[str]], warnings: list[str]) -> tuple[Tier, list[str]]:
+    def _read_into_pool(self, name: str | None, ids: list[str], wanted: list[set[str]], warnings: list[str]) -> tuple[Tier, list[str]]:
         """Read the wanted arrays the pool lacks from disk, each block into a buffer of its own,
         and add them to the pool. Returns where they came from (hot: nothing read; remote: some
         from the shared tier), and the blocks that could not be read."""
@@ -544,16 +567,15 @@ class Caches:
     def _build_straight(self, name: str, ids: list[str], ends: list[int], reuse: int, size: int,
                         warnings: list[str]) -> tuple[Tier, list[Any], list[str]]:
         """The cache straight from the blocks in memory and the block files, not through the
-        pool. On the CPU, for blocks stored as computed (no --kv-bits), the working cache is made
-        first and the arrays it needs from disk are read straight into it (read_into_cache), so
-        their bytes land in fresh memory once rather than twice (a block buffer, then the cache);
-        at 4K tokens of the default model that is about 100 ms of a resumed turn. Quantized
-        files (--kv-bits) are read into one buffer and dequantized from numpy's views of it, on
-        every core; their blocks join the pool after the call with the files' bytes
-        (`remember`). On CUDA (`gather`) the files are read into one GPU buffer by DMA and the
-        cache gathered from it with a few operations per layer (Store.read_into_one,
-        reconstruct). Blocks read as computed join the pool after the call too (`remember`
-        cuts them from the cache), not before."""
+        pool. On the CPU the working cache is made first and the arrays it needs from disk are read
+        straight into it (read_into_cache), so their bytes land in memory once rather than twice
+        (a block buffer, then the cache); at 4K tokens of the default model that is about 100 ms
+        of a resumed turn. Quantized or float16 files (--kv-bits) are converted on the way, a few
+        arrays at a time in the reading threads' scratch memory. On CUDA (`gather`) the files are
+        read into one GPU buffer by DMA and the cache gathered from it with a few operations per
+        layer (Store.read_into_one, reconstruct). Blocks read as computed join the pool after the
+        call (`remember` cuts them from the cache), not before; those read converted, when the
+        engine is idle after it (`fill` reads their files again, from the page cache)."""
         leaves = wanted_leaves(self.layout, ends, reuse, self.block_tokens)
         parts: list[Any] = [self.pool.get(bid) for bid in ids]  # a Block, or a block file still to read
         missing = [i for i, (part, need) in enumerate(zip(parts, self._wanted(leaves)))
@@ -573,23 +595,17 @@ class Caches:
             parts[i] = part
         if failed:
             return "new", [], failed
-        if self.on_host and (self.storage.kv_bits is None or not missing):
+        if self.on_host:
             cache, problems = read_into_cache(self.layout, self.store, parts, leaves, reuse, size, self.block_tokens,
                                               self.storage, spares=self._spares())
             failed = [bid for bid, start in zip(ids, starts(parts)) if start in problems]
-        else:  # the files into one buffer (on CUDA in GPU memory)
-            files = [parts[i] for i in missing]
-            buffer, errors = self.store.blocks.read_into_one(files, gpu=cuda.available())
+            if self.storage.kv_bits and not failed:
+                self.converted[name] = [ids[i] for i in missing]
+        else:  # the files into one buffer: on CUDA in GPU memory
+            buffer, errors = self.store.blocks.read_into_one([parts[i] for i in missing], gpu=cuda.available())
             problems = {i: e for i, e in zip(missing, errors) if e}
             failed, cache = [ids[i] for i in problems], []
-            if not failed and self.on_host:
-                # quantized: dequantized from numpy's views of the buffer; the pool gets MLX's views
-                # of it after the call (`remember`), the bytes of the files as they are
-                rows = {i: row for row, i in enumerate(missing)}
-                cache, _ = read_into_cache(self.layout, self.store, parts, leaves, reuse, size, self.block_tokens, self.storage,
-                                           np.array(buffer, copy=False), rows, self._spares())
-                self.loaded[name] = (files, buffer)
-            elif not failed:
+            if not failed:
                 cache = reconstruct(self.layout, self.storage, parts, reuse, size, self.block_tokens, buffer,
                                     {i: row for row, i in enumerate(missing)})
         for problem in problems.values():

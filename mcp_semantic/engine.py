@@ -308,6 +308,8 @@ class Engine:
                 if busy:
                     item = self._queue.get_nowait()
                 else:
+                    # nothing runs or waits: the blocks calls read converted go into the pool
+                    self.caches.fill(stop=lambda: not self._queue.empty())
                     # idle a while: caches saved and settled (the shared mode saves at each call's end,
                     # yet blocks cut lazily hold its last working caches until settled: no spares)
                     idle_work = self.caches.unsaved or self.caches.unsettled

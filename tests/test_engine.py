@@ -474,10 +474,10 @@ async def test_blocks_of_the_wrong_shape_cost_a_reprefill(settings: Settings, re
 
 @pytest.mark.parametrize("kv_bits", ["16", "8", "4"])
 async def test_kv_bits_resume_on_the_cpu_reads_the_files_as_they_are(tmp_path, kv_bits: str) -> None:
-    """At --kv-bits on the CPU a restarted agent's quantized files are read into one buffer and
-    dequantized from it (Caches._build_straight); after the call its blocks join the pool with
-    the files' bytes unchanged, and its turns (after the restart, then hot) answer as on the
-    path through the pool and MLX's dequantization."""
+    """At --kv-bits on the CPU a restarted agent's quantized files are converted straight into
+    its working cache (Caches._build_straight); once the engine idles its blocks join the pool
+    with the files' bytes unchanged (Caches.fill), and its turns (after the restart, then hot)
+    answer as on the path through the pool and MLX's dequantization."""
     import mlx.core as mx
 
     from mcp_semantic.block_pool import array_names
@@ -492,7 +492,11 @@ async def test_kv_bits_resume_on_the_cpu_reads_the_files_as_they_are(tmp_path, k
         await engine.aclose()
         engine = open_engine(settings)
         engine.caches.on_host = path == "straight"
-        turns = [await engine.ask(AskRequest("a", q, max_tokens=16)) for q in ("And then?", "Why?")]
+        turns = [await engine.ask(AskRequest("a", "And then?", max_tokens=16))]
+        with anyio.fail_after(10):
+            while engine.caches.unread:  # the blocks read converted, read into the pool once the engine idles
+                await anyio.sleep(0.01)
+        turns.append(await engine.ask(AskRequest("a", "Why?", max_tokens=16)))
         assert [t.tier for t in turns] == ["disk", "hot"] and not any(t.warnings for t in turns)
         replies[path] = [t.reply for t in turns]
         await engine.flush()
@@ -533,7 +537,7 @@ async def test_a_damaged_quantized_block_on_the_cpu_is_a_named_miss(tmp_path, ca
 
 def _address(engine, agent: str) -> int | None:
     """Where the agent's kept working cache (Caches.working) begins in memory, or None."""
-    from mcp_semantic.cache_build import host_view
+    from mcp_semantic.block_pool import host_view
 
     kept = engine.caches.working.get(agent)
     return None if kept is None else host_view(kept.arrays[0][0]).__array_interface__["data"][0]

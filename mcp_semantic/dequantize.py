@@ -1,0 +1,278 @@
+"""Stored K/V into a float32 working cache on the host: blocks saved with --kv-bits 8 or 4
+(MLX's affine quantization) dequantized, --kv-bits 16 (float16) widened, straight into the
+cache's memory (a strided region of it), on the copy or reading threads.
+
+Why numba: on the CPU this is most of a quantized agent's resume, and it must run at memory
+speed for a smaller cache to load no slower than a lossless one (issue 14). Measured here for a
+4K-token agent of the default model (189 MB of float32 K/V, 2 threads): numba's fused loops 18
+to 19 ms at every level, as fast as a plain float32 copy of the same bytes (15 to 17 ms), where
+numpy's vectorized passes took 36 to 53 ms (a cast, a multiply and an add, each a pass with its
+own temporaries) and MLX's CPU ops 100 to 225 ms (`mx.dequantize` goes element by element). The
+numpy versions stay as the fallback where numba is missing (it is a Linux dependency: only the
+CPU path runs this), and as the reference the kernels are tested against, bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+from typing import Any, Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# every float16's float32, by its bits: numpy's own cast, so the table is exact by construction
+# (subnormals, infinities, NaN payloads); 256 KB, it stays in the CPU's cache
+_WIDE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+Operand = tuple[np.ndarray, int, np.ndarray]
+"""An array as the kernels take it: contiguous 1-D memory, the place of its element [0, 0, 0, 0]
+in it, and its 4 strides in elements (the last 1). The kernels index it by hand, so that their
+innermost loop runs over memory the compiler knows is contiguous (numba's own strided arrays are
+not vectorized: 1.5-2x slower); and a caller that reads many arrays into one buffer (block
+files, block_files.Sink) passes the buffer itself, with no numpy view made per array."""
+
+
+def operand(a: np.ndarray) -> Operand:
+    """A 4-D array's Operand (its strides whole elements, none negative: `takes`)."""
+    steps = np.array(a.strides, np.int64) // a.itemsize
+    extent = 1 + int(np.dot(np.array(a.shape, np.int64) - 1, steps))
+    return np.lib.stride_tricks.as_strided(a, (extent,), (a.itemsize,)), 0, steps
+
+
+def takes(*arrays: np.ndarray) -> bool:
+    """Whether the kernels take these arrays: they are compiled (numba is installed), and each
+    array has 4 axes, the last contiguous, the strides whole elements, none negative, no axis empty."""
+    return bool(_kernels()) and all(
+        a.ndim == 4 and a.size and a.strides[-1] == a.itemsize and all(s >= 0 and s % a.itemsize == 0 for s in a.strides)
+        for a in arrays)
+
+
+def dequantize(out: Operand, q: Operand, scales: Operand, biases: Operand, shape: np.ndarray, bits: int) -> None:
+    """MLX's affine dequantization (`mx.dequantize`: each group of the last axis is q * scale +
+    bias, q packed `bits` to a uint32 from the low bits up, here its bytes) into `out`, float32;
+    `shape`: out's 4 axes, then the groups a row. Where numba is missing, numpy's."""
+    kernels = _kernels()
+    if kernels:
+        kernels[f"dequantize{bits}"](*out, *q, *scales, *biases, shape)
+        return
+    groups = (*shape[:3], shape[4])
+    _dequantize_numpy(_view(out, shape[:4]), _view(q, (*shape[:3], shape[3] * bits // 8)), _view(scales, groups),
+                      _view(biases, groups), bits)
+
+
+def widen(out: Operand, data: Operand, shape: np.ndarray) -> None:
+    """float16 (`data`'s bits, uint16) to float32 into `out`, through _WIDE; `shape`: out's 4 axes."""
+    kernels = _kernels()
+    if kernels:
+        kernels["widen"](*out, *data, _WIDE, shape)
+    else:
+        np.take(_WIDE, _view(data, shape[:4]), out=_view(out, shape[:4]), mode="wrap")  # not "raise": it buffers
+
+
+def dequantize_into(out: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int) -> None:
+    """`dequantize` from numpy arrays: `out` a float32 region (of a working cache), `w` as MLX
+    packs it (uint32), `scales` and `biases` float32."""
+    packed = w.view(np.uint8)  # little-endian: the elements in order, a byte each (8 bits) or two (4)
+    if out.dtype == scales.dtype == biases.dtype == np.float32 and takes(out, packed, scales, biases):
+        dequantize(operand(out), operand(packed), operand(scales), operand(biases), np.array([*out.shape, scales.shape[-1]]), bits)
+    else:
+        _dequantize_numpy(out, packed, scales, biases, bits)
+
+
+def copy_into(out: np.ndarray, data: np.ndarray) -> None:
+    """np.copyto(out, data); float16 into float32 by `widen` (numpy's float16 cast runs an element
+    at a time: 2.8 GB/s here; at --kv-bits 16 it was most of a resume's load)."""
+    if data.dtype != np.float16 or out.dtype != np.float32:
+        np.copyto(out, data)
+    elif takes(out, data):
+        widen(operand(out), operand(data.view(np.uint16)), np.array(out.shape))
+    else:
+        np.take(_WIDE, data.view(np.uint16), out=out, mode="wrap")
+
+
+def _view(a: Operand, shape: Any) -> np.ndarray:
+    """The numpy array an Operand describes (for numpy's loops, where numba is missing)."""
+    memory, offset, steps = a
+    return np.lib.stride_tricks.as_strided(memory[offset:], tuple(int(n) for n in shape), tuple(int(s) * memory.itemsize for s in steps))
+
+
+def _dequantize_numpy(out: np.ndarray, packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int) -> None:
+    if bits == 8:
+        q = packed
+    else:  # byte 0xab as the uint16 0x0a0b, whose bytes are b, a: 1.5x the speed of two strided writes
+        wide, shifted = _scratch(packed.shape, np.uint16, 2)
+        np.copyto(wide, packed)
+        np.left_shift(wide, 4, out=shifted)
+        np.bitwise_or(wide, shifted, out=wide)
+        np.bitwise_and(wide, 0x0F0F, out=wide)
+        q = wide.view(np.uint8)
+    grouped = out.reshape(out.shape[:-1] + (scales.shape[-1], -1))  # a view: the last axis is contiguous
+    np.multiply(q.reshape(grouped.shape), scales[..., None], out=grouped)
+    grouped += biases[..., None]
+
+
+# The kernels: each array as an Operand, then `shape`; a multiply then an add in float32 (numpy's
+# rounding: no fused multiply-add), the innermost loop over a slice (contiguous, known so:
+# vectorized; indexing the whole memory with a computed index was twice as slow)
+
+
+def _dequantize8_loops(out, o, os, q, w, qs, scales, s, ss, biases, b, bs, shape):  # compiled by numba (_kernels)
+    size = shape[3] // shape[4]  # a group's elements
+    for i in range(shape[0]):
+        for j in range(shape[1]):
+            for t in range(shape[2]):
+                ot, wt = o + i * os[0] + j * os[1] + t * os[2], w + i * qs[0] + j * qs[1] + t * qs[2]
+                st, bt = s + i * ss[0] + j * ss[1] + t * ss[2], b + i * bs[0] + j * bs[1] + t * bs[2]
+                for g in range(shape[4]):
+                    scale, bias = scales[st + g * ss[3]], biases[bt + g * bs[3]]
+                    into, data = out[ot + g * size : ot + (g + 1) * size], q[wt + g * size : wt + (g + 1) * size]
+                    for e in range(size):
+                        into[e] = np.float32(data[e]) * scale + bias
+
+
+def _dequantize4_loops(out, o, os, q, w, qs, scales, s, ss, biases, b, bs, shape):  # compiled by numba (_kernels)
+    size = shape[3] // shape[4]
+    for i in range(shape[0]):
+        for j in range(shape[1]):
+            for t in range(shape[2]):
+                ot, wt = o + i * os[0] + j * os[1] + t * os[2], w + i * qs[0] + j * qs[1] + t * qs[2]
+                st, bt = s + i * ss[0] + j * ss[1] + t * ss[2], b + i * bs[0] + j * bs[1] + t * bs[2]
+                for g in range(shape[4]):
+                    scale, bias = scales[st + g * ss[3]], biases[bt + g * bs[3]]
+                    into = out[ot + g * size : ot + (g + 1) * size]
+                    data = q[wt + g * size // 2 : wt + (g + 1) * size // 2]
+                    for k in range(size // 2):  # two a byte, the low four bits first
+                        into[2 * k] = np.float32(data[k] & np.uint8(15)) * scale + bias
+                        into[2 * k + 1] = np.float32(data[k] >> np.uint8(4)) * scale + bias
+
+
+def _widen_loops(out, o, os, bits, h, hs, table, shape):  # compiled by numba (_kernels)
+    for i in range(shape[0]):
+        for j in range(shape[1]):
+            for t in range(shape[2]):
+                ot, ht = o + i * os[0] + j * os[1] + t * os[2], h + i * hs[0] + j * hs[1] + t * hs[2]
+                into, data = out[ot : ot + shape[3]], bits[ht : ht + shape[3]]
+                for e in range(shape[3]):
+                    into[e] = table[data[e]]
+
+
+# Many arrays at a call, from one buffer (block_files.Sink's scratch: a block file's arrays, a
+# megabyte of them): the outputs in a list, a row of `rows` each (_row says what it holds). A
+# call per array cost about 3 us of Python's time under the GIL, 960 of them for a 4K-token
+# agent of the default model.
+
+
+def _dequantize8_rows_loops(outs, rows, q, f):  # compiled by numba (_kernels)
+    for r in range(rows.shape[0]):
+        x = rows[r]
+        _dequantize8(outs[x[0]], x[1], x[2:6], q, x[6], x[7:11], f, x[11], x[12:16], f, x[16], x[17:21], x[21:26])
+
+
+def _dequantize4_rows_loops(outs, rows, q, f):  # compiled by numba (_kernels)
+    for r in range(rows.shape[0]):
+        x = rows[r]
+        _dequantize4(outs[x[0]], x[1], x[2:6], q, x[6], x[7:11], f, x[11], x[12:16], f, x[16], x[17:21], x[21:26])
+
+
+def _widen_rows_loops(outs, rows, bits, table):  # compiled by numba (_kernels)
+    for r in range(rows.shape[0]):
+        x = rows[r]
+        _widen(outs[x[0]], x[1], x[2:6], bits, x[6], x[7:11], table, x[21:25])
+
+
+ROW = 26
+"""A row of `rows`: the output's index in `outs`, then each array's place and 4 strides (out, q or
+the float16 bits, scales, biases: 5 numbers each), then out's shape and its groups a row."""
+
+
+def row(out: int, operands: list[tuple[int, np.ndarray]], shape: list[int]) -> np.ndarray:
+    """A row of `rows` for `dequantize_rows` (operands: out, q, scales, biases) or `widen_rows`
+    (out, bits), each as (place, strides in elements), places in the memory the call is given."""
+    x = np.zeros(ROW, np.int64)
+    x[0] = out
+    for k, (place, steps) in enumerate(operands):
+        x[1 + 5 * k], x[2 + 5 * k : 6 + 5 * k] = place, steps
+    x[21 : 21 + len(shape)] = shape
+    return x
+
+
+def dequantize_rows(outs: Any, rows: np.ndarray, memory: np.ndarray, bits: int) -> None:
+    """`dequantize` of each row's arrays: out from `outs` (made by `outputs`), q from `memory`
+    (bytes), scales and biases from it viewed as float32; their places in elements."""
+    kernels = _kernels()
+    if kernels:
+        kernels[f"dequantize{bits}_rows"](outs, rows, memory, memory.view(np.float32))
+        return
+    f32 = memory.view(np.float32)
+    for x in rows:
+        dequantize((outs[x[0]], x[1], x[2:6]), (memory, x[6], x[7:11]), (f32, x[11], x[12:16]), (f32, x[16], x[17:21]), x[21:26], bits)
+
+
+def widen_rows(outs: Any, rows: np.ndarray, memory: np.ndarray) -> None:
+    """`widen` of each row's arrays: out from `outs`, the float16 bits from `memory` as uint16."""
+    kernels = _kernels()
+    bits = memory.view(np.uint16)
+    if kernels:
+        kernels["widen_rows"](outs, rows, bits, _WIDE)
+        return
+    for x in rows:
+        widen((outs[x[0]], x[1], x[2:6]), (bits, x[6], x[7:11]), x[21:25])
+
+
+def outputs(arrays: list[np.ndarray]) -> Any:
+    """The list of outputs the row kernels take (contiguous 1-D float32 arrays): numba's typed
+    list where it is installed."""
+    kernels = _kernels()
+    return kernels["List"](arrays) if kernels else list(arrays)
+
+
+_dequantize8 = _dequantize4 = _widen = None  # the compiled per-array kernels, which the row kernels call (_kernels)
+
+
+@functools.cache
+def _kernels() -> dict[str, Callable[..., None]]:
+    """The compiled kernels, or {} where numba is missing. Compiled once (numba's cache keeps
+    them beside this file for the next process: a few seconds the first time, a fraction of one
+    after); Caches compiles them at start where it will need them. The per-array kernels are
+    module globals, set here before the row kernels that call them are compiled."""
+    global _dequantize8, _dequantize4, _widen
+    try:
+        import numba
+        from numba.typed import List
+    except ImportError:
+        log.info("numba is not installed: quantized blocks are dequantized by numpy, 2-3x slower")
+        return {}
+    i64, steps = numba.int64, numba.int64[::1]
+    f32, u8, u16 = ((t[::1], i64, steps) for t in (numba.float32, numba.uint8, numba.uint16))  # Operands
+    one = numba.void(*f32, *u8, *f32, *f32, steps)
+    jit = functools.partial(numba.njit, nogil=True, cache=True)
+    _dequantize8, _dequantize4 = jit(one)(_dequantize8_loops), jit(one)(_dequantize4_loops)
+    _widen = jit(numba.void(*f32, *u16, numba.float32[::1], steps))(_widen_loops)
+    outs, rows = numba.types.ListType(numba.float32[::1]), numba.int64[:, ::1]
+    many = numba.void(outs, rows, numba.uint8[::1], numba.float32[::1])
+    kernels = {
+        "dequantize8": _dequantize8, "dequantize4": _dequantize4, "widen": _widen,
+        "dequantize8_rows": jit(many)(_dequantize8_rows_loops), "dequantize4_rows": jit(many)(_dequantize4_rows_loops),
+        "widen_rows": jit(numba.void(outs, rows, numba.uint16[::1], numba.float32[::1]))(_widen_rows_loops),
+        "List": List,
+    }
+    kernels["List"]([np.zeros(1, np.float32)])  # numba compiles the typed list's methods at its first use
+    return kernels
+
+
+_local = threading.local()
+
+
+def _scratch(shape: tuple[int, ...], dtype: Any, count: int = 1, slot: int = 0) -> list[np.ndarray]:
+    """`count` arrays of `shape` in this thread's scratch memory `slot`, reused from call to call:
+    fresh memory costs page faults (on this VM more than the work done in it)."""
+    n = math.prod(shape) * np.dtype(dtype).itemsize
+    buffers = _local.__dict__.setdefault("scratch", {})
+    if slot not in buffers or len(buffers[slot]) < n * count:
+        buffers[slot] = np.empty(n * count, np.uint8)
+    return [buffers[slot][i * n : (i + 1) * n].view(dtype).reshape(shape) for i in range(count)]
