@@ -2,14 +2,16 @@
 the same files' bytes.
 
 Loading is `Caches.lookup` itself, for an agent whose blocks are all on disk, ready to run:
-on the CPU, without --kv-bits, `Store.open_blocks` (header checks) and `cache_build.read_into_cache`
-(the working cache made, each file's data read straight into it and checksummed); otherwise
-`Store.read_blocks` (into buffers of their own) and `cache_build.reconstruct`. The plain reads are
+on the CPU `Store.open_blocks` (header checks) and `cache_build.read_into_cache` (the working
+cache made, each file's data read straight into it and checksummed; at --kv-bits converted on
+the way, a megabyte at a time); on a GPU the path of the device. The plain reads are
 `open(p, 'rb').read()` of each file, all kept until the last is read (the memory malloc gives:
 new pages cost here from about as much as the copy to several times it); `readinto` a buffer
 per file, the same buffers each time (memory used before, as the load's working cache is:
 `read_reused`); and `readinto` one reused buffer (it stays in the CPU's cache: the ceiling).
-Both with a warm page cache (each is run once before it is timed), median of `runs`.
+All with a warm page cache (each is run once before it is timed), median of `runs`; the load
+and the reads into memory used before timed in turns (the machine's memory speed drifts), the
+`read()` into new pages after them (the kernel zeroing its pages slows whatever runs next).
 
     python benchmarks/bench_load.py [--tokens 4096] [--runs 9]
 
@@ -47,15 +49,19 @@ from mcp_semantic.sqlite_store import SQLiteStore
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M
 
 
-def median_s(fn: Callable[[], object], runs: int) -> float:
-    """Median seconds of `runs` calls, after one untimed call (the page cache and allocator warm)."""
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
+def medians_s(fns: list[Callable[[], object]], runs: int) -> list[float]:
+    """Median seconds of `runs` calls of each function, after one untimed call of each (the page
+    cache and allocator warm), taken in turns: this VM's memory speed drifts by 2x over minutes,
+    and each function then meets the same drift."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(runs):
+        for fn, took in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            took.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def block_storage(path: Path) -> tuple[Storage, Layout, int]:
@@ -125,8 +131,9 @@ def measure_load(cache_dir: Path, agent: str, runs: int = 9, storage: Storage | 
                 with open(p, "rb", buffering=0) as f:
                     f.readinto(memoryview(buffer)[: os.fstat(f.fileno()).st_size])
 
-        load_s, read_s, readinto_s = median_s(load, runs), median_s(read, runs), median_s(readinto, runs)
-        kept_s = median_s(read_kept, runs)
+        # read() apart: its fresh pages (the kernel zeroing them) slow whatever runs next
+        load_s, kept_s, readinto_s = medians_s([load, read_kept, readinto], runs)
+        (read_s,) = medians_s([read], runs)
     finally:
         if caches is not None:
             caches.close()
