@@ -55,7 +55,7 @@ from mcp_semantic.calls import (
 )
 from mcp_semantic.jobs import Job, ProgressFn, Running, forwarding_progress, post, wait_for_exit
 from mcp_semantic.agents import Agents, EvictLevel
-from mcp_semantic.models import LoadedModel, check_model, detokenize, split_reasoning, thinking_opened, thinking_switch
+from mcp_semantic.models import LoadedModel, assistant_turn, check_model, harmony_tokens, thinking_opened, thinking_switch
 from mcp_semantic.store import Agent, AgentBusy, InvalidName, LeaseLost, Store, StoreUnavailable, check_name
 
 if TYPE_CHECKING:  # leases.py needs psycopg, which only the shared mode installs
@@ -220,8 +220,12 @@ class Engine:
                     f"({self.max_message_bytes:,}); nothing was changed"
                 )
         if req.think is not None and thinking_switch(self.lm.tokenizer) is None:
+            why = ""
+            if harmony_tokens(self.lm.tokenizer) is not None:  # gpt-oss: an effort, not a switch (README)
+                why = (" (it writes OpenAI's harmony format, as gpt-oss, and always reasons: its template sets "
+                       "only a reasoning effort, in the system message at the conversation's start)")
             raise RequestError(f"`think` needs a model whose chat template can switch thinking on and off; "
-                               f"{self.lm.name}'s cannot: omit it; nothing was changed")
+                               f"{self.lm.name}'s cannot{why}: omit it; nothing was changed")
         with self._asks_lock:
             if self._asks >= self.max_queue:
                 raise RequestError(
@@ -541,12 +545,11 @@ class Engine:
         self._running.remove(r)
 
         agent = r.agent
-        text = detokenize(self.lm.tokenizer, r.generated)  # kept whole: the template decides what the next prompt shows
-        tok = self.lm.tokenizer
-        reply, reasoning = split_reasoning(text, tok.think_start, tok.think_end, r.opened)
+        # the message as the template wants it for the next prompts: the text whole (<think>), or
+        # the answer and the reasoning apart (harmony, split on the tokens)
+        reply, reasoning, message = assistant_turn(self.lm.tokenizer, r.prompt, r.generated, r.opened)
         if finish != "cancelled":
-            turn = replace(agent, messages=r.messages + [{"role": "assistant", "content": text}], tokens=tokens,
-                           last_used_at=time.time())
+            turn = replace(agent, messages=r.messages + [message], tokens=tokens, last_used_at=time.time())
             try:
                 self.store.save_agent(turn)  # the transcript is saved before the reply goes out
             except StoreUnavailable as e:  # the turn is lost, the agent stays as it was: said, not hidden

@@ -156,13 +156,20 @@ def _replace_dir(new: Path, out_dir: Path, marker: dict) -> None:
 
 
 def check_tensor_types(gguf_path: Path) -> None:
-    """A file holding tensors of a type MLX cannot load is a ModelError naming the types."""
-    from gguf import GGUFReader
+    """A file holding tensors of a type MLX cannot load is a ModelError naming the types; so is one
+    with float64 metadata, which MLX's GGUF reader (0.32) takes for 4 bytes where the file has 8: it
+    loses its place in the file and crashes the process (a segfault). GGUF allows float64 values and
+    llama.cpp's `gguf` writer writes them (add_float64), though its convert script writes float32."""
+    from gguf import GGUFReader, GGUFValueType
 
     try:
-        types = Counter(t.tensor_type.name for t in GGUFReader(gguf_path).tensors)
+        reader = GGUFReader(gguf_path)
+        types = Counter(t.tensor_type.name for t in reader.tensors)
     except (ValueError, OSError, KeyError) as e:  # a damaged header; KeyError: a type this reader lacks
         raise ModelError(f"{gguf_path} has a GGUF header that cannot be read ({type(e).__name__}: {e})") from None
+    if doubles := [name for name, field in reader.fields.items() if GGUFValueType.FLOAT64 in field.types]:
+        raise ModelError(f"{gguf_path} has float64 metadata ({', '.join(doubles)}), which MLX's GGUF reader cannot "
+                         "read (it would crash); load this model from its Hugging Face repo id instead.")
     if bad := {k: n for k, n in types.items() if k not in LOADABLE}:
         listed = ", ".join(f"{k} ({n} tensors)" for k, n in sorted(bad.items()))
         raise ModelError(f"{gguf_path} holds tensors of types MLX cannot load: {listed}. It loads "

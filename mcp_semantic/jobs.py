@@ -19,6 +19,7 @@ import mlx.core as mx
 from mcp_semantic.batch import Row
 from mcp_semantic.caches import Checkpoints, Tier
 from mcp_semantic.calls import AskRequest
+from mcp_semantic.models import HarmonyReader, harmony_tokens
 from mcp_semantic.store import Agent
 
 T = TypeVar("T")
@@ -69,17 +70,26 @@ class Running:
     last: float | None = None
     longest_pause: float = 0.0
     opened: bool = False  # its prompt ends inside a thinking block (models.thinking_opened)
-    detokenizer: Any = None  # the reply's text so far, for progress messages (text_so_far)
+    detokenizer: Any = None  # the reply's text so far, for progress messages (text_so_far); a HarmonyReader for gpt-oss
     detokenized: int = 0  # tokens of `generated` it has taken
 
     def text_so_far(self, tokenizer: Any) -> str:
         """The reply as written so far, for progress messages (hosts show the answer growing):
-        a streaming detokenizer of its own (mlx-lm's `detokenizer` is a copy) takes each token once."""
+        a streaming detokenizer of its own (mlx-lm's `detokenizer` is a copy) takes each token once.
+
+        A harmony reply (gpt-oss) shows its final channel's text once that starts, and before only
+        how far the reasoning has got: so the message is always the beginning of the `reply` the
+        call returns, and the analysis channel, which OpenAI says is not meant for end users (hosts
+        show progress messages to them), comes only in the result's `reasoning`."""
         if self.detokenizer is None:
-            self.detokenizer = tokenizer.detokenizer
+            harmony = harmony_tokens(tokenizer)
+            self.detokenizer = HarmonyReader(tokenizer, harmony, self.prompt) if harmony else tokenizer.detokenizer
         for token in self.generated[self.detokenized:]:
             self.detokenizer.add_token(token)
         self.detokenized = len(self.generated)
+        if isinstance(self.detokenizer, HarmonyReader):
+            answer = self.detokenizer.final_text()
+            return f"reasoning, {len(self.generated)} tokens so far" if answer is None else answer
         return self.detokenizer.text
 
 

@@ -1,5 +1,5 @@
 """Which model to run: resolve a spec to an mlx-lm directory and load it; what a loaded model's
-tokenizer says of a reply (detokenize, thinking).
+tokenizer says of a reply (detokenize, thinking, OpenAI's harmony format).
 
 A spec is the default name (`smollm2-135m`), a local mlx-lm directory, a `.gguf` file (imported:
 gguf.py), a model Ollama or LM Studio keeps (`ollama:<name>`, `lmstudio:<name>`:
@@ -30,7 +30,7 @@ import mlx.nn as nn
 import mlx_lm
 import mlx_lm.utils
 from mlx.utils import tree_flatten
-from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
 
 from mcp_semantic.block_pool import kv_bits_supported
 from mcp_semantic.cache_kinds import Layout, probe
@@ -376,3 +376,138 @@ def split_reasoning(text: str, start: str | None, end: str | None, opened: bool)
         return text, None
     reasoning, closed, answer = text.partition(end)
     return (answer.lstrip(), reasoning.strip()) if closed else ("", reasoning.strip())
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI's harmony format (gpt-oss)
+
+HARMONY_TOKENS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>")
+"""A harmony message is `<|start|>{role}<|channel|>{channel}<|message|>{text}`, ended by `<|end|>`,
+or by `<|return|>` (the reply's last) or `<|call|>` (a tool call), both end-of-sequence tokens. The
+prompt ends in `<|start|>assistant`; the reply is an `analysis` message (the reasoning), perhaps
+`commentary` ones (tool calls, or a plan before them), then the `final` one (the answer)."""
+
+
+@dataclass(frozen=True)
+class Harmony:
+    """The ids of a harmony tokenizer's special tokens."""
+
+    start: int
+    channel: int
+    message: int
+    ends: frozenset[int]  # <|end|>, and <|return|> and <|call|> where the tokenizer has them
+
+
+def harmony_tokens(tokenizer: TokenizerWrapper) -> Harmony | None:
+    """The harmony format's token ids where the tokenizer has its tokens (gpt-oss's), else None.
+
+    mlx-lm does not take a harmony tokenizer for a thinking one (its `has_thinking` is False), and
+    its detokenizer keeps or drops the special tokens depending on the tokenizer, so a harmony reply
+    is read here, on its token ids. A few lookups: cheap enough to make per call."""
+    ids = {}
+    for name in HARMONY_TOKENS:
+        i = tokenizer.convert_tokens_to_ids(name)  # an unknown token gives the unknown token's id, or None
+        if isinstance(i, int) and tokenizer.convert_ids_to_tokens(i) == name:
+            ids[name] = i
+    if not {"<|start|>", "<|channel|>", "<|message|>", "<|end|>"} <= set(ids):
+        return None
+    ends = frozenset(ids[n] for n in ("<|end|>", "<|return|>", "<|call|>") if n in ids)
+    return Harmony(start=ids["<|start|>"], channel=ids["<|channel|>"], message=ids["<|message|>"], ends=ends)
+
+
+class HarmonyReader:
+    """Reads a harmony reply token by token into its messages: each one's channel and text.
+
+    Both `split` at the end of a call and the progress messages during it read the reply this way.
+    Text outside any message (a header cut off, or a model that does not write harmony) is no
+    message's: `messages` stays empty until a `<|message|>` opens one."""
+
+    def __init__(self, tokenizer: TokenizerWrapper, harmony: Harmony, prompt: list[int]):
+        self.tokenizer, self.harmony = tokenizer, harmony
+        self.messages: list[tuple[str, StreamingDetokenizer]] = []
+        self.header: list[int] | None = []  # the header being read; None while a message's text is
+        self.structured = False  # a `<|channel|>` or `<|message|>` was read: the model writes harmony
+        # The generation prompt's last message, `<|start|>assistant`: its header (a template may
+        # open the final channel there already, or the analysis one).
+        tail = prompt[-32:]
+        starts = [i for i, t in enumerate(tail) if t == harmony.start]
+        for token in tail[starts[-1]:] if starts else []:
+            self.add_token(token)
+
+    def add_token(self, token: int) -> None:
+        h = self.harmony
+        if token == h.start or token in h.ends:  # a message ends; what follows is the next one's header
+            self._close()
+            self.header = []
+        elif token == h.message and self.header is not None:
+            self.messages.append((self._channel(self.header), self.tokenizer.detokenizer))
+            self.header, self.structured = None, True
+        elif self.header is not None:
+            self.header.append(token)
+            self.structured = self.structured or token == h.channel
+        else:
+            self.messages[-1][1].add_token(token)
+
+    def _close(self) -> None:
+        if self.header is None:
+            self.messages[-1][1].finalize()
+
+    def _channel(self, header: list[int]) -> str:
+        """`analysis` of `<|channel|>analysis`, `commentary` of `<|channel|>commentary to=functions.f
+        <|constrain|>json`; "" for a header without a channel."""
+        if self.harmony.channel not in header:
+            return ""
+        after = header[len(header) - header[::-1].index(self.harmony.channel):]
+        words = self.tokenizer.decode(after).split()
+        return words[0] if words else ""
+
+    def final_text(self) -> str | None:
+        """The answer so far: the final channel's text, None before it starts."""
+        texts = [d.text for channel, d in self.messages if channel == "final"]
+        return "\n\n".join(texts) if texts else None
+
+    def split(self) -> tuple[str, str | None]:
+        """(answer, reasoning) once the reply is read whole: the final channel's text, and the other
+        channels' (analysis, and commentary if any, in order, apart by a blank line), None where
+        there were none. A reply cut off before the final channel is all reasoning.
+
+        Commentary goes with the reasoning: it holds tool calls, or the plan a model writes before
+        them, not the answer; and the answer is what the next prompt shows as the final channel."""
+        self._close()
+        self.header = []
+        answer = [d.text for channel, d in self.messages if channel == "final"]
+        reasoning = [d.text for channel, d in self.messages if channel != "final"]
+        return "\n\n".join(answer), "\n\n".join(reasoning) if reasoning else None
+
+
+def split_harmony(tokenizer: TokenizerWrapper, harmony: Harmony, prompt: list[int], tokens: list[int]) -> tuple[str, str | None]:
+    """A harmony reply (`tokens`, after `prompt`) as (answer, reasoning), read on its token ids (see
+    HarmonyReader.split). A reply with no harmony in it (no channel, no message) is all answer."""
+    reader = HarmonyReader(tokenizer, harmony, prompt)
+    for token in tokens:
+        reader.add_token(token)
+    if not reader.structured:
+        return detokenize(tokenizer, tokens), None
+    return reader.split()
+
+
+def assistant_turn(tokenizer: TokenizerWrapper, prompt: list[int], tokens: list[int], opened: bool) -> tuple[str, str | None, dict[str, str]]:
+    """A reply's (answer, reasoning) and the assistant message the transcript keeps of it.
+
+    A `<think>` model's message keeps the text whole: its template shows later prompts what it wants
+    of it. gpt-oss's template (harmony) refuses channel tags in a message: it takes the answer as
+    `content`, which later prompts show as the final channel, and the reasoning apart as `thinking`,
+    which they drop (as the model was trained: past analysis is not shown), so the next prompt is
+    the same with or without it. It is kept all the same: the transcript is the record of the
+    conversation, reasoning included, as a `<think>` model's is, and the template renders it where
+    it wants it (a transcript ending with the reply, as in training: analysis, then final)."""
+    harmony = harmony_tokens(tokenizer)
+    if harmony is not None:
+        answer, reasoning = split_harmony(tokenizer, harmony, prompt, tokens)
+        message = {"role": "assistant", "content": answer}
+        if reasoning is not None:
+            message["thinking"] = reasoning
+        return answer, reasoning, message
+    text = detokenize(tokenizer, tokens)
+    answer, reasoning = split_reasoning(text, tokenizer.think_start, tokenizer.think_end, opened)
+    return answer, reasoning, {"role": "assistant", "content": text}

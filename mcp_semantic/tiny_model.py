@@ -24,6 +24,8 @@ from tokenizers.trainers import BpeTrainer
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 """ids 0, 1, 2, as in SmolLM2."""
 THINK_TOKENS = ["<think>", "</think>"]
+HARMONY_TOKENS = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>"]
+"""The special tokens of OpenAI's harmony format, as gpt-oss's tokenizer has them."""
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -52,6 +54,46 @@ THINKING_CHAT_TEMPLATE = (
 )
 """ChatML for reasoning models, as Qwen3's: the reply starts inside `<think>`, and earlier replies
 are shown without their reasoning (what follows the last `</think>`, without leading newlines)."""
+
+_CHANNEL_TAGS = "'<|channel|>analysis<|message|>' in {0} or '<|channel|>final<|message|>' in {0}"
+HARMONY_CHAT_TEMPLATE = (
+    "{%- if reasoning_effort is not defined %}{%- set reasoning_effort = 'medium' %}{%- endif %}"
+    "{{- '<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\\n"
+    "Knowledge cutoff: 2024-06\\n\\nReasoning: ' + reasoning_effort + '\\n\\n' }}"
+    "{{- '# Valid channels: analysis, commentary, final. Channel must be included for every message.\\n' }}"
+    "{{- \"Calls to these tools must go to the commentary channel: 'functions'.<|end|>\" }}"
+    "{%- if messages[0].role == 'developer' or messages[0].role == 'system' %}"
+    "{%- set developer_message = messages[0].content %}{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{%- set developer_message = '' %}{%- set loop_messages = messages %}{%- endif %}"
+    "{%- if developer_message %}"
+    "{{- '<|start|>developer<|message|># Instructions\\n\\n' + developer_message + '<|end|>' }}"
+    "{%- endif %}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message.role == 'assistant' -%}"
+    "{%- if 'content' in message and (" + _CHANNEL_TAGS.format("message.content") + ") %}"
+    "{{- raise_exception('You have passed a message containing <|channel|> tags in the content field.') }}"
+    "{%- endif %}"
+    "{%- if 'thinking' in message and (" + _CHANNEL_TAGS.format("message.thinking") + ") %}"
+    "{{- raise_exception('You have passed a message containing <|channel|> tags in the thinking field.') }}"
+    "{%- endif %}"
+    "{%- if loop.last and not add_generation_prompt %}"
+    "{%- if 'thinking' in message %}"
+    "{{- '<|start|>assistant<|channel|>analysis<|message|>' + message.thinking + '<|end|>' }}"
+    "{%- endif %}"
+    "{{- '<|start|>assistant<|channel|>final<|message|>' + message.content + '<|return|>' }}"
+    "{%- else %}"
+    "{{- '<|start|>assistant<|channel|>final<|message|>' + message.content + '<|end|>' }}"
+    "{%- endif %}"
+    "{%- elif message.role == 'user' -%}"
+    "{{- '<|start|>user<|message|>' + message.content + '<|end|>' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|start|>assistant{%- endif -%}"
+)
+"""gpt-oss's chat template (openai/gpt-oss-20b's chat_template.jinja), shortened: the same system,
+developer, user and assistant messages, without tools and without the current date (a test's
+prompt must not change at midnight). Earlier replies are shown as their final channel only; a
+reply's reasoning is its `thinking`, shown only in a transcript that ends with it."""
 
 # Text to learn the merges from: any English will do; it only needs enough distinct pairs.
 CORPUS = """\
@@ -226,9 +268,10 @@ def make_tiny_model(
     max_position_embeddings: int = 2048,
     seed: int = 0,
     sliding_window: int | None = None,
-    chat_template: str = CHAT_TEMPLATE,
+    chat_template: str | None = None,
     config_overrides: dict[str, Any] | None = None,
     thinking: bool = False,
+    harmony: bool = False,
 ) -> Path:
     """Write a random float32 model of `model_type` with a trained BPE tokenizer to `out_dir`; return it.
 
@@ -237,7 +280,9 @@ def make_tiny_model(
     fewest that have every kind of layer of the family (2 for llama). `sliding_window` is the
     window (or llama4's attention chunk) of the families that have one: 24 tokens (32) unless given.
     `thinking` gives the tokenizer `<think>` and `</think>` (in place of two reserved tokens), as a
-    reasoning model's has.
+    reasoning model's has. `harmony` gives it gpt-oss's special tokens (`HARMONY_TOKENS`, within
+    `vocab_size`), `<|return|>` and `<|call|>` as its end-of-sequence tokens, and gpt-oss's chat
+    template (`HARMONY_CHAT_TEMPLATE`) unless `chat_template` is given; else it is ChatML (`CHAT_TEMPLATE`).
     `config_overrides` are merged into the config last; sizes derived from others (head_dim,
     layer patterns...) follow the overridden sizes. For llama4 and qwen3_5 they apply to `text_config`.
     """
@@ -245,8 +290,10 @@ def make_tiny_model(
         model_type=model_type, num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads,
         num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, vocab_size=vocab_size,
         max_position_embeddings=max_position_embeddings, seed=seed, sliding_window=sliding_window,
-        config_overrides=config_overrides, thinking=thinking,
+        config_overrides=config_overrides, thinking=thinking, harmony=harmony,
     )
+    if chat_template is None:
+        chat_template = HARMONY_CHAT_TEMPLATE if harmony else CHAT_TEMPLATE
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out_dir / "tokenizer.json"))
@@ -255,7 +302,7 @@ def make_tiny_model(
             {
                 "tokenizer_class": "PreTrainedTokenizerFast",
                 "bos_token": "<|im_start|>",
-                "eos_token": "<|im_end|>",
+                "eos_token": "<|return|>" if harmony else "<|im_end|>",
                 "pad_token": "<|im_end|>",
                 "unk_token": "<|endoftext|>",
                 "add_bos_token": False,
@@ -286,20 +333,24 @@ def build_tiny_model(
     sliding_window: int | None = None,
     config_overrides: dict[str, Any] | None = None,
     thinking: bool = False,
+    harmony: bool = False,
 ) -> tuple[nn.Module, dict[str, Any], Tokenizer]:
     """What `make_tiny_model` writes, in memory: the model (as mlx-lm loads it), its config and tokenizer."""
     if model_type not in FAMILIES:
         raise ValueError(f"unknown model_type {model_type!r}: one of {', '.join(FAMILIES)}")
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes and special tokens)")
-    tokenizer = _train_tokenizer(vocab_size)
+    extra = HARMONY_TOKENS if harmony else []  # special tokens right after the learned ones, as gpt-oss's
+    if vocab_size < 256 + len(SPECIAL_TOKENS) + len(extra):
+        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS) + len(extra)} (bytes and special tokens)")
+    added = len(extra) + (len(THINK_TOKENS) if thinking else 0)  # room for them within vocab_size
+    tokenizer = _train_tokenizer(vocab_size - added)
     speakable = [_plain_text(tokenizer, i) for i in range(tokenizer.get_vocab_size())]
     calibration = tokenizer.encode(CORPUS).ids[:128]
-    reserved = [f"<|reserved_{i}|>" for i in range(vocab_size - len(speakable))]
+    reserved = [f"<|reserved_{i}|>" for i in range(vocab_size - len(speakable) - added)]
     if thinking:  # as Qwen3's: added tokens, not special ones (a reply's text keeps them)
         tokenizer.add_tokens(THINK_TOKENS)
-        reserved = reserved[len(THINK_TOKENS):]
-    tokenizer.add_special_tokens(reserved)
+    tokenizer.add_special_tokens(extra + reserved)
+    if tokenizer.get_vocab_size() != vocab_size:  # every id must have its row of the embedding
+        raise ValueError(f"the tiny tokenizer has {tokenizer.get_vocab_size()} tokens for a vocab_size of {vocab_size}")
 
     overrides = dict(config_overrides or {})
     config = {
@@ -316,7 +367,7 @@ def build_tiny_model(
         "tie_word_embeddings": True,
         "max_position_embeddings": max_position_embeddings,
         "bos_token_id": 1,
-        "eos_token_id": 2,
+        "eos_token_id": [tokenizer.token_to_id(t) for t in ("<|return|>", "<|call|>")] if harmony else 2,
         **overrides,
     }
     config.update(FAMILIES[model_type](config, sliding_window))

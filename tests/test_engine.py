@@ -707,6 +707,72 @@ async def test_a_thinking_model_s_reasoning_comes_apart_from_its_reply(tmp_path,
     await plain.aclose()
 
 
+async def test_a_gpt_oss_model_s_reasoning_comes_apart_from_its_reply(tmp_path, settings: Settings, replay) -> None:
+    """gpt-oss writes OpenAI's harmony format, in special tokens that mlx-lm does not take for
+    thinking: a tiny random gpt_oss model with gpt-oss's tokens and (shortened) template, its
+    replies scripted. The analysis channel goes to `reasoning`, the final one to `reply`, split on
+    the tokens; the transcript keeps them as the template takes them (`thinking`, `content`);
+    progress messages show the answer only; a reply cut off while reasoning is all reasoning; the
+    turns after reuse the cache up to what the template rewrote and answer exactly. `think` is
+    refused: harmony sets a reasoning effort, it has no switch."""
+    import mlx.core as mx
+    from mlx_lm.utils import common_prefix_len
+
+    from mcp_semantic.models import harmony_tokens
+    from mcp_semantic.tiny_model import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "gpt-oss", model_type="gpt_oss", harmony=True)
+    engine = open_engine(settings.model_copy(update={"model": str(model), "cache_dir": tmp_path / "c"}))
+    tok = engine.lm.tokenizer
+    assert harmony_tokens(tok) is not None and not tok.has_thinking
+
+    def scripted(text: str):  # the model "writes" `text`, then ends its turn (<|return|>)
+        tokens = iter(tok.encode(text, add_special_tokens=False) + [tok.eos_token_id])
+        return lambda logprobs: mx.array([next(tokens)] * logprobs.shape[0], dtype=mx.uint32)
+
+    progress: list[str] = []
+
+    async def on_progress(done: float, total: float, message: str) -> None:
+        progress.append(message)
+
+    greedy = engine._greedy
+    reasoning = "First the river, then the mill, and the weir below them both."
+    answer = "The mill stands by the river, just above the old weir."
+    engine._greedy = scripted(f"<|channel|>analysis<|message|>{reasoning}<|end|>"
+                              f"<|start|>assistant<|channel|>final<|message|>{answer}")
+    first = await engine.ask(AskRequest("a", "Where is it?", system="You are terse.", max_tokens=100), on_progress)
+    assert (first.reasoning, first.reply, first.finish_reason) == (reasoning, answer, "stop")
+    agent = engine.store.load_agent("a")
+    assert agent.messages[-1] == {"role": "assistant", "content": answer, "thinking": reasoning}
+    # the transcript, rendered as ending with the reply, is what the model wrote, then <|return|>
+    assert tok.apply_chat_template(agent.messages, add_generation_prompt=False) == agent.tokens + [tok.eos_token_id]
+    written = [m for m in progress if not m.startswith("prefill")]
+    assert any(m.startswith("reasoning, ") for m in written) and any(m and answer.startswith(m) for m in written)
+    assert all(m.startswith("reasoning, ") or answer.startswith(m) for m in written), written  # never the analysis
+
+    thought = "The weir is further down, past"
+    engine._greedy = scripted(f"<|channel|>analysis<|message|>{thought}")
+    n = len(tok.encode(f"<|channel|>analysis<|message|>{thought}", add_special_tokens=False))
+    cut = await engine.ask(AskRequest("a", "And then?", max_tokens=n))
+    assert (cut.reasoning, cut.reply, cut.finish_reason) == (thought, "", "length")
+    assert engine.store.load_agent("a").messages[-1] == {"role": "assistant", "content": "", "thinking": thought}
+    # the template shows the first reply as its final channel only: the cache is reused up to its channel
+    prompt = tok.apply_chat_template(agent.messages + [{"role": "user", "content": "And then?"}], add_generation_prompt=True)
+    assert cut.tokens.cached == common_prefix_len(agent.tokens, prompt) == first.tokens.context + 1
+
+    engine._greedy = greedy
+    later = await engine.ask(AskRequest("a", "Go on.", max_tokens=12))  # the tiny model itself: no harmony, all answer
+    messages = engine.store.load_agent("a").messages
+    assert later.tokens.cached == cut.tokens.context + 1 and later.finish_reason == "length"
+    assert (later.reply, later.reasoning) == (messages[-1]["content"], None)
+    assert later.reply == replay(engine.lm, messages[:-1], 12)  # exact, the history as the template shows it
+
+    with pytest.raises(RequestError, match="harmony format.*reasoning effort"):
+        await engine.ask(AskRequest("a", "Quickly?", think=False))
+    assert engine.store.load_agent("a").turns == 3
+    await engine.aclose()
+
+
 async def test_agents_are_read_when_named_and_idle_ones_let_go(settings: Settings, replay, monkeypatch) -> None:
     """A store of many agents: nothing of them is read at start; an agent's transcript and block
     list come from the store when a call names it, the least recently used idle ones go from

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gguf_files import (
-    TEXTS, gguf_metadata, gguf_tensors, gpt2_vocab, llama_cpp_spm, spm_vocab, tricky_texts, write_gguf,
-)
+from gguf_files import TEXTS, gguf_tensors, llama_cpp_spm, spm_vocab, tricky_texts, write_gguf
 from mcp_semantic import models
 from mcp_semantic.gguf import _gemma3_config, _llama3_rope, import_gguf
 from mcp_semantic.models import LoadedModel, ModelError, load_model
@@ -148,7 +146,10 @@ def make_phi3(tiny_model_dir: Path, out: Path, **overrides) -> Path:
     out.mkdir(parents=True)
     mx.save_safetensors(str(out / "model.safetensors"), fused, metadata={"format": "mlx"})
     config = json.loads((tiny_model_dir / "config.json").read_text())
-    config.update(model_type="phi3", architectures=["Phi3ForCausalLM"], **overrides)
+    # as Phi-3's configs, an original context (the convert script requires one)
+    config.update(model_type="phi3", architectures=["Phi3ForCausalLM"],
+                  original_max_position_embeddings=config["max_position_embeddings"])
+    config.update(overrides)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model_dir / name, out / name)
@@ -260,30 +261,8 @@ def test_a_rope_freqs_tensor_is_used_exactly_or_refused(tiny_model_dir, tmp_path
 
 
 def write_q8_0_gguf(model_dir: Path, path: Path, architecture: str) -> Path:
-    """The model as a Q8_0 file from llama.cpp's own writer: 2-D weights Q8_0, norms float32."""
-    writer = gguf.GGUFWriter(path, architecture)
-    for key, value in (gguf_metadata(model_dir, architecture) | gpt2_vocab(model_dir, "gpt-2")).items():
-        if key == "general.architecture":
-            continue
-        if isinstance(value, mx.array) and value.ndim == 0:
-            add = {mx.bool_: writer.add_bool, mx.float32: writer.add_float32}.get(value.dtype, writer.add_uint32)
-            add(key, value.item())
-        elif isinstance(value, (mx.array, list)):
-            writer.add_array(key, value.tolist() if isinstance(value, mx.array) else value)
-        else:
-            writer.add_string(key, value)
-    for name, w in gguf_tensors(model_dir, architecture).items():
-        w = np.array(w.astype(mx.float32))
-        if w.ndim == 2:
-            writer.add_tensor(name, gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(name, w)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    """The model as the convert script's Q8_0 file (--outtype q8_0): 2-D weights Q8_0, norms float32."""
+    return write_gguf(model_dir, path, architecture, qtype=gguf.GGMLQuantizationType.Q8_0)
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gemma3", "phi3"])
@@ -313,6 +292,47 @@ def test_a_q8_0_gguf_is_the_model_of_its_dequantized_weights(tiny_model_dir, arc
 
 
 # ---------------------------------------------------------------------------------------------
+# metadata as MLX reads it
+
+
+def test_mlx_reads_each_metadata_type_as_llama_cpp_writes_it(tmp_path):
+    """What the importer sees of a file's metadata (mx.load): llama.cpp's integers, float32s and bools
+    as 0-d arrays of their own type, strings as str (token bytes decoded), arrays of numbers as 1-D
+    arrays, arrays of strings as lists; `.item()`, `.tolist()` give Python's. (float64 crashes MLX's
+    reader: the importer refuses it, test_float64_metadata_is_refused_before_mlx_reads_it.)"""
+    path = tmp_path / "types.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    scalars = [("uint8", 200, mx.uint8), ("int8", -100, mx.int8), ("uint16", 60000, mx.uint16),
+               ("int16", -30000, mx.int16), ("uint32", 4_000_000_000, mx.uint32), ("int32", -2_000_000_000, mx.int32),
+               ("uint64", 2**40, mx.uint64), ("int64", -(2**40), mx.int64), ("float32", 0.5, mx.float32),
+               ("bool", True, mx.bool_)]
+    for kind, value, _ in scalars:
+        getattr(writer, f"add_{kind}")(f"test.{kind}", value)
+    writer.add_name("Ünïcödé")
+    writer.add_token_list([b"\xe2\x96\x81a", "<0x0A>"])  # SentencePiece's as bytes, BPE's as str
+    writer.add_token_types([gguf.TokenType.NORMAL, gguf.TokenType.BYTE])
+    writer.add_token_scores([0.5, -1000.0])
+    writer.add_array("test.bools", [True, False])
+    writer.add_tensor("token_embd.weight", np.zeros((2, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    _, meta = mx.load(str(path), return_metadata=True)
+    for kind, value, dtype in scalars:
+        got = meta[f"test.{kind}"]
+        assert isinstance(got, mx.array) and (got.ndim, got.dtype, got.item()) == (0, dtype, value), kind
+        assert type(got.item()) is type(value), kind
+    assert (meta["general.architecture"], meta["general.name"]) == ("llama", "Ünïcödé")
+    assert meta["tokenizer.ggml.tokens"] == ["\u2581a", "<0x0A>"]
+    types, scores = meta["tokenizer.ggml.token_type"], meta["tokenizer.ggml.scores"]
+    assert (types.ndim, types.dtype, types.tolist()) == (1, mx.int32, [1, 6])
+    assert (scores.ndim, scores.dtype, scores.tolist()) == (1, mx.float32, [0.5, -1000.0])
+    assert meta["test.bools"].tolist() == [True, False]
+
+
+# ---------------------------------------------------------------------------------------------
 # files refused
 
 
@@ -329,13 +349,25 @@ def test_import_refuses_what_mlx_lm_cannot_run(tiny_model_dir, tmp_path):
     path = write_gguf(tiny_model_dir, tmp_path / "a.gguf", tensors={"blk.0.attn_rot_embd.weight": mx.zeros((4,))})
     with pytest.raises(ModelError, match="tensor 'blk.0.attn_rot_embd.weight'.*no place for"):
         import_gguf(path, tmp_path / "out")
-    path = write_gguf(tiny_model_dir, tmp_path / "b.gguf", extra={"llama.rope.scaling.type": "yarn"})
+    path = write_gguf(tiny_model_dir, tmp_path / "b.gguf",
+                      extra=lambda writer: writer.add_rope_scaling_type(gguf.RopeScalingType.YARN))
     with pytest.raises(ModelError, match="rope scaling 'yarn'"):
         import_gguf(path, tmp_path / "out")
-    path = write_gguf(tiny_model_dir, tmp_path / "c.gguf", extra={"llama.rope.scaling.factor": mx.array(2.0)},
+    path = write_gguf(tiny_model_dir, tmp_path / "c.gguf", extra=lambda writer: writer.add_rope_scaling_factor(2.0),
                       tensors={"rope_freqs.weight": mx.ones((8,))})
     with pytest.raises(ModelError, match="both linear rope scaling and rope_freqs"):
         import_gguf(path, tmp_path / "out")
+
+
+def test_float64_metadata_is_refused_before_mlx_reads_it(tiny_model_dir, tmp_path):
+    """GGUF has float64 values, and llama.cpp's writer writes them (add_float64; its convert script
+    writes float32): MLX's reader takes them for 4 bytes, loses its place and crashes the process.
+    The importer refuses such a file, naming the keys, before MLX reads it."""
+    path = write_gguf(tiny_model_dir, tmp_path / "f64.gguf",
+                      extra=lambda writer: writer.add_float64("llama.rope.freq_base", 10000.0))
+    with pytest.raises(ModelError, match=r"float64 metadata \(llama\.rope\.freq_base\)"):
+        import_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_gguf_of_a_type_mlx_cannot_load_is_an_error_naming_it(tmp_path):

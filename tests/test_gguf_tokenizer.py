@@ -8,15 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from gguf_files import (
-    SPM_CONTROL, SPM_USER_DEFINED, gguf_metadata, gguf_tensors, gpt2_vocab, llama_cpp_spm, spm_vocab, tricky_texts, write_gguf,
-)
+from gguf_files import SPM_CONTROL, SPM_USER_DEFINED, gpt2_vocab, llama_cpp_spm, spm_vocab, tricky_texts, write_gguf
 from mcp_semantic.gguf import import_gguf
 from mcp_semantic.models import ModelError, load_model
 from mcp_semantic.tiny_model import make_tiny_model
 
-import mlx.core as mx  # noqa: I001  after mcp_semantic: OpenBLAS goes first
-from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer
+from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer  # noqa: I001  after mcp_semantic: OpenBLAS goes first
 
 
 # ---------------------------------------------------------------------------------------------
@@ -26,11 +23,9 @@ from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer
 def test_a_llama3_tokenizer_splits_digits_in_threes_and_adds_bos(tiny, tiny_model_dir, tmp_path):
     """Llama 3's pre-tokenizer ("llama-bpe"): numbers in pieces of up to three digits; a BOS,
     llama.cpp's default for it, when the file does not say."""
-    path = tmp_path / "llama3.gguf"
-    meta = gguf_metadata(tiny_model_dir, "llama") | gpt2_vocab(tiny_model_dir, "llama-bpe")
-    del meta["tokenizer.ggml.add_bos_token"]
-    mx.save_gguf(str(path), gguf_tensors(tiny_model_dir, "llama"), meta)
-    lm = load_model(str(path), tmp_path / "cache")
+    vocab = gpt2_vocab(tiny_model_dir, "llama-bpe")
+    del vocab.special.add_special_token["bos"]  # the file does not say
+    lm = load_model(str(write_gguf(tiny_model_dir, tmp_path / "llama3.gguf", vocab=vocab)), tmp_path / "cache")
     plain = lambda t: tiny.tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
     assert lm.tokenizer.encode("1234567", add_special_tokens=False) == plain("123") + plain("456") + plain("7")
     assert lm.tokenizer.encode("hi there") == [1, *plain("hi there")]
@@ -80,8 +75,8 @@ def test_a_sentencepiece_vocabulary_tokenizes_as_llama_cpp(sentencepiece, spm_di
 def test_phi3_drops_whitespace_after_special_tokens_as_llama_cpp(sentencepiece, spm_dir, tmp_path, name, stripped):
     """llama.cpp drops the whitespace after a special token for a model named Phi-3 (but after
     <unk>, <s> and <|endoftext|>), a rule it keys on the name; other models keep it."""
-    vocab = spm_vocab(sentencepiece, name=name)
-    tok = load_model(str(write_gguf(spm_dir, tmp_path / "phi.gguf", vocab=vocab)), tmp_path / "cache").tokenizer
+    vocab = spm_vocab(sentencepiece)
+    tok = load_model(str(write_gguf(spm_dir, tmp_path / "phi.gguf", vocab=vocab, name=name)), tmp_path / "cache").tokenizer
     rstrip = frozenset(SPM_CONTROL + SPM_USER_DEFINED + ["</s>"]) if stripped else frozenset()
     text = "<|user|>\n  hello<|end|>\n<|assistant|>\n<s> hi"
     ids = tok.encode(text, add_special_tokens=False)
@@ -96,10 +91,10 @@ def test_phi3_drops_whitespace_after_special_tokens_as_llama_cpp(sentencepiece, 
 
 
 @pytest.mark.parametrize("extra, error", [
-    ({"tokenizer.ggml.model": "t5"}, "tokenizer the GGUF importer does not handle \\(model 't5'"),  # unigram
-    ({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "deepseek-llm"}, "pre-tokenizer 'deepseek-llm'"),
-    ({"tokenizer.ggml.model": "llama"}, "without a score for each token"),  # SentencePiece without scores
-])
+    (lambda w: w.add_tokenizer_model("t5"), "tokenizer the GGUF importer does not handle \\(model 't5'"),  # unigram
+    (lambda w: w.add_tokenizer_pre("deepseek-llm"), "pre-tokenizer 'deepseek-llm'"),  # byte-level BPE, another split
+    (lambda w: w.add_tokenizer_model("llama"), "without a score for each token"),  # SentencePiece without scores
+], ids=["t5", "deepseek-llm", "spm-without-scores"])
 def test_import_refuses_a_tokenizer_it_cannot_rebuild(tiny_model_dir, tmp_path, extra, error):
     gguf_path = write_gguf(tiny_model_dir, tmp_path / "tok.gguf", extra=extra)
     with pytest.raises(ModelError, match=error):

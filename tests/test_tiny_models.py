@@ -4,11 +4,12 @@ of layers and caches, and greedy replies are plain, varied text that depends on 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from mcp_semantic.models import LoadedModel, load_model
-from mcp_semantic.tiny_model import FAMILIES, THINKING_CHAT_TEMPLATE, build_tiny_model, make_tiny_model
+from mcp_semantic.tiny_model import FAMILIES, HARMONY_TOKENS, THINKING_CHAT_TEMPLATE, build_tiny_model, make_tiny_model
 
 import mlx.core as mx  # after mcp_semantic: OpenBLAS goes first
 from mlx_lm import stream_generate
@@ -167,3 +168,53 @@ def test_thinking_template(tmp_path):
         "<|im_start|>user\nBye<|im_end|>\n"
         "<|im_start|>assistant\n<think>\n"
     )
+
+
+def test_harmony_template(tmp_path):
+    """A gpt-oss-like tiny model: gpt-oss's special tokens (within its vocabulary), end-of-sequence
+    tokens and chat template, shortened: an earlier reply shown as its final channel only, a
+    transcript that ends with a reply rendered as the model wrote it, channel tags refused."""
+    path = make_tiny_model(tmp_path / "m", model_type="gpt_oss", harmony=True)
+    lm = load_model(str(path), tmp_path / "cache")
+    tok = lm.tokenizer
+    vocab = tok.get_vocab()
+    assert all(vocab[t] < 512 for t in HARMONY_TOKENS) and len(vocab) == 512
+    assert tok.eos_token == "<|return|>" and tok.eos_token_ids == {vocab["<|return|>"], vocab["<|call|>"]}
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!", "thinking": "They greet me."},
+        {"role": "user", "content": "Bye"},
+    ]
+    system = (
+        "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+        "Knowledge cutoff: 2024-06\n\nReasoning: medium\n\n"
+        "# Valid channels: analysis, commentary, final. Channel must be included for every message.\n"
+        "Calls to these tools must go to the commentary channel: 'functions'.<|end|>"
+        "<|start|>developer<|message|># Instructions\n\nBe brief.<|end|>"
+    )
+    assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == system + (
+        "<|start|>user<|message|>Hi<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>Hello!<|end|>"
+        "<|start|>user<|message|>Bye<|end|>"
+        "<|start|>assistant"
+    )
+    assert tok.apply_chat_template(messages[:3], tokenize=False) == system + (
+        "<|start|>user<|message|>Hi<|end|>"
+        "<|start|>assistant<|channel|>analysis<|message|>They greet me.<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>Hello!<|return|>"
+    )
+    effort = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, reasoning_effort="low")
+    assert "\nReasoning: low\n" in effort
+    tagged = [*messages[:2], {"role": "assistant", "content": "<|channel|>final<|message|>Hello!"}, messages[3]]
+    with pytest.raises(Exception, match=re.escape("containing <|channel|> tags in the content field")):
+        tok.apply_chat_template(tagged, add_generation_prompt=True)
+
+
+def test_a_thinking_tiny_model_s_think_tokens_are_within_its_vocabulary(tmp_path):
+    """Every token id has its row of the embedding: `<think>` and `</think>` take reserved places."""
+    path = make_tiny_model(tmp_path / "m", thinking=True, chat_template=THINKING_CHAT_TEMPLATE)
+    lm = load_model(str(path), tmp_path / "cache")
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    ids = [lm.tokenizer.convert_tokens_to_ids(t) for t in ("<think>", "</think>")]
+    assert all(isinstance(i, int) and 0 <= i < vocab for i in ids) and lm.tokenizer.has_thinking
