@@ -354,3 +354,65 @@ def test_the_embedded_mode_needs_none_of_the_shared_mode_s_packages() -> None:
             "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def scripted_replies(engine, *texts: str) -> None:
+    """The engine's model "writes" each text in turn (one a call), then ends its turn: as
+    test_engine.py's reasoning tests script it."""
+    import mlx.core as mx
+
+    tok = engine.lm.tokenizer
+    replies = iter(texts)
+    tokens: list = []
+
+    def sampler(logprobs):
+        nonlocal tokens
+        if not tokens:
+            tokens = tok.encode(next(replies), add_special_tokens=False) + [tok.eos_token_id]
+        return mx.array([tokens.pop(0)] * logprobs.shape[0], dtype=mx.uint32)
+
+    engine._greedy = sampler
+
+
+async def test_a_thinking_model_s_reasoning_reaches_the_client_apart_from_its_reply(settings: Settings, tmp_path) -> None:
+    """A `<think>` model whose template can switch thinking (as Qwen3's), its replies scripted: the
+    client gets the reasoning in `reasoning`, the answer in `reply`; with `think: false` all is
+    reply; `think` on a model without the switch is a tool error."""
+    from mcp_semantic.tiny_model import THINKING_CHAT_TEMPLATE, make_tiny_model
+
+    opened = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}"
+    assert opened in THINKING_CHAT_TEMPLATE
+    switch = THINKING_CHAT_TEMPLATE.replace(opened, (
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}"
+        "{% if enable_thinking is defined and enable_thinking is false %}{{ '\\n</think>\\n\\n' }}{% endif %}{% endif %}"))
+    model = make_tiny_model(tmp_path / "thinker", chat_template=switch, thinking=True)
+    server = create_server(settings.model_copy(update={"model": str(model), "cache_dir": tmp_path / "c"}))
+    async with Client(server) as client:
+        scripted_replies(server.shared.engine, "First the river.</think>\n\nThe mill.", "The weir.")
+        first = await call(client, "ask_agent", agent="a", message="Where is it?", max_tokens=40)
+        assert (first["reasoning"], first["reply"], first["tier"]) == ("First the river.", "The mill.", "new")
+        quick = await call(client, "ask_agent", agent="a", message="And then?", max_tokens=40, think=False)
+        assert (quick.get("reasoning"), quick["reply"]) == (None, "The weir.")
+    async with Client(create_server(settings)) as client:
+        text = await error_of(client, "ask_agent", agent="b", message="Hello?", think=True)
+        assert "`think` needs a model whose chat template can switch thinking" in text
+
+
+async def test_a_gpt_oss_model_s_reasoning_reaches_the_client_apart_from_its_reply(settings: Settings, tmp_path) -> None:
+    """gpt-oss's harmony format (its replies scripted): the analysis channel reaches the client as
+    `reasoning`, the final one as `reply`; `think` is a tool error saying harmony sets a
+    reasoning effort, and changes nothing."""
+    from mcp_semantic.tiny_model import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "gpt-oss", model_type="gpt_oss", harmony=True)
+    server = create_server(settings.model_copy(update={"model": str(model), "cache_dir": tmp_path / "c"}))
+    reasoning, answer = "First the river, then the mill.", "The mill stands by the river."
+    async with Client(server) as client:
+        scripted_replies(server.shared.engine, f"<|channel|>analysis<|message|>{reasoning}<|end|>"
+                                               f"<|start|>assistant<|channel|>final<|message|>{answer}")
+        first = await call(client, "ask_agent", agent="a", message="Where is it?", max_tokens=60)
+        assert (first["reasoning"], first["reply"], first["finish_reason"]) == (reasoning, answer, "stop")
+        for think in (False, True):
+            text = await error_of(client, "ask_agent", agent="a", message="Quickly?", think=think)
+            assert "harmony format" in text and "reasoning effort" in text
+        assert server.shared.engine.store.load_agent("a").turns == 1

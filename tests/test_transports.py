@@ -353,3 +353,45 @@ async def test_a_killed_client_s_call_is_cancelled_over_stdio(settings: Settings
     params = StdioServerParameters(command=sys.executable, args=serve_args(settings), env=dict(os.environ))
     async with Client(params) as client:
         await check_the_killed_call_left_no_turn(client)
+
+
+def family_gguf(family: str, tmp_path: Path, tiny_model_dir: Path, request: pytest.FixtureRequest) -> Path:
+    """A tiny random-weight GGUF file of a non-llama family, as llama.cpp's convert script writes
+    it (tests/gguf_files.py): Gemma 3 with its SentencePiece vocabulary, Phi-3 with fused tensors."""
+    from gguf_files import spm_vocab, write_gguf
+    from mcp_semantic.tiny_model import make_tiny_model
+    from test_gguf import make_phi3
+
+    if family == "gemma3":
+        model_dir = make_tiny_model(tmp_path / "gemma", model_type="gemma3_text")
+        vocab = spm_vocab(request.getfixturevalue("sentencepiece"), add_space_prefix=False)
+        return write_gguf(model_dir, tmp_path / "gemma.gguf", "gemma3", vocab=vocab)
+    return write_gguf(make_phi3(tiny_model_dir, tmp_path / "phi3"), tmp_path / "phi3.gguf", "phi3")
+
+
+async def two_turns(client: Client, agent: str, first_tier: str) -> None:
+    """An agent answers (`first_tier`), then answers again from its hot cache."""
+    for tier, message in ((first_tier, "Hello, who are you?"), ("hot", "And then?")):
+        result = await client.call_tool("ask_agent", {"agent": agent, "message": message, "max_tokens": 8})
+        assert not result.is_error, result.content
+        out = result.structured_content
+        assert out["tier"] == tier and out["tokens"]["generated"] > 0 and isinstance(out["reply"], str), out
+        assert out["finish_reason"] in ("stop", "length")
+    assert out["tokens"]["cached"] > 0
+
+
+@pytest.mark.parametrize("family", ["gemma3", "phi3"])
+async def test_a_gguf_of_another_family_is_served_over_stdio_and_streamable_http(
+        family: str, settings: Settings, tiny_model_dir: Path, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """`serve --model <file.gguf>` of a Gemma 3 or Phi-3 file: the SDK's client over stdio and
+    over Streamable HTTP (each server on its own cache dir) gets answers, turn after turn; a
+    second stdio server on the first's cache dir resumes its agent from disk."""
+    settings = settings.model_copy(update={"model": str(family_gguf(family, tmp_path, tiny_model_dir, request))})
+    params = StdioServerParameters(command=sys.executable, args=serve_args(settings), env=dict(os.environ))
+    async with Client(params) as client:
+        await two_turns(client, "s", "new")
+    async with Client(params) as client:
+        await two_turns(client, "s", "disk")
+    with http_server(settings.model_copy(update={"cache_dir": tmp_path / "http"}), "streamable-http") as port:
+        async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+            await two_turns(client, "h", "new")
