@@ -55,6 +55,14 @@ THINKING_CHAT_TEMPLATE = (
 """ChatML for reasoning models, as Qwen3's: the reply starts inside `<think>`, and earlier replies
 are shown without their reasoning (what follows the last `</think>`, without leading newlines)."""
 
+SWITCHABLE_THINKING_CHAT_TEMPLATE = THINKING_CHAT_TEMPLATE.replace(
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}",
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '\\n</think>\\n\\n' }}{% endif %}{% endif %}",
+)
+"""THINKING_CHAT_TEMPLATE with Qwen3's switch: `enable_thinking=False` closes the block at once."""
+
+
 _CHANNEL_TAGS = "'<|channel|>analysis<|message|>' in {0} or '<|channel|>final<|message|>' in {0}"
 HARMONY_CHAT_TEMPLATE = (
     "{%- if reasoning_effort is not defined %}{%- set reasoning_effort = 'medium' %}{%- endif %}"

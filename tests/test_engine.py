@@ -668,13 +668,9 @@ async def test_a_thinking_model_s_reasoning_comes_apart_from_its_reply(tmp_path,
     refused, changing nothing."""
     import mlx.core as mx
 
-    from mcp_semantic.tiny_model import THINKING_CHAT_TEMPLATE, make_tiny_model
+    from mcp_semantic.tiny_model import SWITCHABLE_THINKING_CHAT_TEMPLATE, make_tiny_model
 
-    opened = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}"
-    assert opened in THINKING_CHAT_TEMPLATE
-    switch = THINKING_CHAT_TEMPLATE.replace(opened, (
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}"
-        "{% if enable_thinking is defined and enable_thinking is false %}{{ '\\n</think>\\n\\n' }}{% endif %}{% endif %}"))
+    switch = SWITCHABLE_THINKING_CHAT_TEMPLATE
     model = make_tiny_model(tmp_path / "thinker", chat_template=switch, thinking=True)
     engine = open_engine(settings.model_copy(update={"model": str(model), "cache_dir": tmp_path / "c"}))
     tok = engine.lm.tokenizer

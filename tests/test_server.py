@@ -378,13 +378,9 @@ async def test_a_thinking_model_s_reasoning_reaches_the_client_apart_from_its_re
     """A `<think>` model whose template can switch thinking (as Qwen3's), its replies scripted: the
     client gets the reasoning in `reasoning`, the answer in `reply`; with `think: false` all is
     reply; `think` on a model without the switch is a tool error."""
-    from mcp_semantic.tiny_model import THINKING_CHAT_TEMPLATE, make_tiny_model
+    from mcp_semantic.tiny_model import SWITCHABLE_THINKING_CHAT_TEMPLATE, make_tiny_model
 
-    opened = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}"
-    assert opened in THINKING_CHAT_TEMPLATE
-    switch = THINKING_CHAT_TEMPLATE.replace(opened, (
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}"
-        "{% if enable_thinking is defined and enable_thinking is false %}{{ '\\n</think>\\n\\n' }}{% endif %}{% endif %}"))
+    switch = SWITCHABLE_THINKING_CHAT_TEMPLATE
     model = make_tiny_model(tmp_path / "thinker", chat_template=switch, thinking=True)
     server = create_server(settings.model_copy(update={"model": str(model), "cache_dir": tmp_path / "c"}))
     async with Client(server) as client:
