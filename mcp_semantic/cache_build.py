@@ -53,7 +53,7 @@ def reconstruct(layout: Layout, storage: Storage, parts: list[Any], reuse: int, 
         """The array `name` of part i, or of `count` files alike from it on, stacked on its first axis."""
         dtype, shape, begin, _ = parts[i].layout[name]
         rows_of = typed.setdefault(dtype, buffer.view(dtype))
-        strides = [math.prod(shape[k + 1 :]) for k in range(len(shape))]
+        strides = _steps(shape).tolist()
         span = max(count, 1)  # files of a run are in rows one after another (_continues)
         if count:
             shape, strides = [count, *shape[1:]], [rows_of.shape[1] if count > 1 else 0, *strides[1:]]
@@ -147,7 +147,6 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
     if spares is not None:
         spares.keep([a for k, a in buffers.items() if ".state." not in k])
     views = {k: host_view(a) for k, a in buffers.items()}
-    converted = _Converted(views, storage.kv_bits)
     fits: set[tuple[str, tuple[int, ...], int]] = set()
     head_views: dict[str, list[np.ndarray]] = {}
 
@@ -208,7 +207,10 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
     jobs += [partial(dequantize_into, *job, storage.kv_bits) for job in quantized]
     n = os.cpu_count() or 1
     list(_host_threads().map(lambda share: [job() for job in share], [jobs[i::n] for i in range(n)]))
-    problems = store.blocks.fill_blocks([f for _, f in files], targets) if files else []
+    problems = []
+    if files:  # their targets are made on the reading threads, converted ones by `converted`
+        converted = _Converted(views, storage.kv_bits)
+        problems = store.blocks.fill_blocks([f for _, f in files], targets)
     failed = {start: problem for (start, _), problem in zip(files, problems) if problem}
     out = []
     for leaf in layout.leaves:
