@@ -17,10 +17,11 @@ the arrays it needs: a resumed agent needs every block's full-attention K/V, but
 only from its last blocks and a recurrent state only from the last block.
 
 Why blocks are written and read here rather than with `safetensors`/`mx.load`: loading is on the
-way to a resumed agent's first token, so a block file is read once, in large calls, straight
-into the buffer its arrays then view (or the working cache), each array checksummed while it is
-still in the CPU's cache; files are read several at once on threads (the reads and the
-checksum release the GIL). The files stay plain safetensors, readable by any safetensors tool.
+way to a resumed agent's first token, so a block file is read once, straight into the buffer its
+arrays then view (or the working cache), each array checksummed while it is still in the CPU's
+cache: by one native call per file where numba is installed (checked_read.py), else by Python's
+calls; files are read several at once on threads (the reads and the checksums release the GIL).
+The files stay plain safetensors, readable by any safetensors tool.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import numpy as np
 import orjson
 import xxhash
 
-from mcp_semantic import cuda
+from mcp_semantic import checked_read, cuda
 from mcp_semantic.block_pool import Block, Storage, block_id, host_view
 
 log = logging.getLogger(__name__)
@@ -261,40 +262,68 @@ class Sink:
     write: Callable[[np.ndarray, int, int, int], None]
 
 
-def _fill(p: BlockFile, targets: list[tuple[str, list[Any]] | Sink] | Target) -> None:
-    """Read the named arrays into their targets, checksummed: each a list of contiguous buffers
-    (bytes, in file order, as many as the array holds: a buffer of its own, or a working cache's
-    heads), or a Sink; or, given one target, the file's whole data region into it (_fill_whole).
-    No MLX call: this runs on the reading threads."""
+def _fill(p: BlockFile, targets: list[tuple[str, Into] | Sink] | Target) -> None:
+    """Read the named arrays into their targets, checksummed: each `Into` (where an array's
+    bytes go, in file order), or a Sink; or, given one target, the file's whole data region into
+    it (_fill_whole). From a file, by one native call where it can (checked_read), else by
+    Python's calls. No MLX call: this runs on the reading threads."""
     with open(p.path, "rb", buffering=0) if p.source is None else contextlib.nullcontext() as f:
         if not isinstance(targets, list):
             _fill_whole(p, f, targets)
             return
-        group: list[tuple[str, list[Any]]] = []
-        for name, into in sorted((t for t in targets if not isinstance(t, Sink)), key=lambda t: p.layout[t[0]][2]):
-            begin = p.layout[name][2]
-            if group and (begin - p.layout[group[0][0]][2] >= _GROUP_BYTES or p.layout[group[-1][0]][3] != begin
-                          or sum(len(bufs) for _, bufs in group) + len(into) > _GROUP_BUFFERS):
+        plain = sorted((t for t in targets if not isinstance(t, Sink)), key=lambda t: p.layout[t[0]][2])
+        if not (f and _fill_native(p, f.fileno(), [(name, checked_read.runs_of(into)) for name, into in plain])):
+            group: list[tuple[str, Into]] = []
+            for name, into in plain:
+                begin = p.layout[name][2]
+                if group and (begin - p.layout[group[0][0]][2] >= _GROUP_BYTES or p.layout[group[-1][0]][3] != begin
+                              or sum(len(bufs) for _, bufs in group) + len(into) > _GROUP_BUFFERS):
+                    _fill_group(p, f and f.fileno(), group)
+                    group = []
+                group.append((name, into))
+            if group:
                 _fill_group(p, f and f.fileno(), group)
-                group = []
-            group.append((name, into))
-        if group:
-            _fill_group(p, f and f.fileno(), group)
         for sink in targets:
             if isinstance(sink, Sink):
                 _fill_sink(p, f and f.fileno(), sink)
 
 
-# What one call reads: arrays one after another, about 1 MB, few calls (an array is a call's
-# work under the GIL) while what is read stays in the CPU's cache to checksum; at most
-# IOV_MAX buffers (1024 on Linux)
+Into = list[Any] | np.ndarray
+"""Where a block file's array goes, its bytes in order: a list of contiguous buffers (a buffer
+of its own, one of many in a working cache), or an array of 2 or more axes whose rows (first
+axis) are contiguous (a working cache's heads at the block's tokens)."""
+
+
+def _fill_native(p: BlockFile, fd: int, arrays: list[tuple[str, list[tuple[int, int]] | None]]) -> bool:
+    """The arrays, in file order, each with its runs (address, bytes), read and checked by one
+    native call (checked_read): False where that cannot be done (the Python calls then do it,
+    and raise what went wrong), Unusable where a checksum fails."""
+    if not arrays or not checked_read.available() or any(runs is None for _, runs in arrays):
+        return False
+    rows, places = [], []
+    for name, runs in arrays:
+        _, _, begin, end = p.layout[name]
+        if sum(n for _, n in runs) != end - begin:
+            return False
+        checksum = int(p.checksums[name], 16)
+        rows.append((p.start + begin, end - begin, checksum - (checksum >> 63 << 64), len(places), len(runs)))
+        places += runs
+    failed = checked_read.read_checked(fd, np.array(rows, np.int64), np.array(places, np.int64).reshape(-1, 2))
+    if failed >= 0:
+        raise Unusable(f"fails its checksum ({arrays[failed][0]}): its data was damaged on disk")
+    return failed == checked_read.OK
+
+
+# What one of Python's calls reads (where checked_read cannot): arrays one after another, about
+# 1 MB, few calls (an array is a call's work under the GIL); at most IOV_MAX buffers (1024 on Linux)
 _GROUP_BYTES, _GROUP_BUFFERS = 1 << 20, 512
 
 
-def _fill_group(p: BlockFile, fd: int | None, group: list[tuple[str, list[Any]]]) -> None:
+def _fill_group(p: BlockFile, fd: int | None, group: list[tuple[str, Into]]) -> None:
     """Arrays one after another in the file, read by one call straight into their buffers (the
     bytes copied once, where they go), then checksummed there."""
     begin, end = p.layout[group[0][0]][2], p.layout[group[-1][0]][3]
+    group = [(name, list(into) if isinstance(into, np.ndarray) and into.ndim > 1 else into) for name, into in group]
     _read_into(p, fd, [b for _, into in group for b in into], p.start + begin, end - begin)
     for name, into in group:
         checksum = xxhash.xxh3_64()
@@ -365,15 +394,20 @@ def _readv(fd: int, buffers: list[Any], offset: int) -> int:
 def _fill_whole(p: BlockFile, f, target: Target) -> None:
     """The file's data region read at once, then each array checksummed where it landed: a few
     calls per file, where a call per array under the GIL was most of a load (a block of a
-    quantized 8B model has 192 arrays, some of 8 KB). A GPU target goes through this thread's
-    pinned buffer and one DMA copy."""
+    quantized 8B model has 192 arrays, some of 8 KB); from a file, by one native call where it
+    can (checked_read: a few arrays a read, each checksummed while in the CPU's cache). A GPU
+    target goes through this thread's pinned buffer and one DMA copy."""
     n = max((end for *_, end in p.layout.values()), default=0)
     staging = None if isinstance(target, memoryview) else cuda.staging(n)
     view = target[:n] if staging is None else staging.view[:n]
-    _read_into(p, f and f.fileno(), [view], p.start, n)
-    for name, (_, _, begin, end) in p.layout.items():
-        if xxhash.xxh3_64_hexdigest(view[begin:end]) != p.checksums[name]:
-            raise Unusable(f"fails its checksum ({name}): its data was damaged on disk")
+    spans = sorted(((name, begin, end) for name, (_, _, begin, end) in p.layout.items()), key=lambda s: s[1])
+    whole = checked_read.runs_of([view])
+    native = f and whole and _fill_native(p, f.fileno(), [(name, [(whole[0][0] + b, e - b)]) for name, b, e in spans])
+    if not native:
+        _read_into(p, f and f.fileno(), [view], p.start, n)
+        for name, begin, end in spans:
+            if xxhash.xxh3_64_hexdigest(view[begin:end]) != p.checksums[name]:
+                raise Unusable(f"fails its checksum ({name}): its data was damaged on disk")
     if staging is not None:
         cuda.copy_in(target[0], staging, n, 0)
 

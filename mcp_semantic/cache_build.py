@@ -25,7 +25,7 @@ import numpy as np
 from mlx_lm.models.cache import ArraysCache, KVCache
 
 from mcp_semantic.block_pool import Block, Storage, block_names, host_view
-from mcp_semantic.block_files import Sink
+from mcp_semantic.block_files import Into, Sink
 from mcp_semantic.cache_kinds import ChunkCache, Layout, Leaf, WindowCache, span_start
 from mcp_semantic.dequantize import copy_into, dequantize_into, dequantize_rows, outputs, row, widen_rows
 
@@ -148,26 +148,24 @@ def read_into_cache(layout: Layout, store: Any, parts: list[Any], wanted: list[l
         spares.keep([a for k, a in buffers.items() if ".state." not in k])
     views = {k: host_view(a) for k, a in buffers.items()}
     fits: set[tuple[str, tuple[int, ...], int]] = set()
-    head_views: dict[str, list[np.ndarray]] = {}
 
-    def runs(name: str, at: int, shape: list[int], itemsize: int, per_token: bool) -> list[np.ndarray]:
-        """Where a block file's array goes, as the runs of bytes it fills (a head's tokens, or
-        a state whole); the fit checked once per array shape, then the tokens' place per file."""
+    def runs(name: str, at: int, shape: list[int], itemsize: int, per_token: bool) -> list[np.ndarray] | np.ndarray:
+        """Where a block file's array goes (block_files.Into): its heads at its tokens, rows of
+        an array, or a state whole; the fit checked once per array shape, then the tokens'
+        place per file."""
         key = (name, tuple(shape), itemsize)
         if key not in fits or not per_token or not 0 <= at <= views[name].shape[2] - shape[2]:
             region = _region(views, name, at, shape, itemsize, per_token)  # raises where it does not fit
             fits.add(key)
             if not per_token:
                 return [region]
-        if name not in head_views:
-            head_views[name] = [views[name][0, h] for h in range(views[name].shape[1])]
-        return [head[at : at + shape[2]] for head in head_views[name]]
+        return views[name][0, :, at : at + shape[2]]
 
     files, targets, quantized, copies = [], [], [], []
 
-    def file_targets(start: int, leaves: list[Leaf], part: Any) -> list[tuple[str, list[np.ndarray]] | Sink]:
+    def file_targets(start: int, leaves: list[Leaf], part: Any) -> list[tuple[str, Into] | Sink]:
         """A block file's arrays and where they go: made on the reading thread that reads the file."""
-        heads: list[tuple[str, list[np.ndarray]] | Sink] = []
+        heads: list[tuple[str, Into] | Sink] = []
         convert: list[tuple[str, int]] = []  # K/V stored quantized or as float16, and the token where each goes
         for leaf in leaves:
             at = start - firsts[leaf.name]

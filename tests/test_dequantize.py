@@ -115,3 +115,35 @@ def test_arrays_read_into_one_buffer_convert_from_it(bits: int, path: str) -> No
     for cache, x in zip(caches, expected):
         assert np.allclose(cache[:, :, 7:23], x, rtol=1e-6, atol=1e-6)
         assert not cache[:, :, :7].any() and not cache[:, :, 23:].any()
+
+
+@needs_numba
+@pytest.mark.parametrize("bits", [8, 4, 16])
+@pytest.mark.parametrize("shift", [0, 1, 5, 13])  # floats: the output at each alignment to 64 bytes
+@pytest.mark.parametrize("apart", [False, True])  # a head's rows one run, or apart (a row at a time)
+def test_the_kernels_equal_numpy_in_any_layout(bits: int, shift: int, apart: bool, monkeypatch) -> None:
+    """The kernels make rows in the CPU's cache and stream them out by 64-byte stores where the
+    output is aligned to them: whatever its alignment, whether a head's tokens are one run or
+    not, and rows of float16 not a multiple of 16 long, they write what numpy writes, bit for
+    bit, and nothing around it."""
+    rng = np.random.default_rng(bits + shift)
+    dim, tokens = (72, 41) if bits == 16 else (96, 40)
+    width = dim + 5 if apart else dim
+    memory = np.full(shift + 3 * 50 * width + 16, 7, np.float32)
+    got = memory[shift : shift + 3 * 50 * width].reshape(1, 3, 50, width)
+    expected = np.full_like(got, 7)
+    a = mx.array(rng.standard_normal((1, 3, tokens, dim), np.float32))
+    if bits == 16:
+        data = np.array(a.astype(mx.float16))
+        convert = lambda out: copy_into(out[:, :, 4 : 4 + tokens, :dim], data)  # noqa: E731
+    else:
+        stored = [host_view(x) for x in mx.quantize(a, group_size=32, bits=bits)]
+        convert = lambda out: dequantize_into(out[:, :, 4 : 4 + tokens, :dim], *stored, bits)  # noqa: E731
+    kernels, calls = dequantize._kernels(), []
+    monkeypatch.setattr(dequantize, "_kernels", lambda: {k: lambda *x, k=k: calls.append(k) or kernels[k](*x) for k in kernels})
+    convert(got)
+    assert calls == ["widen" if bits == 16 else f"dequantize{bits}"]
+    monkeypatch.setattr(dequantize, "_kernels", lambda: {})
+    convert(expected)
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    assert (memory[:shift] == 7).all() and (memory[shift + got.size :] == 7).all()
