@@ -127,3 +127,28 @@ def test_what_the_native_loop_cannot_take_is_left_to_python() -> None:
     assert runs == [(heads.ctypes.data + h * 160, 64) for h in range(3)]
     buffers = [bytearray(5), np.zeros(3, np.float32)]
     assert [n for _, n in checked_read.runs_of(buffers)] == [5, 12]
+
+
+@needs_native
+def test_a_loop_numba_cannot_compile_leaves_python_s_calls(tmp_path: Path, monkeypatch, caplog) -> None:
+    """Where numba fails to compile the loop, blocks read by Python's calls, with a warning:
+    never a crash."""
+    import numba
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no target for this CPU")
+
+    checked_read._kernel.cache_clear()
+    monkeypatch.setattr(numba, "njit", broken)
+    try:
+        assert not checked_read.available()
+        assert "could not compile the block-file reader" in caplog.text
+        store = SQLiteStore(tmp_path)
+        cache = make_cache(6)
+        save(store, "a", cache, list(range(6)))
+        assert mx.array_equal(load(store, "a")[1].values, cache[1].values[..., :6, :]).item()
+        store.close()
+    finally:
+        monkeypatch.undo()
+        checked_read._kernel.cache_clear()
+    assert checked_read.available()

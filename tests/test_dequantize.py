@@ -147,3 +147,24 @@ def test_the_kernels_equal_numpy_in_any_layout(bits: int, shift: int, apart: boo
     convert(expected)
     assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
     assert (memory[:shift] == 7).all() and (memory[shift + got.size :] == 7).all()
+
+
+@needs_numba
+def test_kernels_numba_cannot_compile_leave_numpy_s(monkeypatch, caplog) -> None:
+    """Where numba fails to compile the kernels, numpy converts, with a warning: never a crash."""
+    def broken(*args):
+        raise RuntimeError("no target for this CPU")
+
+    dequantize._kernels.cache_clear()
+    monkeypatch.setattr(dequantize, "_compile", broken)
+    try:
+        assert dequantize._kernels() == {}
+        assert "could not compile the dequantization kernels" in caplog.text
+        data = np.arange(64, dtype=np.float16).reshape(1, 1, 1, 64)
+        out = np.zeros((1, 1, 1, 64), np.float32)
+        copy_into(out, data)
+        assert np.array_equal(out, data.astype(np.float32))
+    finally:
+        monkeypatch.undo()
+        dequantize._kernels.cache_clear()
+    assert dequantize._kernels()
