@@ -272,7 +272,8 @@ def _fill(p: BlockFile, targets: list[tuple[str, Into] | Sink] | Target) -> None
             _fill_whole(p, f, targets)
             return
         plain = sorted((t for t in targets if not isinstance(t, Sink)), key=lambda t: p.layout[t[0]][2])
-        if not (f and _fill_native(p, f.fileno(), [(name, checked_read.runs_of(into)) for name, into in plain])):
+        native = f and checked_read.available() and _fill_native(p, f.fileno(), [(n, checked_read.runs_of(i)) for n, i in plain])
+        if not native:
             group: list[tuple[str, Into]] = []
             for name, into in plain:
                 begin = p.layout[name][2]
@@ -296,9 +297,9 @@ axis) are contiguous (a working cache's heads at the block's tokens)."""
 
 def _fill_native(p: BlockFile, fd: int, arrays: list[tuple[str, list[tuple[int, int]] | None]]) -> bool:
     """The arrays, in file order, each with its runs (address, bytes), read and checked by one
-    native call (checked_read): False where that cannot be done (the Python calls then do it,
-    and raise what went wrong), Unusable where a checksum fails."""
-    if not arrays or not checked_read.available() or any(runs is None for _, runs in arrays):
+    native call (checked_read, which the caller found available): False where that cannot be
+    done (the Python calls then do it, and raise what went wrong), Unusable where a checksum fails."""
+    if not arrays or any(runs is None for _, runs in arrays):
         return False
     rows, places = [], []
     for name, runs in arrays:
@@ -401,9 +402,8 @@ def _fill_whole(p: BlockFile, f, target: Target) -> None:
     staging = None if isinstance(target, memoryview) else cuda.staging(n)
     view = target[:n] if staging is None else staging.view[:n]
     spans = sorted(((name, begin, end) for name, (_, _, begin, end) in p.layout.items()), key=lambda s: s[1])
-    whole = checked_read.runs_of([view])
-    native = f and whole and _fill_native(p, f.fileno(), [(name, [(whole[0][0] + b, e - b)]) for name, b, e in spans])
-    if not native:
+    whole = f and checked_read.available() and checked_read.runs_of([view])
+    if not (whole and _fill_native(p, f.fileno(), [(name, [(whole[0][0] + b, e - b)]) for name, b, e in spans])):
         _read_into(p, f and f.fileno(), [view], p.start, n)
         for name, begin, end in spans:
             if xxhash.xxh3_64_hexdigest(view[begin:end]) != p.checksums[name]:

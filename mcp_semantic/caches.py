@@ -105,8 +105,9 @@ class Caches:
         # on the CPU, blocks are copied into the working cache by numpy (_build, _build_straight): those stored as
         # computed straight from their files, quantized ones dequantized (a float32 model's, as the CPU runs)
         self.on_host = mx.default_device() == mx.cpu and (storage.kv_bits is None or storage.dtype == "float32")
-        checked_read.available()  # the file reader and the kernels compiled now (or loaded from numba's cache),
-        if self.on_host and storage.kv_bits:  # not on a resume's way
+        # the block-file reader and the kernels compiled now (or loaded from numba's cache), not on a resume's way
+        checked_read.available()
+        if self.on_host and storage.kv_bits:
             dequantize._kernels()
         self.gather = cuda.available()  # on CUDA, blocks read from disk go to one GPU buffer (_build_straight)
         self.writer = Writer()

@@ -37,7 +37,7 @@ GROUP_BYTES, MAX_RUNS = 256 << 10, 1024
 OK, SHORT, TOO_MANY_RUNS = -1, -2, -3
 
 
-def _read_loops(fd: int, arrays: np.ndarray, runs: np.ndarray, state: int, group_bytes: int) -> int:  # compiled by numba (_kernel)
+def _read_loops(fd: int, arrays: np.ndarray, runs: np.ndarray, state: int, group_bytes: int) -> int:  # numba's (_kernel)
     """`arrays` rows: file offset, bytes, checksum (xxh3_64's bits as int64), first run, runs;
     in file order. `runs` rows: address, bytes: where an array's bytes go, in order. Returns OK,
     the row of the first array whose checksum failed, SHORT (a read failed or came short), or
@@ -103,7 +103,8 @@ def _kernel() -> tuple[Callable[..., int], Callable[[], int], Callable[[int], No
     create, free = functions["XXH3_createState"], functions["XXH3_freeState"]
     create.restype, free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
     try:
-        loop = numba.njit(t.int64(t.intc, t.int64[:, ::1], t.int64[:, ::1], t.uintp, t.int64), nogil=True, cache=True)(_read_loops)
+        signature = t.int64(t.intc, t.int64[:, ::1], t.int64[:, ::1], t.uintp, t.int64)
+        loop = numba.njit(signature, nogil=True, cache=True)(_read_loops)
     except Exception as e:  # noqa: BLE001 - a compiler that fails here leaves Python's calls
         log.warning("numba could not compile the block-file reader (%s): Python's calls read block files", e)
         return None

@@ -124,10 +124,9 @@ def _dequantize_numpy(out: np.ndarray, packed: np.ndarray, scales: np.ndarray, b
 
 
 # The kernels: each array as an Operand, then `shape`; a multiply then an add in float32 (numpy's
-# rounding: no fused multiply-add), the innermost loop over a slice (contiguous, known so:
-# vectorized; indexing the whole memory with a computed index was twice as slow). A head's rows
-# (or, where they are not one run, each row) are made in `slab`, in the CPU's cache, 16 values at
-# a time by an intrinsic, then streamed out (_stream).
+# rounding: no fused multiply-add). A head's rows (or, where they are not one run, each row) are
+# made in `slab`, in the CPU's cache, 16 values at a time by an intrinsic (the few left over, and
+# float16 rows that are not one run, by plain loops), then streamed out (_stream).
 
 
 def _dequantize8_loops(out, o, os, q, w, qs, scales, s, ss, biases, b, bs, shape):  # compiled by numba (_kernels)
